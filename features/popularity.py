@@ -1,0 +1,63 @@
+"""Popularity ranking over the item table: global and per category."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from features.events import HALF_LIVES, N_HALF_LIVES, N_TYPES
+from features.state import COL_COUNTS, COL_REF, ItemTable
+
+# Popularity = weighted decayed counts at the 1-day half-life: a purchase is
+# worth more than a view, but views dominate by volume.
+POPULARITY_HALF_LIFE_INDEX = 1
+POPULARITY_WEIGHTS = np.array([1.0, 2.0, 4.0, 8.0])
+# Items kept per ranking; candidates and fallbacks never need more.
+TOP_K = 500
+
+
+def decayed_counts(table: ItemTable, rows: np.ndarray | slice, now: float) -> np.ndarray:
+    """Item counters decayed to ``now``: shape (len(rows), N_TYPES, N_HALF_LIVES)."""
+    raw = table.raw[rows]
+    dt = np.maximum(now - raw[:, COL_REF], 0.0)
+    factors = np.exp2(-dt[:, None] / np.asarray(HALF_LIVES)[None, :])
+    counts = raw[:, COL_COUNTS:].reshape(-1, N_TYPES, N_HALF_LIVES)
+    return np.asarray(counts * factors[:, None, :])
+
+
+def popularity_scores(table: ItemTable, now: float) -> np.ndarray:
+    """One popularity number per item at time ``now``."""
+    counts = decayed_counts(table, slice(None), now)[:, :, POPULARITY_HALF_LIFE_INDEX]
+    return np.asarray(counts @ POPULARITY_WEIGHTS)
+
+
+@dataclass(frozen=True, slots=True)
+class PopularityIndex:
+    """Most popular item indices, overall and per category index, best first."""
+
+    scores: np.ndarray
+    top: np.ndarray
+    by_category: tuple[np.ndarray, ...]
+    built_at: float
+
+    @classmethod
+    def build(cls, table: ItemTable, now: float, top_k: int = TOP_K) -> PopularityIndex:
+        scores = popularity_scores(table, now)
+        # Stable order: ties (e.g. never-seen items) keep catalogue order.
+        order = np.argsort(-scores, kind="stable")
+        cats = table.category[order]
+        n_cat = len(table.categories)
+        by_cat_order = order[np.argsort(cats, kind="stable")]
+        sorted_cats = table.category[by_cat_order]
+        starts = np.searchsorted(sorted_cats, np.arange(n_cat), side="left")
+        ends = np.searchsorted(sorted_cats, np.arange(n_cat), side="right")
+        by_category = tuple(
+            by_cat_order[s : min(e, s + top_k)] for s, e in zip(starts, ends, strict=True)
+        )
+        return cls(scores=scores, top=order[:top_k], by_category=by_category, built_at=now)
+
+    def for_category(self, category_index: int) -> np.ndarray:
+        if 0 <= category_index < len(self.by_category):
+            return self.by_category[category_index]
+        return self.top[:0]

@@ -1,0 +1,181 @@
+"""The feature set: named families, each a pure function of state already fetched.
+
+A family computes a block of columns for (one user, many candidate items) with
+numpy, never looping over candidates. Missing values are NaN (LightGBM's
+missing), never an exception. ``FEATURE_NAMES`` is the model's column order and
+``SCHEMA_HASH`` pins it in every model's ``meta.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from features.events import (
+    CATEGORY_HALF_LIFE,
+    EVENT_NAMES,
+    HALF_LIFE_NAMES,
+    HALF_LIVES,
+    N_HALF_LIVES,
+)
+from features.popularity import decayed_counts
+from features.state import COL_CATEGORY, COL_FIRST_SEEN, COL_PRICE, ItemTable, UserState
+
+SCHEMA_VERSION = 1
+_HL = np.asarray(HALF_LIVES)
+_COUNTER_SUFFIXES = [f"{t}_{h}" for t in EVENT_NAMES for h in HALF_LIFE_NAMES]
+# Beta priors for smoothed rates: a new user or item starts at the global-ish mean.
+CTR_PRIOR, CTR_STRENGTH = 0.2, 10.0
+CVR_PRIOR, CVR_STRENGTH = 0.02, 20.0
+_WEEK = N_HALF_LIVES - 1
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureInput:
+    """Everything a feature may read: fetched user state, item rows, candidates, time."""
+
+    user: UserState
+    items: ItemTable
+    candidates: np.ndarray
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """A block of features: names, the state they read, and the pure function."""
+
+    names: tuple[str, ...]
+    reads: str
+    compute: Callable[[FeatureInput], np.ndarray]
+
+
+def _rate(num: np.ndarray | float, den: np.ndarray | float, prior: float, k: float) -> np.ndarray:
+    return np.asarray((num + prior * k) / (den + k))
+
+
+def _user_activity(x: FeatureInput) -> np.ndarray:
+    u = x.user
+    counts = np.asarray(u.counts).reshape(-1, N_HALF_LIVES)
+    counts = counts * np.exp2(-max(x.now - u.ref, 0.0) / _HL)[None, :]
+    views, clicks, purchases = counts[0, _WEEK], counts[1, _WEEK], counts[3, _WEEK]
+    since_last = x.now - u.last_ts if u.n_events else np.nan
+    since_purchase = x.now - u.last_purchase_ts if u.last_purchase_ts else np.nan
+    mean_price = u.price_sum / u.price_n if u.price_n else np.nan
+    return np.concatenate(
+        [
+            counts.ravel(),
+            _rate(clicks, views, CTR_PRIOR, CTR_STRENGTH)[None],
+            _rate(purchases, views, CVR_PRIOR, CVR_STRENGTH)[None],
+            [since_last, since_purchase, mean_price, float(len(u.category_affinity))],
+        ]
+    )
+
+
+def _item_popularity(x: FeatureInput) -> np.ndarray:
+    counts = decayed_counts(x.items, x.candidates, x.now)
+    rows = x.items.raw[x.candidates]
+    price = rows[:, COL_PRICE]
+    first = rows[:, COL_FIRST_SEEN]
+    cvr = _rate(counts[:, 3, _WEEK], counts[:, 0, _WEEK], CVR_PRIOR, CVR_STRENGTH)
+    return np.column_stack(
+        [
+            counts.reshape(len(rows), -1),
+            cvr,
+            np.where(price > 0, price, np.nan),
+            np.where(first > 0, x.now - first, np.nan),
+        ]
+    )
+
+
+def _user_item(x: FeatureInput) -> np.ndarray:
+    u, items, cand = x.user, x.items, x.candidates
+    n = len(cand)
+    rows = items.raw[cand]
+    # Affinity per category index; the extra last slot answers NO_CATEGORY (-1).
+    affinity = np.zeros(len(items.categories) + 1)
+    if u.category_affinity:
+        decay = 2.0 ** (-max(x.now - u.ref, 0.0) / CATEGORY_HALF_LIFE)
+        for c, v in u.category_affinity.items():
+            ci = items.category_index.get(c)
+            if ci is not None:
+                affinity[ci] = v * decay
+    total = affinity.sum()
+    aff = affinity[rows[:, COL_CATEGORY].astype(np.int64)]
+    share = aff / total if total > 0 else np.full(n, np.nan)
+    price = rows[:, COL_PRICE]
+    mean_price = u.price_sum / u.price_n if u.price_n else np.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_ratio = np.where(price > 0, np.log(price / mean_price), np.nan)
+    recent_pos = np.full(n, np.nan)
+    since_item = np.full(n, np.nan)
+    if u.recent:
+        ordered = u.recent_newest_first()
+        r_idx = np.asarray([items.index.get(i, -1) for i, _ in ordered], dtype=np.int64)
+        r_ts = np.asarray([t for _, t in ordered])
+        match = cand[:, None] == r_idx[None, :]
+        hit = match.any(axis=1)
+        first_hit = match.argmax(axis=1)
+        recent_pos = np.where(hit, first_hit, np.nan)
+        since_item = np.where(hit, x.now - r_ts[first_hit], np.nan)
+    return np.column_stack([aff, share, log_ratio, recent_pos, since_item])
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        names=(
+            *(f"u_cnt_{s}" for s in _COUNTER_SUFFIXES),
+            "u_ctr",
+            "u_cvr",
+            "u_secs_since_last_event",
+            "u_secs_since_last_purchase",
+            "u_mean_price",
+            "u_n_categories",
+        ),
+        reads="user: counters, last times, price sums, category affinity",
+        compute=_user_activity,
+    ),
+    Family(
+        names=(
+            *(f"i_pop_{s}" for s in _COUNTER_SUFFIXES),
+            "i_cvr",
+            "i_price",
+            "i_age_secs",
+        ),
+        reads="item: counters, price, first seen",
+        compute=_item_popularity,
+    ),
+    Family(
+        names=(
+            "ui_category_affinity",
+            "ui_category_share",
+            "ui_log_price_ratio",
+            "ui_recent_position",
+            "ui_secs_since_item",
+        ),
+        reads="user: category affinity, recent items, price; item: category, price",
+        compute=_user_item,
+    ),
+)
+
+FEATURE_NAMES: tuple[str, ...] = tuple(name for f in FAMILIES for name in f.names)
+SCHEMA_HASH = hashlib.sha256(
+    f"v{SCHEMA_VERSION}:".encode() + "\n".join(FEATURE_NAMES).encode()
+).hexdigest()[:16]
+
+
+def build_matrix(
+    user: UserState, items: ItemTable, candidates: np.ndarray, now: float
+) -> np.ndarray:
+    """Feature matrix (len(candidates), len(FEATURE_NAMES)) as float32 for the ranker."""
+    x = FeatureInput(user=user, items=items, candidates=candidates, now=now)
+    out = np.empty((len(candidates), len(FEATURE_NAMES)), dtype=np.float32)
+    col = 0
+    for family in FAMILIES:
+        block = family.compute(x)
+        width = len(family.names)
+        out[:, col : col + width] = block
+        col += width
+    return out

@@ -1,0 +1,191 @@
+"""Per-user and per-item behaviour state, and the one definition of its update math.
+
+Decayed counters are stored as values at a reference time (``ref``). An event
+newer than ``ref`` decays everything to the event time and adds its weight; an
+older one adds its weight decayed to ``ref``. Either way the state after a set
+of events does not depend on their arrival order (to float tolerance).
+
+``recsvc/lua/*.lua`` mirrors these functions operation for operation (same
+order of float operations, ``2 ** x`` through C ``pow``), so a replay through
+Redis and through this module gives the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from features.events import (
+    CATEGORY_HALF_LIFE,
+    CATEGORY_WEIGHTS,
+    HALF_LIVES,
+    N_COUNTERS,
+    N_HALF_LIVES,
+    RECENT_MAX,
+)
+
+NO_CATEGORY = -1
+
+# Item record layout: one float64 row per item (also the Redis byte layout).
+COL_REF = 0
+COL_FIRST_SEEN = 1
+COL_PRICE = 2
+COL_CATEGORY = 3
+COL_COUNTS = 4
+ITEM_WIDTH = COL_COUNTS + N_COUNTERS
+
+
+@dataclass(slots=True)
+class UserState:
+    """What the service knows about one user, as stored (not yet decayed to now)."""
+
+    ref: float = 0.0
+    counts: list[float] = field(default_factory=lambda: [0.0] * N_COUNTERS)
+    category_affinity: dict[str, float] = field(default_factory=dict)
+    recent: dict[str, float] = field(default_factory=dict)
+    purchased: set[str] = field(default_factory=set)
+    last_ts: float = 0.0
+    last_purchase_ts: float = 0.0
+    price_sum: float = 0.0
+    price_n: int = 0
+    n_events: int = 0
+
+    def recent_newest_first(self) -> list[tuple[str, float]]:
+        """Recent items, newest first (ties: larger id first, as Redis ZREVRANGE)."""
+        return sorted(self.recent.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
+
+
+def apply_user_event(
+    s: UserState, event_type: int, ts: float, item_id: str, category: str, price: float
+) -> None:
+    """Fold one event into a user's state (mirrored by ``lua/user_event.lua``)."""
+    if s.n_events == 0:
+        s.ref = ts
+    if ts > s.ref:
+        for h, hl in enumerate(HALF_LIVES):
+            f = 2.0 ** (-(ts - s.ref) / hl)
+            for k in range(h, N_COUNTERS, N_HALF_LIVES):
+                s.counts[k] = s.counts[k] * f
+        fc = 2.0 ** (-(ts - s.ref) / CATEGORY_HALF_LIFE)
+        for c in s.category_affinity:
+            s.category_affinity[c] = s.category_affinity[c] * fc
+        s.ref = ts
+    for h, hl in enumerate(HALF_LIVES):
+        k = event_type * N_HALF_LIVES + h
+        s.counts[k] = s.counts[k] + 2.0 ** (-(s.ref - ts) / hl)
+    if category:
+        w = CATEGORY_WEIGHTS[event_type] * 2.0 ** (-(s.ref - ts) / CATEGORY_HALF_LIFE)
+        s.category_affinity[category] = s.category_affinity.get(category, 0.0) + w
+    s.last_ts = max(s.last_ts, ts)
+    if event_type == 3:
+        s.last_purchase_ts = max(s.last_purchase_ts, ts)
+        s.purchased.add(item_id)
+    if price > 0:
+        s.price_sum = s.price_sum + price
+        s.price_n += 1
+    s.n_events += 1
+    if ts > s.recent.get(item_id, -np.inf):
+        s.recent[item_id] = ts
+    if len(s.recent) > RECENT_MAX:
+        # Drop the oldest, as ZREMRANGEBYRANK 0 -(RECENT_MAX+1) does.
+        ordered = sorted(s.recent.items(), key=lambda kv: (kv[1], kv[0]))
+        for item, _ in ordered[: len(s.recent) - RECENT_MAX]:
+            del s.recent[item]
+
+
+class ItemTable:
+    """Item-side state as numpy rows; the same layout offline and in the serving cache."""
+
+    __slots__ = ("_raw", "categories", "category_index", "ids", "index", "n")
+
+    def __init__(
+        self,
+        ids: list[str] | None = None,
+        categories: list[str] | None = None,
+        raw: np.ndarray | None = None,
+        index: dict[str, int] | None = None,
+        category_index: dict[str, int] | None = None,
+    ) -> None:
+        self.ids: list[str] = list(ids or [])
+        self.index: dict[str, int] = (
+            index if index is not None else {item: i for i, item in enumerate(self.ids)}
+        )
+        self.categories: list[str] = list(categories or [])
+        self.category_index: dict[str, int] = (
+            category_index
+            if category_index is not None
+            else {c: i for i, c in enumerate(self.categories)}
+        )
+        self.n = len(self.ids)
+        if raw is None:
+            raw = np.zeros((max(self.n, 16), ITEM_WIDTH), dtype=np.float64)
+        if raw.shape[0] < self.n or raw.shape[1] != ITEM_WIDTH:
+            raise ValueError(f"item rows {raw.shape} do not cover {self.n} items")
+        self._raw = raw
+
+    @property
+    def raw(self) -> np.ndarray:
+        """The (n, ITEM_WIDTH) float64 rows of the known items."""
+        return self._raw[: self.n]
+
+    @property
+    def category(self) -> np.ndarray:
+        return self.raw[:, COL_CATEGORY].astype(np.int64)
+
+    def category_id(self, category: str) -> int:
+        """Index of a category, adding it when new; NO_CATEGORY for ''."""
+        if not category:
+            return NO_CATEGORY
+        c = self.category_index.get(category)
+        if c is None:
+            c = len(self.categories)
+            self.categories.append(category)
+            self.category_index[category] = c
+        return c
+
+    def ensure_item(self, item_id: str, category: str = "", price: float = 0.0) -> int:
+        """Index of an item, creating a minimal record when new (mirrors the Lua)."""
+        i = self.index.get(item_id)
+        if i is not None:
+            return i
+        i = self.n
+        if i >= self._raw.shape[0]:
+            grown = np.zeros((self._raw.shape[0] * 2, ITEM_WIDTH), dtype=np.float64)
+            grown[:i] = self._raw[:i]
+            self._raw = grown
+        row = self._raw[i]
+        row[:] = 0.0
+        row[COL_PRICE] = price
+        row[COL_CATEGORY] = self.category_id(category)
+        self.ids.append(item_id)
+        self.index[item_id] = i
+        self.n += 1
+        return i
+
+    def upsert_item(self, item_id: str, category: str, price: float) -> int:
+        """Set catalogue attributes of an item (creating it when new)."""
+        i = self.ensure_item(item_id, category, price)
+        self._raw[i, COL_CATEGORY] = self.category_id(category)
+        self._raw[i, COL_PRICE] = price
+        return i
+
+    def apply_event(self, item_index: int, event_type: int, ts: float) -> None:
+        """Fold one event into an item's popularity (mirrors ``lua/item_event.lua``)."""
+        row = self._raw[item_index]
+        ref = float(row[COL_REF])
+        counts = [float(v) for v in row[COL_COUNTS:]]
+        if ts > ref:
+            for h, hl in enumerate(HALF_LIVES):
+                f = 2.0 ** (-(ts - ref) / hl)
+                for k in range(h, N_COUNTERS, N_HALF_LIVES):
+                    counts[k] = counts[k] * f
+            ref = ts
+        for h, hl in enumerate(HALF_LIVES):
+            k = event_type * N_HALF_LIVES + h
+            counts[k] = counts[k] + 2.0 ** (-(ref - ts) / hl)
+        row[COL_REF] = ref
+        first = float(row[COL_FIRST_SEEN])
+        if first == 0.0 or ts < first:
+            row[COL_FIRST_SEEN] = ts
+        row[COL_COUNTS:] = counts

@@ -1,0 +1,84 @@
+"""Application factory: resources live in cleanup contexts (create, yield, close)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from features.candidates import CandidateConfig
+from recsvc import appkeys
+from recsvc.itemcache import ItemCache
+from recsvc.middleware import errors, inflight_limit
+from recsvc.models import ModelRegistry
+from recsvc.recommend import Recommender
+from recsvc.routes import setup_routes
+from recsvc.settings import Settings
+from recsvc.store import FeatureStore, connect
+
+log = logging.getLogger(__name__)
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    client = connect(app[appkeys.REDIS_URL], app[appkeys.SETTINGS])
+    app[appkeys.REDIS] = client
+    app[appkeys.STORE] = FeatureStore(client, app[appkeys.SETTINGS])
+    yield
+    await client.aclose()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _items_ctx(app: web.Application) -> AsyncIterator[None]:
+    cache = ItemCache(app[appkeys.STORE])
+    app[appkeys.ITEMS] = cache
+    try:
+        await cache.refresh()
+    except Exception as exc:  # serve anyway; the loop below keeps trying
+        log.warning("initial item load failed: %s", type(exc).__name__)
+    task = asyncio.create_task(cache.run(app[appkeys.SETTINGS].item_refresh_secs))
+    yield
+    await _cancel(task)
+
+
+async def _models_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[appkeys.SETTINGS]
+    registry = ModelRegistry(settings.models_path, settings.model_name)
+    await asyncio.to_thread(registry.load_now)
+    if registry.current is None:
+        log.warning("no usable model in %s; serving the default strategy", settings.models_path)
+    app[appkeys.MODELS] = registry
+    task = asyncio.create_task(registry.poll(settings.model_poll_secs))
+    yield
+    await _cancel(task)
+
+
+async def _recommender_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[appkeys.SETTINGS]
+    app[appkeys.RECOMMENDER] = Recommender(
+        app[appkeys.STORE],
+        app[appkeys.ITEMS],
+        app[appkeys.MODELS],
+        CandidateConfig(cap=settings.candidate_cap),
+    )
+    yield
+
+
+def create_app(settings: Settings, redis_url: str) -> web.Application:
+    """The recsvc web application for one Redis URL."""
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[errors, inflight_limit(settings.max_inflight)],
+    )
+    app[appkeys.SETTINGS] = settings
+    app[appkeys.REDIS_URL] = redis_url
+    app.cleanup_ctx.extend([_redis_ctx, _items_ctx, _models_ctx, _recommender_ctx])
+    setup_routes(app)
+    return app

@@ -1,0 +1,20 @@
+"""Typed application state keys (one place for every ``app[...]`` entry)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from recsvc.itemcache import ItemCache
+from recsvc.models import ModelRegistry
+from recsvc.recommend import Recommender
+from recsvc.settings import Settings
+from recsvc.store import FeatureStore
+
+SETTINGS = web.AppKey("settings", Settings)
+REDIS_URL = web.AppKey("redis_url", str)
+REDIS = web.AppKey("redis", Redis)
+STORE = web.AppKey("store", FeatureStore)
+ITEMS = web.AppKey("items", ItemCache)
+MODELS = web.AppKey("models", ModelRegistry)
+RECOMMENDER = web.AppKey("recommender", Recommender)

@@ -1,0 +1,237 @@
+"""The `recsvc` command: demo, serve, seed, train, generate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from features.candidates import CandidateConfig
+from features.dataset import DatasetConfig
+from features.logs import LogFormatError
+from features.synthetic import SyntheticConfig
+from features.trainer import TrainParams
+from recsvc import logs, models, seed, server, training
+from recsvc.embedded import EmbeddedRedis, EmbeddedRedisError
+from recsvc.settings import Settings, SettingsError, from_env
+
+log = logging.getLogger("recsvc")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, help="overrides RECSVC_DATA_DIR")
+    p.add_argument("--model-dir", type=Path, help="overrides RECSVC_MODEL_DIR")
+    p.add_argument("--redis-url", help="overrides RECSVC_REDIS_URL")
+    p.add_argument("--log-level", help="overrides RECSVC_LOG_LEVEL")
+
+
+def _serving(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="overrides RECSVC_HOST")
+    p.add_argument("--port", type=int, help="overrides RECSVC_PORT")
+
+
+def _synthetic(p: argparse.ArgumentParser) -> None:
+    d = SyntheticConfig()
+    p.add_argument("--users", type=int, default=d.n_users)
+    p.add_argument("--items", type=int, default=d.n_items)
+    p.add_argument("--events", type=int, default=d.n_events)
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="recsvc", description=__doc__)
+    sub = root.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="zero setup: embedded Redis, seed, train, serve")
+    _common(demo)
+    _serving(demo)
+    _synthetic(demo)
+
+    serve = sub.add_parser("serve", help="serve against RECSVC_REDIS_URL (or --embedded)")
+    _common(serve)
+    _serving(serve)
+    serve.add_argument(
+        "--embedded",
+        action="store_true",
+        help="start a private redis-server when no Redis URL is set",
+    )
+
+    sd = sub.add_parser("seed", help="load the synthetic shop (or a log) into Redis")
+    _common(sd)
+    _synthetic(sd)
+    sd.add_argument("--events-file", type=Path, help="events.csv to load instead")
+    sd.add_argument("--items-file", type=Path, help="items.csv to load with it")
+    sd.add_argument("--embedded", action="store_true")
+
+    tr = sub.add_parser("train", help="train a ranker from an event log")
+    _common(tr)
+    tr.add_argument("--events", type=Path, help="events.csv (default: the synthetic log)")
+    tr.add_argument("--items", type=Path, help="items.csv")
+    tr.add_argument("--name", help="model name (default RECSVC_MODEL_NAME)")
+    tr.add_argument("--trees", type=int, default=TrainParams().num_trees)
+    tr.add_argument("--train-groups", type=int, default=DatasetConfig().train_groups)
+    tr.add_argument("--seed", type=int, default=TrainParams().seed)
+
+    gen = sub.add_parser("generate", help="write the synthetic shop as CSV files")
+    _common(gen)
+    _synthetic(gen)
+    return root
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    base = from_env()
+    return base.replace(
+        data_dir=getattr(args, "data_dir", None),
+        model_dir=getattr(args, "model_dir", None),
+        redis_url=getattr(args, "redis_url", None),
+        log_level=getattr(args, "log_level", None),
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+    )
+
+
+@contextmanager
+def _redis(settings: Settings, embedded: bool) -> Iterator[str]:
+    """The Redis URL to use, starting a private server when asked and none is set."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    if not embedded:
+        raise SettingsError("RECSVC_REDIS_URL is not set (use `recsvc demo` or --embedded)")
+    with EmbeddedRedis(settings.data_dir / "redis", settings.redis_server_bin) as r:
+        log.info("embedded redis-server started", extra={"pid": r.pid, "url": r.url})
+        yield r.url
+
+
+def _synthetic_config(args: argparse.Namespace) -> SyntheticConfig:
+    return SyntheticConfig(
+        n_users=args.users, n_items=args.items, n_events=args.events, seed=args.seed
+    )
+
+
+async def _seed_if_empty(url: str, settings: Settings, events: Path, items: Path | None) -> None:
+    client = Redis.from_url(url)
+    try:
+        if await seed.is_seeded(client):
+            print("Redis already holds item data; not seeding again.", file=sys.stderr)
+            return
+        catalogue, event_log = seed.load_files(events, items)
+        summary = await seed.seed(
+            client, settings, catalogue, event_log, progress=sys.stderr.isatty()
+        )
+        print(
+            f"seeded {summary.events} events, {summary.items} items, {summary.users} users "
+            f"in {summary.seconds:.1f}s",
+            file=sys.stderr,
+        )
+    finally:
+        await client.aclose()
+
+
+def _train(
+    settings: Settings,
+    events: Path,
+    items: Path | None,
+    name: str,
+    data: DatasetConfig,
+    params: TrainParams,
+) -> None:
+    outcome = training.train_files(
+        events, items, settings.models_path, name, data, params, progress=sys.stderr.isatty()
+    )
+    print(f"model {outcome.path} trained in {outcome.seconds:.1f}s", file=sys.stderr)
+    print(training.metrics_table(outcome.metrics), file=sys.stderr)
+
+
+def _announce(url: str) -> None:
+    print(
+        f"\nrecsvc is serving on {url}\n  try: curl -s -X POST {url}/v1/recommendations "
+        '-H \'content-type: application/json\' -d \'{"user_id": "u1", "n": 10}\'\n',
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    started = time.perf_counter()
+    events, items = seed.ensure_synthetic(settings.data_dir, _synthetic_config(args))
+    with _redis(settings, embedded=True) as url:
+        asyncio.run(_seed_if_empty(url, settings, events, items))
+        if not models.versions(settings.models_path, settings.model_name):
+            _train(settings, events, items, settings.model_name, DatasetConfig(), TrainParams())
+        print(f"ready after {time.perf_counter() - started:.1f}s", file=sys.stderr)
+        server.run(settings, url, on_ready=_announce)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    with _redis(settings, embedded=args.embedded) as url:
+        server.run(settings, url, on_ready=_announce)
+
+
+def cmd_seed(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    if args.events_file:
+        events, items = args.events_file, args.items_file
+    else:
+        events, items = seed.ensure_synthetic(settings.data_dir, _synthetic_config(args))
+    with _redis(settings, embedded=args.embedded) as url:
+        asyncio.run(_seed_if_empty(url, settings, events, items))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    if args.events:
+        events, items = args.events, args.items
+    else:
+        events, items = seed.synthetic_paths(settings.data_dir)
+        if not events.is_file():
+            raise SettingsError(f"no event log at {events}: run `recsvc generate` or pass --events")
+    params = TrainParams(num_trees=args.trees, seed=args.seed)
+    data = DatasetConfig(
+        train_groups=args.train_groups,
+        seed=args.seed,
+        candidates=CandidateConfig(cap=settings.candidate_cap),
+    )
+    _train(settings, events, items, args.name or settings.model_name, data, params)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    events, items = seed.ensure_synthetic(settings.data_dir, _synthetic_config(args))
+    print(f"wrote {events} and {items}", file=sys.stderr)
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "serve": cmd_serve,
+    "seed": cmd_seed,
+    "train": cmd_train,
+    "generate": cmd_generate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        logs.setup(settings.log_level)
+        COMMANDS[args.command](args)
+    except (SettingsError, EmbeddedRedisError, LogFormatError) as exc:
+        print(f"recsvc: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

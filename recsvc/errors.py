@@ -1,0 +1,43 @@
+"""Domain errors. They carry no HTTP status: ``middleware.py`` maps them.
+
+RecsvcError
+├── InvalidRequest            bad client input (names the field)
+├── Overloaded                too many requests in flight
+├── StoreUnavailable          Redis error, timeout or open circuit
+└── ModelError
+    └── ModelRejected         a model file we refuse to serve
+"""
+
+from __future__ import annotations
+
+
+class RecsvcError(Exception):
+    """Base of every error recsvc raises on purpose."""
+
+
+class InvalidRequest(RecsvcError):
+    def __init__(self, message: str, field: str | None = None, code: str = "invalid_request"):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.code = code
+
+
+class Overloaded(RecsvcError):
+    """Too many requests in flight; the client should retry shortly."""
+
+
+class StoreUnavailable(RecsvcError):
+    """The feature store could not answer in time (reason is a short code)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ModelError(RecsvcError):
+    """A model could not be loaded or could not score."""
+
+
+class ModelRejected(ModelError):
+    """A model version that must not serve (wrong schema, unreadable file)."""

@@ -1,0 +1,78 @@
+"""HTTP handlers: parse and validate, call one orchestration function, serialise."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from recsvc import appkeys
+from recsvc.api import RecommendRequest, convert_query, decode_json
+from recsvc.recommend import Query
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+def _request_id() -> str:
+    return os.urandom(8).hex()
+
+
+async def _serve(request: web.Request, req: RecommendRequest) -> web.Response:
+    settings = request.app[appkeys.SETTINGS]
+    query = Query(
+        request_id=_request_id(),
+        user_id=req.user_id,
+        n=req.n or settings.default_n,
+        candidates=req.candidates,
+        exclude=req.exclude,
+        category=req.context.category if req.context else None,
+    )
+    result = await request.app[appkeys.RECOMMENDER].recommend(query)
+    result.timer.mark("serialise")
+    return json_response(result.body(), headers={"Server-Timing": result.timer.header()})
+
+
+async def recommend_post(request: web.Request) -> web.Response:
+    req = decode_json(await request.read(), RecommendRequest)
+    return await _serve(request, req)
+
+
+async def recommend_get(request: web.Request) -> web.Response:
+    params: dict[str, Any] = dict(request.query)
+    for name in ("candidates", "exclude"):
+        if name in params:
+            params[name] = [v for v in request.query.getall(name) for v in v.split(",") if v]
+    if "category" in params:
+        params["context"] = {"category": params.pop("category")}
+    return await _serve(request, convert_query(params, RecommendRequest))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when Redis answers and something can serve (a model or the default)."""
+    redis_ok = await request.app[appkeys.STORE].ping()
+    model = request.app[appkeys.MODELS].current
+    items_ready = request.app[appkeys.ITEMS].ready
+    checks = {
+        "redis": redis_ok,
+        "model": model is not None,
+        "default_strategy": items_ready,
+    }
+    ready = redis_ok and (model is not None or items_ready)
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "checks": checks,
+        "model": {"name": model.name, "version": model.version} if model else None,
+    }
+    return json_response(body, status=200 if ready else 503)

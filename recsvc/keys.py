@@ -1,0 +1,57 @@
+"""Every Redis key name recsvc uses. A user's keys share the ``{u:<id>}`` hash tag,
+item-side keys the ``{items}`` tag, so each script or read stays in one slot."""
+
+from __future__ import annotations
+
+ITEM_TAG = "{items}"
+
+
+def user_state(user_id: str) -> str:
+    return f"{{u:{user_id}}}:s"
+
+
+def user_recent(user_id: str) -> str:
+    return f"{{u:{user_id}}}:r"
+
+
+def user_purchased(user_id: str) -> str:
+    return f"{{u:{user_id}}}:p"
+
+
+def user_event_seen(user_id: str, event_id: str) -> str:
+    return f"{{u:{user_id}}}:e:{event_id}"
+
+
+ITEM_INDEX = f"{ITEM_TAG}:idx"
+ITEM_IDS = f"{ITEM_TAG}:ids"
+ITEM_STATE = f"{ITEM_TAG}:state"
+CATEGORY_INDEX = f"{ITEM_TAG}:catidx"
+CATEGORIES = f"{ITEM_TAG}:cats"
+ITEM_VERSION = f"{ITEM_TAG}:ver"
+
+
+def item_event_seen(event_id: str) -> str:
+    return f"{ITEM_TAG}:e:{event_id}"
+
+
+def item_keys(event_id: str = "") -> list[str]:
+    """KEYS of ``lua/item_event.lua`` in order."""
+    return [
+        ITEM_INDEX,
+        ITEM_IDS,
+        ITEM_STATE,
+        CATEGORY_INDEX,
+        CATEGORIES,
+        ITEM_VERSION,
+        item_event_seen(event_id),
+    ]
+
+
+def user_keys(user_id: str, event_id: str = "") -> list[str]:
+    """KEYS of ``lua/user_event.lua`` in order."""
+    return [
+        user_state(user_id),
+        user_recent(user_id),
+        user_purchased(user_id),
+        user_event_seen(user_id, event_id),
+    ]

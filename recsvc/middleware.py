@@ -1,0 +1,94 @@
+"""The one place where errors become HTTP statuses, plus the in-flight limit."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from recsvc.errors import InvalidRequest, Overloaded, RecsvcError
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Domain error class -> (status, code). Subclasses match their nearest entry.
+ERROR_TABLE: dict[type[RecsvcError], tuple[int, str]] = {
+    InvalidRequest: (400, "invalid_request"),
+    Overloaded: (503, "overloaded"),
+}
+HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    400: "bad_request",
+}
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = {"error": {"code": code, "message": message, "field": field}}
+    return web.Response(
+        status=status,
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _lookup(exc: RecsvcError) -> tuple[int, str]:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return 500, "internal"
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map every failure to the JSON error form; a client never sees a traceback."""
+    try:
+        return await handler(request)
+    except InvalidRequest as exc:
+        return error_response(400, exc.code, exc.message, exc.field)
+    except Overloaded:
+        return error_response(
+            503, "overloaded", "too many requests in flight", headers={"Retry-After": "1"}
+        )
+    except RecsvcError as exc:
+        status, code = _lookup(exc)
+        log.error("unmapped domain error", exc_info=exc)
+        return error_response(status, code, "internal error")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = HTTP_CODES.get(exc.status, "http_error")
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, code, exc.reason, headers=headers)
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path})
+        return error_response(500, "internal", "internal error")
+
+
+def inflight_limit(limit: int) -> Middleware:
+    """Answer 503 with Retry-After once ``limit`` requests are in flight in this process."""
+    count = 0
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal count
+        if count >= limit:
+            raise Overloaded()
+        count += 1
+        try:
+            return await handler(request)
+        finally:
+            count -= 1
+
+    return middleware

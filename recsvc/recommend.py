@@ -1,0 +1,180 @@
+"""Recommendation orchestration (no HTTP here): state -> candidates -> features -> score.
+
+Every failure of a dependency ends in the default strategy with its reason;
+nothing here raises to the caller for a dependency problem.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from features import candidates as cands
+from features.candidates import CandidateConfig, Candidates
+from features.popularity import PopularityIndex
+from features.schema import build_matrix
+from features.state import ItemTable, UserState
+from recsvc.errors import StoreUnavailable
+from recsvc.itemcache import ItemCache
+from recsvc.models import LoadedModel, ModelRegistry
+from recsvc.store import FeatureStore
+from recsvc.timing import StageTimer
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_USER = "unknown_user"
+STORE_UNAVAILABLE = "feature_store_unavailable"
+MODEL_UNAVAILABLE = "model_unavailable"
+MODEL_ERROR = "model_error"
+NO_CANDIDATES = "no_candidates"
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A validated recommendation request."""
+
+    request_id: str
+    user_id: str
+    n: int
+    candidates: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
+    category: str | None = None
+
+
+@dataclass(slots=True)
+class Result:
+    request_id: str
+    user_id: str
+    items: list[dict[str, Any]]
+    strategy: str
+    fallback_reason: str | None
+    model: dict[str, str] | None
+    timer: StageTimer
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "user_id": self.user_id,
+            "items": self.items,
+            "strategy": self.strategy,
+            "fallback_reason": self.fallback_reason,
+            "model": self.model,
+        }
+
+
+def _items(
+    table: ItemTable, idx: np.ndarray, scores: np.ndarray, source: list[str]
+) -> list[dict[str, Any]]:
+    ids = table.ids
+    return [
+        {"item_id": ids[i], "score": s, "rank": r + 1, "source": src}
+        for r, (i, s, src) in enumerate(zip(idx.tolist(), scores.tolist(), source, strict=True))
+    ]
+
+
+def top_n(scores: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the n best scores, best first (argpartition, then sort the few)."""
+    if n >= len(scores):
+        return np.argsort(-scores, kind="stable")
+    part = np.argpartition(-scores, n - 1)[:n]
+    return part[np.argsort(-scores[part], kind="stable")]
+
+
+class Recommender:
+    """Serves one query end to end from the store, item cache and model registry."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        items: ItemCache,
+        models: ModelRegistry,
+        config: CandidateConfig,
+    ) -> None:
+        self.store = store
+        self.items = items
+        self.models = models
+        self.config = config
+
+    async def recommend(self, q: Query) -> Result:
+        timer = StageTimer()
+        try:
+            user = await self.store.fetch_user(q.user_id)
+        except StoreUnavailable as exc:
+            log.debug("feature store unavailable: %s", exc.reason)
+            timer.mark("redis")
+            return self._fallback(q, None, STORE_UNAVAILABLE, timer)
+        timer.mark("redis")
+        if user is None:
+            return self._fallback(q, None, UNKNOWN_USER, timer)
+        model = self.models.current
+        if model is None:
+            return self._fallback(q, user, MODEL_UNAVAILABLE, timer)
+        # From here on nothing awaits: one consistent item snapshot for the request.
+        table, popularity = self.items.table, self.items.popularity
+        candidates = self._candidates(q, user, table, popularity)
+        timer.mark("candidates")
+        if len(candidates) == 0:
+            return self._fallback(q, user, NO_CANDIDATES, timer)
+        now = time.time()
+        matrix = build_matrix(user, table, candidates.index, now)
+        timer.mark("features")
+        try:
+            scores = model.predict(matrix)
+        except Exception:  # a broken model must not break the answer
+            log.exception("model predict failed", extra={"model": model.version})
+            return self._fallback(q, user, MODEL_ERROR, timer)
+        timer.mark("score")
+        best = top_n(scores, q.n)
+        sources = [cands.SOURCES[s] for s in candidates.source[best].tolist()]
+        items = _items(table, candidates.index[best], scores[best], sources)
+        return Result(q.request_id, q.user_id, items, "model", None, _model_ref(model), timer)
+
+    def _candidates(
+        self, q: Query, user: UserState, table: ItemTable, popularity: PopularityIndex
+    ) -> Candidates:
+        exclude = cands.ids_to_index(table, q.exclude)
+        if q.candidates is not None:
+            return cands.from_request(user, table, q.candidates, exclude, len(q.candidates))
+        return cands.from_sources(user, table, popularity, self.config, exclude)
+
+    def _fallback(self, q: Query, user: UserState | None, reason: str, timer: StageTimer) -> Result:
+        """Default strategy: the most popular items (of the context category when given).
+
+        When the caller gave candidates, the default orders those by popularity.
+        """
+        table, popularity = self.items.table, self.items.popularity
+        banned = cands.ids_to_index(table, q.exclude)
+        if user is not None and user.purchased:
+            banned = np.concatenate([banned, cands.ids_to_index(table, user.purchased)])
+        if q.candidates is not None:
+            pool = cands.ids_to_index(table, q.candidates)
+            source = "request"
+        else:
+            pool = np.zeros(0, np.int64)
+            source = "popular"
+            if q.category is not None:
+                pool = popularity.for_category(table.category_index.get(q.category, -1))
+                source = "category_popular"
+            if len(pool) < q.n:
+                pool = np.concatenate([pool, popularity.top])
+        pool = pool[~np.isin(pool, banned)] if len(banned) else pool
+        _, first = np.unique(pool, return_index=True)
+        pool = pool[np.sort(first)]
+        scores = popularity.scores[pool] if len(popularity.scores) else np.zeros(len(pool))
+        best = top_n(scores, q.n) if q.candidates is not None else np.arange(min(q.n, len(pool)))
+        timer.mark("fallback")
+        chosen = pool[best]
+        sources = [source] * len(chosen)
+        if q.category is not None and source == "category_popular":
+            in_cat = table.category[chosen] == table.category_index.get(q.category, -2)
+            sources = ["category_popular" if c else "popular" for c in in_cat.tolist()]
+        items = _items(table, chosen, scores[best], sources)
+        return Result(q.request_id, q.user_id, items, "fallback", reason, None, timer)
+
+
+def _model_ref(model: LoadedModel) -> dict[str, str]:
+    return {"name": model.name, "version": model.version}

@@ -1,0 +1,14 @@
+"""The route table: every public route in one place."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from recsvc import handlers
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/recommendations", handlers.recommend_post)
+    app.router.add_get("/v1/recommendations", handlers.recommend_get)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)

