@@ -43,9 +43,11 @@ async def _items_ctx(app: web.Application) -> AsyncIterator[None]:
         await cache.refresh()
     except Exception as exc:  # serve anyway; the loop below keeps trying
         log.warning("initial item load failed: %s", type(exc).__name__)
-    task = asyncio.create_task(cache.run(app[appkeys.SETTINGS].item_refresh_secs))
+    stop = asyncio.Event()
+    task = asyncio.create_task(cache.run(app[appkeys.SETTINGS].item_refresh_secs, stop))
     yield
-    await _cancel(task)
+    stop.set()
+    await task
 
 
 async def _models_ctx(app: web.Application) -> AsyncIterator[None]:

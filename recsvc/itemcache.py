@@ -7,6 +7,7 @@ The request path never reads item keys: it uses the last snapshot, at most
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -46,10 +47,14 @@ class ItemCache:
         self.popularity = PopularityIndex.build(self.table, time.time())
         self.refreshed_at = time.monotonic()
 
-    async def run(self, interval: float) -> None:
-        """Refresh forever; failures keep the last good copy and are logged once per streak."""
+    async def run(self, interval: float, stop: asyncio.Event) -> None:
+        """Refresh until ``stop``; failures keep the last good copy, logged once per streak.
+
+        Stopping by event rather than cancellation never abandons a Redis
+        command half way, which would leave its connection behind.
+        """
         failing = False
-        while True:
+        while not stop.is_set():
             try:
                 await self.refresh()
                 if failing:
@@ -59,4 +64,5 @@ class ItemCache:
                 if not failing:
                     log.warning("item cache refresh failed: %s", type(exc).__name__)
                 failing = True
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)

@@ -34,8 +34,8 @@ def item_event_seen(event_id: str) -> str:
     return f"{ITEM_TAG}:e:{event_id}"
 
 
-def item_keys(event_id: str = "") -> list[str]:
-    """KEYS of ``lua/item_event.lua`` in order."""
+def item_keys(event_ids: list[str]) -> list[str]:
+    """KEYS of ``lua/item_event.lua``: the item slot's keys, then one dedupe key per entry."""
     return [
         ITEM_INDEX,
         ITEM_IDS,
@@ -43,15 +43,15 @@ def item_keys(event_id: str = "") -> list[str]:
         CATEGORY_INDEX,
         CATEGORIES,
         ITEM_VERSION,
-        item_event_seen(event_id),
+        *(item_event_seen(e) for e in event_ids),
     ]
 
 
-def user_keys(user_id: str, event_id: str = "") -> list[str]:
-    """KEYS of ``lua/user_event.lua`` in order."""
+def user_keys(user_id: str, event_ids: list[str]) -> list[str]:
+    """KEYS of ``lua/user_event.lua``: the user's keys, then one dedupe key per event."""
     return [
         user_state(user_id),
         user_recent(user_id),
         user_purchased(user_id),
-        user_event_seen(user_id, event_id),
+        *(user_event_seen(user_id, e) for e in event_ids),
     ]

@@ -41,7 +41,8 @@ def connect(url: str, settings: Settings) -> Redis:
         socket_connect_timeout=settings.redis_connect_timeout_ms / 1000.0,
         retry=Retry(NoBackoff(), 0),
     )
-    return Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+    # from_pool: the client owns the pool, so aclose() also closes its connections.
+    return Redis.from_pool(pool)
 
 
 # Entries per item-script call: bounds how long one call holds Redis.
@@ -157,7 +158,7 @@ class FeatureStore:
     def _user_call(
         self, user_id: str, events: Sequence[EventWrite], dedupe: bool
     ) -> tuple[list[str], list[float | int | str]]:
-        ks = [keys.user_state(user_id), keys.user_recent(user_id), keys.user_purchased(user_id)]
+        ks = keys.user_keys(user_id, [e.event_id for e in events])
         args: list[float | int | str] = [
             self.dedupe_ttl,
             self.user_ttl,
@@ -168,7 +169,6 @@ class FeatureStore:
             *CATEGORY_WEIGHTS,
         ]
         for e in events:
-            ks.append(keys.user_event_seen(user_id, e.event_id))
             args += [
                 e.type,
                 e.ts,
@@ -182,10 +182,9 @@ class FeatureStore:
     def _item_call(
         self, mode: str, events: Sequence[EventWrite], dedupe: bool
     ) -> tuple[list[str], list[float | int | str]]:
-        ks = keys.item_keys()
+        ks = keys.item_keys([e.event_id for e in events])
         args: list[float | int | str] = [self.dedupe_ttl, len(HALF_LIVES), *HALF_LIVES]
         for e in events:
-            ks.append(keys.item_event_seen(e.event_id))
             args += [
                 mode,
                 e.item_id,

@@ -1,0 +1,119 @@
+"""Shared fixtures: a real redis-server, small generated data, a real LightGBM model,
+and a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+
+from features.dataset import DatasetConfig
+from features.logs import write_catalogue, write_events
+from features.synthetic import SyntheticConfig, SyntheticData, generate
+from features.trainer import TrainParams
+from recsvc import training
+from recsvc.app import create_app
+from recsvc.embedded import EmbeddedRedis
+from recsvc.seed import seed
+from recsvc.settings import Settings
+
+SMALL = SyntheticConfig(n_users=400, n_items=300, n_events=25_000, n_categories=12, seed=3)
+# The small log ends when the session starts, so served features look live.
+END_TS = float(int(time.time()))
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest_asyncio.fixture
+async def aredis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def small_data() -> SyntheticData:
+    return generate(SMALL, end_ts=END_TS)
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    events: Path
+    items: Path
+
+
+@pytest.fixture(scope="session")
+def small_files(small_data: SyntheticData, tmp_path_factory: pytest.TempPathFactory) -> DataFiles:
+    base = tmp_path_factory.mktemp("data")
+    files = DataFiles(base / "events.csv", base / "items.csv")
+    write_events(files.events, small_data.events)
+    write_catalogue(files.items, small_data.catalogue)
+    return files
+
+
+@pytest.fixture(scope="session")
+def model_dir(small_files: DataFiles, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model registry holding one real model trained on the small log."""
+    root = tmp_path_factory.mktemp("models")
+    training.train_files(
+        small_files.events,
+        small_files.items,
+        root,
+        "ranker",
+        DatasetConfig(train_groups=3000, eval_groups=800),
+        TrainParams(num_trees=60, num_threads=2),
+        progress=False,
+    )
+    return root
+
+
+def settings_for(model_dir: Path, **overrides: object) -> Settings:
+    return Settings(model_dir=model_dir, model_poll_secs=0.2, item_refresh_secs=0.2).replace(
+        **overrides
+    )
+
+
+@pytest_asyncio.fixture
+async def seeded(aredis: Redis, small_data: SyntheticData) -> Redis:
+    await seed(
+        aredis, Settings(user_ttl_days=0), small_data.catalogue, small_data.events, progress=False
+    )
+    return aredis
+
+
+@pytest_asyncio.fixture
+async def client(
+    seeded: Redis, redis_url: str, model_dir: Path
+) -> AsyncIterator[TestClient[object, object]]:
+    """HTTP client of a real server on 127.0.0.1 over seeded Redis and the small model."""
+    app = create_app(settings_for(model_dir), redis_url)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+        yield c
+
+
+def wait_for(predicate: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")

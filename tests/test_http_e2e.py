@@ -1,0 +1,192 @@
+"""The HTTP API end to end: real server on 127.0.0.1, real Redis, real model."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+
+from features.synthetic import SyntheticData
+from recsvc.app import create_app
+from recsvc.embedded import EmbeddedRedis
+from recsvc.seed import seed
+from recsvc.settings import Settings
+from tests.conftest import settings_for
+
+pytestmark = pytest.mark.asyncio
+Client = TestClient[Any, Any]
+
+
+async def _post(client: Client, body: Any) -> tuple[int, dict[str, Any]]:
+    resp = await client.post("/v1/recommendations", json=body)
+    return resp.status, await resp.json()
+
+
+async def test_known_user_gets_n_distinct_model_items(client: Client) -> None:
+    status, body = await _post(client, {"user_id": "u1", "n": 10})
+    assert status == 200
+    assert body["strategy"] == "model" and body["fallback_reason"] is None
+    ids = [i["item_id"] for i in body["items"]]
+    assert len(ids) == 10 and len(set(ids)) == 10
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    assert [i["rank"] for i in body["items"]] == list(range(1, 11))
+    assert {i["source"] for i in body["items"]} <= {"recent", "category", "popular"}
+    assert body["model"]["name"] == "ranker" and body["model"]["version"]
+    assert body["request_id"] and body["user_id"] == "u1"
+
+
+async def test_unknown_user_gets_popular_fallback(client: Client) -> None:
+    status, body = await _post(client, {"user_id": "nobody-123"})
+    assert status == 200
+    assert body["strategy"] == "fallback" and body["fallback_reason"] == "unknown_user"
+    assert len({i["item_id"] for i in body["items"]}) == 10
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0
+
+
+async def test_fallback_honours_context_category(client: Client, small_data: SyntheticData) -> None:
+    status, body = await _post(
+        client, {"user_id": "new-user", "n": 5, "context": {"category": "c3"}}
+    )
+    assert status == 200
+    cat = dict(zip(small_data.catalogue.item_ids, small_data.catalogue.categories, strict=True))
+    assert all(cat[i["item_id"]] == "c3" for i in body["items"])
+    assert {i["source"] for i in body["items"]} == {"category_popular"}
+
+
+async def test_explicit_candidates_are_the_only_ones_ranked(client: Client) -> None:
+    wanted = ["i1", "i2", "i3", "i4", "i5", "i6", "not-an-item"]
+    status, body = await _post(client, {"user_id": "u1", "n": 3, "candidates": wanted})
+    assert status == 200 and body["strategy"] == "model"
+    assert len(body["items"]) == 3
+    assert {i["item_id"] for i in body["items"]} <= set(wanted)
+    assert {i["source"] for i in body["items"]} == {"request"}
+
+
+async def test_excluded_and_purchased_items_never_come_back(client: Client, seeded: Redis) -> None:
+    purchased = {m.decode() for m in await seeded.smembers("{u:u1}:p")}
+    _, first = await _post(client, {"user_id": "u1", "n": 20})
+    top = [i["item_id"] for i in first["items"]][:5]
+    _, second = await _post(client, {"user_id": "u1", "n": 20, "exclude": top})
+    returned = {i["item_id"] for i in second["items"]}
+    assert not returned & set(top)
+    assert not returned & purchased
+
+
+async def test_get_form_matches_post(client: Client) -> None:
+    resp = await client.get("/v1/recommendations", params={"user_id": "u2", "n": "4"})
+    body = await resp.json()
+    assert resp.status == 200 and len(body["items"]) == 4 and body["strategy"] == "model"
+    assert "redis;dur=" in resp.headers["Server-Timing"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"user_id": "u1", "n": 0}, "n"),
+        ({"user_id": "u1", "n": 10000}, "n"),
+        ({"user_id": "u" * 1000}, "user_id"),
+        ({"user_id": "u1", "candidates": "i1"}, "candidates"),
+        ({"user_id": "u1", "candidates": [1, 2]}, "candidates[0]"),
+        ({"user_id": "u1", "candidates": ["i1"] * 1001}, "candidates"),
+        ({"user_id": "has space"}, "user_id"),
+        ({"n": 3}, "user_id"),
+        ({"user_id": "u1", "nn": 3}, "nn"),
+        ({"user_id": "u1", "context": {"category": 5}}, "context.category"),
+        ([1, 2], "body"),
+    ],
+)
+async def test_bad_input_is_400_naming_the_field(client: Client, body: Any, field: str) -> None:
+    status, answer = await _post(client, body)
+    assert status == 400
+    assert answer["error"]["field"] == field
+    assert answer["error"]["code"] == "invalid_request"
+    assert answer["error"]["message"]
+
+
+async def test_malformed_json_is_400(client: Client) -> None:
+    resp = await client.post(
+        "/v1/recommendations", data=b'{"user_id": ', headers={"content-type": "application/json"}
+    )
+    body = await resp.json()
+    assert resp.status == 400
+    assert body["error"] == {
+        "code": "invalid_json",
+        "field": "body",
+        "message": body["error"]["message"],
+    }
+
+
+async def test_bad_query_string_is_400(client: Client) -> None:
+    resp = await client.get("/v1/recommendations", params={"user_id": "u1", "n": "many"})
+    assert resp.status == 400 and (await resp.json())["error"]["field"] == "n"
+
+
+async def test_unknown_route_and_method_answer_json(client: Client) -> None:
+    resp = await client.get("/nope")
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
+    resp = await client.delete("/v1/recommendations")
+    assert resp.status == 405
+    assert (await resp.json())["error"]["code"] == "method_not_allowed"
+    assert "POST" in resp.headers["Allow"]
+
+
+async def test_oversized_body_is_413(client: Client) -> None:
+    body = io.BytesIO(b"{" + b" " * (2 << 20) + b"}")
+    resp = await client.post(
+        "/v1/recommendations", data=body, headers={"content-type": "application/json"}
+    )
+    assert resp.status == 413
+    assert (await resp.json())["error"]["code"] == "body_too_large"
+
+
+async def test_health_and_readiness(client: Client) -> None:
+    assert (await client.get("/healthz")).status == 200
+    resp = await client.get("/readyz")
+    body = await resp.json()
+    assert resp.status == 200 and body["checks"] == {
+        "redis": True,
+        "model": True,
+        "default_strategy": True,
+    }
+
+
+async def test_missing_model_serves_default_with_reason(
+    seeded: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    app = create_app(settings_for(tmp_path / "empty"), redis_url)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+        status, body = await _post(c, {"user_id": "u1"})
+        assert status == 200
+        assert body["strategy"] == "fallback"
+        assert body["fallback_reason"] == "model_unavailable"
+        assert len(body["items"]) == 10
+        assert (await c.get("/readyz")).status == 200
+
+
+async def test_dead_redis_serves_default_from_memory(
+    small_data: SyntheticData, model_dir: Path
+) -> None:
+    server = EmbeddedRedis().start()
+    try:
+        r = Redis.from_url(server.url)
+        await seed(r, Settings(), small_data.catalogue, small_data.events, progress=False)
+        await r.aclose()
+        app = create_app(settings_for(model_dir), server.url)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+            assert (await _post(c, {"user_id": "u1"}))[1]["strategy"] == "model"
+            server.stop()
+            for _ in range(10):  # through failures, then with the circuit open
+                status, body = await _post(c, {"user_id": "u1"})
+                assert status == 200
+                assert body["strategy"] == "fallback"
+                assert body["fallback_reason"] == "feature_store_unavailable"
+                assert len(body["items"]) == 10
+            assert (await c.get("/readyz")).status == 503
+    finally:
+        server.stop()
