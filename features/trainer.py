@@ -16,8 +16,10 @@ from features.schema import FEATURE_NAMES
 
 @dataclass(frozen=True, slots=True)
 class TrainParams:
-    num_trees: int = 300
-    learning_rate: float = 0.05
+    # 100 trees at 0.1 matched 300 at 0.05 on the demo log (NDCG@10 0.383 vs
+    # 0.386) and score 200 candidates 2.8x faster (0.59 vs 1.64 ms).
+    num_trees: int = 100
+    learning_rate: float = 0.1
     num_leaves: int = 31
     min_data_in_leaf: int = 50
     feature_fraction: float = 0.9

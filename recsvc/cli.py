@@ -45,6 +45,11 @@ def _synthetic(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
 
 
+def _training(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trees", type=int, default=TrainParams().num_trees)
+    p.add_argument("--train-groups", type=int, default=DatasetConfig().train_groups)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="recsvc", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
@@ -53,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
     _common(demo)
     _serving(demo)
     _synthetic(demo)
+    _training(demo)
 
     serve = sub.add_parser("serve", help="serve against RECSVC_REDIS_URL (or --embedded)")
     _common(serve)
@@ -75,8 +81,7 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--events", type=Path, help="events.csv (default: the synthetic log)")
     tr.add_argument("--items", type=Path, help="items.csv")
     tr.add_argument("--name", help="model name (default RECSVC_MODEL_NAME)")
-    tr.add_argument("--trees", type=int, default=TrainParams().num_trees)
-    tr.add_argument("--train-groups", type=int, default=DatasetConfig().train_groups)
+    _training(tr)
     tr.add_argument("--seed", type=int, default=TrainParams().seed)
 
     gen = sub.add_parser("generate", help="write the synthetic shop as CSV files")
@@ -166,7 +171,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     with _redis(settings, embedded=True) as url:
         asyncio.run(_seed_if_empty(url, settings, events, items))
         if not models.versions(settings.models_path, settings.model_name):
-            _train(settings, events, items, settings.model_name, DatasetConfig(), TrainParams())
+            data = DatasetConfig(
+                train_groups=args.train_groups,
+                candidates=CandidateConfig(cap=settings.candidate_cap),
+            )
+            params = TrainParams(num_trees=args.trees)
+            _train(settings, events, items, settings.model_name, data, params)
         print(f"ready after {time.perf_counter() - started:.1f}s", file=sys.stderr)
         server.run(settings, url, on_ready=_announce)
 

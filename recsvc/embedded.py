@@ -96,7 +96,8 @@ class EmbeddedRedis:
                 "--dbfilename",
                 "dump.rdb",
                 "--save",
-                "300 1",
+                "300",
+                "1",
             ]
         else:
             args += ["--save", ""]

@@ -147,3 +147,18 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
     settings = Settings(**values)
     settings.validate()
     return settings
+
+
+def markdown_table() -> str:
+    """The README's settings table."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+    lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, meaning in SETTINGS_TABLE:
+        value = defaults[name]
+        default = '""' if value is None or value == "" else str(value)
+        lines.append(f"| `{env_name(name)}` | `{default}` | {meaning} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -35,7 +35,8 @@ def test_features_stay_pure(module: str) -> None:
     allowed = ("lightgbm",) if module == "features.trainer" else ()
     code = (
         f"import sys, {module}\n"
-        f"bad = [m for m in {FORBIDDEN_IN_FEATURES!r} if m in sys.modules and m not in {allowed!r}]\n"
+        f"bad = [m for m in {FORBIDDEN_IN_FEATURES!r}"
+        f" if m in sys.modules and m not in {allowed!r}]\n"
         "print(','.join(bad))"
     )
     proc = subprocess.run(

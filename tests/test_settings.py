@@ -1,0 +1,62 @@
+"""Settings: environment parsing, validation naming the variable, README table."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from recsvc.settings import SETTINGS_TABLE, Settings, SettingsError, from_env, markdown_table
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_defaults_without_environment() -> None:
+    s = from_env({})
+    assert s == Settings()
+    assert s.models_path == Path("recsvc-data/models")
+
+
+def test_environment_values_are_typed() -> None:
+    s = from_env(
+        {
+            "RECSVC_PORT": "9000",
+            "RECSVC_REDIS_TIMEOUT_MS": "12.5",
+            "RECSVC_MODEL_DIR": "/m",
+            "RECSVC_REDIS_URL": "redis://h:1/0",
+        }
+    )
+    assert (s.port, s.redis_timeout_ms, s.model_dir, s.redis_url) == (
+        9000,
+        12.5,
+        Path("/m"),
+        "redis://h:1/0",
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"RECSVC_PORT": "eighty"}, "RECSVC_PORT"),
+        ({"RECSVC_PORT": "70000"}, "RECSVC_PORT"),
+        ({"RECSVC_CANDIDATE_CAP": "0"}, "RECSVC_CANDIDATE_CAP"),
+        ({"RECSVC_REDIS_URL": "http://x"}, "RECSVC_REDIS_URL"),
+        ({"RECSVC_LOG_LEVEL": "LOUD"}, "RECSVC_LOG_LEVEL"),
+    ],
+)
+def test_bad_value_fails_naming_the_variable(env: dict[str, str], name: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        from_env(env)
+
+
+def test_cli_overrides_keep_validation() -> None:
+    assert Settings().replace(port=1234, host=None).port == 1234
+    with pytest.raises(SettingsError, match="RECSVC_DEFAULT_N"):
+        Settings().replace(default_n=1000)
+
+
+def test_every_setting_is_in_the_table_and_the_readme() -> None:
+    fields = [f.name for f in dataclasses.fields(Settings)]
+    assert [name for name, _ in SETTINGS_TABLE] == fields
+    assert markdown_table() in README.read_text(), "regenerate: python -m recsvc.settings"

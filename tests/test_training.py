@@ -1,0 +1,92 @@
+"""Training on a generated log, evaluation against baselines, and the model registry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from features.dataset import DatasetConfig, build
+from features.metrics import rank_of, summarize
+from features.schema import FEATURE_NAMES, SCHEMA_HASH
+from features.synthetic import SyntheticData
+from features.trainer import TrainParams, train
+from recsvc import models
+from recsvc.errors import ModelRejected
+
+
+def test_metrics_of_known_ranks() -> None:
+    assert rank_of(np.array([3.0, 5.0, 1.0]), 0) == 1.0
+    assert rank_of(np.array([2.0, 2.0, 2.0]), 0) == 1.0  # ties count half
+    m = summarize(np.array([0.0, 9.0, 10.0]))
+    assert m["recall_at_10"] == pytest.approx(2 / 3)
+    assert m["ndcg_at_10"] == pytest.approx((1.0 + 1 / np.log2(11)) / 3)
+    assert m["mrr"] == pytest.approx((1 + 1 / 10 + 1 / 11) / 3)
+
+
+def test_registry_meta_and_model_beat_popularity(model_dir: Path) -> None:
+    [path] = models.versions(model_dir, "ranker")
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["feature_names"] == list(FEATURE_NAMES)
+    assert meta["schema_hash"] == SCHEMA_HASH
+    assert meta["created_at"]
+    metrics = meta["metrics"]
+    assert metrics["ndcg_at_10"] >= 1.2 * metrics["baseline_popularity_ndcg_at_10"]
+    assert metrics["ndcg_at_10"] > metrics["baseline_category_ndcg_at_10"]
+    assert set(meta["feature_importance_gain"]) == set(FEATURE_NAMES)
+    loaded = models.load(path)
+    x = np.zeros((5, len(FEATURE_NAMES)), np.float32)
+    assert loaded.predict(x).shape == (5,)
+
+
+def test_dataset_uses_only_the_past(small_data: SyntheticData) -> None:
+    data = build(
+        small_data.events,
+        small_data.catalogue,
+        DatasetConfig(train_groups=200, eval_groups=100, seed=1),
+    )
+    assert data.train.sizes and data.test.sizes
+    x = data.train.matrix()
+    since_last = x[:, FEATURE_NAMES.index("u_secs_since_last_event")]
+    # Point-in-time: the labelled event itself is not yet in the state.
+    assert np.nanmin(since_last) >= 0
+    assert data.train.label_vector().max() <= 4
+    assert sum(data.test.sizes) == len(data.test.label_vector())
+
+
+def test_training_is_deterministic_for_a_seed(small_data: SyntheticData) -> None:
+    config = DatasetConfig(train_groups=300, eval_groups=100, seed=5)
+    params = TrainParams(num_trees=10, num_threads=1, seed=5)
+    a = train(build(small_data.events, small_data.catalogue, config), params)
+    b = train(build(small_data.events, small_data.catalogue, config), params)
+    assert a.metrics == b.metrics
+    assert a.booster.model_to_string() == b.booster.model_to_string()
+
+
+def test_registry_refuses_foreign_schema_and_serves_previous(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(model_dir, root)
+    [good] = models.versions(root, "ranker")
+    bad = root / "ranker" / "99990101T000000000"
+    shutil.copytree(good, bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["feature_names"] = [*meta["feature_names"][1:], "something_else"]
+    (bad / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelRejected, match="feature names differ"):
+        models.load(bad)
+    latest = models.load_latest(root, "ranker")
+    assert latest is not None and latest.version == good.name
+
+
+def test_registry_refuses_corrupt_model_file(model_dir: Path, tmp_path: Path) -> None:
+    [good] = models.versions(model_dir, "ranker")
+    broken = tmp_path / "ranker" / "v1"
+    shutil.copytree(good, broken)
+    (broken / "model.txt").write_text("not a model")
+    with pytest.raises(ModelRejected):
+        models.load(broken)
