@@ -24,7 +24,7 @@ import numpy as np
 from redis.asyncio import Redis
 
 from features.candidates import CandidateConfig
-from recsvc import models, seed
+from recsvc import seed
 from recsvc.embedded import EmbeddedRedis
 from recsvc.itemcache import ItemCache
 from recsvc.models import ModelRegistry
