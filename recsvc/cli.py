@@ -121,7 +121,9 @@ def _synthetic_config(args: argparse.Namespace) -> SyntheticConfig:
     )
 
 
-async def _seed_if_empty(url: str, settings: Settings, events: Path, items: Path | None) -> None:
+async def _seed_if_empty(
+    url: str, settings: Settings, events: Path, items: Path | None, snapshot: bool = False
+) -> None:
     client = Redis.from_url(url)
     try:
         if await seed.is_seeded(client):
@@ -136,6 +138,8 @@ async def _seed_if_empty(url: str, settings: Settings, events: Path, items: Path
             f"in {summary.seconds:.1f}s",
             file=sys.stderr,
         )
+        if snapshot:  # our own embedded server: persist now, not only at clean shutdown
+            await client.save()
     finally:
         await client.aclose()
 
@@ -169,7 +173,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     events, items = seed.ensure_synthetic(settings.data_dir, _synthetic_config(args))
     with _redis(settings, embedded=True) as url:
-        asyncio.run(_seed_if_empty(url, settings, events, items))
+        asyncio.run(_seed_if_empty(url, settings, events, items, snapshot=not settings.redis_url))
         if not models.versions(settings.models_path, settings.model_name):
             data = DatasetConfig(
                 train_groups=args.train_groups,
