@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 from typing import Any
@@ -190,3 +191,31 @@ async def test_dead_redis_serves_default_from_memory(
             assert (await c.get("/readyz")).status == 503
     finally:
         server.stop()
+
+
+async def test_get_form_takes_comma_separated_lists(client: Client) -> None:
+    resp = await client.get(
+        "/v1/recommendations", params={"user_id": "u3", "n": "5", "exclude": "i1,i2"}
+    )
+    body = await resp.json()
+    assert resp.status == 200 and len(body["items"]) == 5
+    assert not {"i1", "i2"} & {i["item_id"] for i in body["items"]}
+
+
+async def test_over_the_inflight_limit_is_503(
+    seeded: Redis, redis_url: str, model_dir: Path
+) -> None:
+    settings = settings_for(model_dir, max_inflight=1, redis_timeout_ms=3000.0)
+    app = create_app(settings, redis_url)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+        # Stall Redis so the first request stays in flight.
+        await seeded.execute_command("CLIENT", "PAUSE", "600", "ALL")
+        slow = asyncio.create_task(c.post("/v1/recommendations", json={"user_id": "u1"}))
+        await asyncio.sleep(0.2)
+        resp = await c.post("/v1/recommendations", json={"user_id": "u2"})
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        assert (await resp.json())["error"]["code"] == "overloaded"
+        first = await slow
+        assert first.status == 200
+        assert (await first.json())["strategy"] == "model"
