@@ -59,7 +59,7 @@ async def run(url: str, settings: Settings, requests: int, n: int, explicit: int
     rec = Recommender(store, items, registry, CandidateConfig(cap=settings.candidate_cap))
     rng = np.random.default_rng(0)
     users = [f"u{u}" for u in rng.integers(0, 20_000, size=requests + WARMUP)]
-    ids = items.table.ids
+    ids = items.view.table.ids
     totals: list[float] = []
     stages: dict[str, list[float]] = {}
     n_cands: list[int] = []

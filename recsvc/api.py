@@ -22,7 +22,7 @@ Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH, pattern
 N = Annotated[int, msgspec.Meta(ge=1, le=MAX_N)]
 
 
-class Context(msgspec.Struct, frozen=True):
+class Context(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where the recommendation is shown; ``category`` steers the default strategy."""
 
     category: Id | None = None
@@ -32,7 +32,9 @@ class Context(msgspec.Struct, frozen=True):
 class RecommendRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     user_id: Id
     n: N | None = None
-    candidates: Annotated[list[Id], msgspec.Meta(max_length=MAX_CANDIDATES)] | None = None
+    candidates: (
+        Annotated[list[Id], msgspec.Meta(min_length=1, max_length=MAX_CANDIDATES)] | None
+    ) = None
     exclude: Annotated[list[Id], msgspec.Meta(max_length=MAX_CANDIDATES)] = []
     context: Context | None = None
 
@@ -44,8 +46,9 @@ _FIELD = re.compile(r"field `([^`]+)`")
 
 def _field_of(message: str) -> str:
     """The JSON path of the failing field ('body' when it is the whole document)."""
-    m = _AT.search(message) or _FIELD.search(message)
-    return (m.group(1) if m else "") or "body"
+    at, named = _AT.search(message), _FIELD.search(message)
+    parts = [m.group(1) for m in (at, named) if m and m.group(1)]
+    return ".".join(parts) or "body"
 
 
 def decode_json(body: bytes, kind: type[T]) -> T:
@@ -57,8 +60,10 @@ def decode_json(body: bytes, kind: type[T]) -> T:
     except msgspec.ValidationError as exc:
         message = str(exc)
         raise InvalidRequest(message, field=_field_of(message)) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"malformed JSON: {exc}", field="body", code="invalid_json") from None
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        raise InvalidRequest(
+            "request body is not valid UTF-8 JSON", field="body", code="invalid_json"
+        ) from None
 
 
 def convert_query(params: dict[str, Any], kind: type[T]) -> T:

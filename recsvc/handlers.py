@@ -60,19 +60,27 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when Redis answers and something can serve (a model or the default)."""
+    """Whether this process should receive traffic.
+
+    ready: Redis answers and a model or the default strategy can serve.
+    degraded (still 200): Redis does not answer but the default strategy serves
+    from the in-process item data; taking every instance out of rotation during
+    a Redis outage would turn a degraded service into none.
+    not_ready (503): nothing useful can be served (no item data in memory yet).
+    """
     redis_ok = await request.app[appkeys.STORE].ping()
     model = request.app[appkeys.MODELS].current
     items_ready = request.app[appkeys.ITEMS].ready
-    checks = {
-        "redis": redis_ok,
-        "model": model is not None,
-        "default_strategy": items_ready,
-    }
-    ready = redis_ok and (model is not None or items_ready)
+    checks = {"redis": redis_ok, "model": model is not None, "default_strategy": items_ready}
+    if redis_ok and (model is not None or items_ready):
+        status = "ready"
+    elif items_ready:
+        status = "degraded"
+    else:
+        status = "not_ready"
     body = {
-        "status": "ready" if ready else "not_ready",
+        "status": status,
         "checks": checks,
         "model": {"name": model.name, "version": model.version} if model else None,
     }
-    return json_response(body, status=200 if ready else 503)
+    return json_response(body, status=503 if status == "not_ready" else 200)

@@ -10,45 +10,74 @@ import asyncio
 import contextlib
 import logging
 import time
-
-from redis.exceptions import RedisError
+from dataclasses import dataclass
 
 from features.popularity import PopularityIndex
 from features.state import ItemTable
-from recsvc.store import FeatureStore, table_from_snapshot
+from recsvc.store import FeatureStore, ItemSnapshot, table_from_snapshot
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class ItemView:
+    """One consistent item table and its popularity index; replaced whole, never mutated."""
+
+    table: ItemTable
+    popularity: PopularityIndex
+    epoch: str = ""
+    version: int = -1
+
+    @classmethod
+    def empty(cls) -> ItemView:
+        table = ItemTable()
+        return cls(table, PopularityIndex.build(table, time.time()))
+
+
+def _build(snap: ItemSnapshot | None, previous: ItemView, now: float) -> ItemView:
+    """New view from a snapshot (or the previous rows re-ranked): CPU work, run in a thread."""
+    if snap is None:
+        table, epoch, version = previous.table, previous.epoch, previous.version
+    else:
+        base = previous.table if snap.epoch == previous.epoch and previous.version >= 0 else None
+        table, epoch, version = table_from_snapshot(snap, base), snap.epoch, snap.version
+    return ItemView(table, PopularityIndex.build(table, now), epoch, version)
+
+
 class ItemCache:
-    """The latest item table and popularity index; replaced whole, never mutated."""
+    """Holds the current ItemView; a refresh swaps in a new one in a single assignment."""
 
     def __init__(self, store: FeatureStore) -> None:
         self.store = store
-        self.table = ItemTable()
-        self.popularity = PopularityIndex.build(self.table, time.time())
-        self.version = -1
+        self.view = ItemView.empty()
         self.refreshed_at: float | None = None
 
     @property
     def ready(self) -> bool:
-        return self.table.n > 0
+        return self.view.table.n > 0
 
     def age(self) -> float | None:
         return None if self.refreshed_at is None else time.monotonic() - self.refreshed_at
 
     async def refresh(self) -> None:
-        """Copy item rows when they changed; rebuild popularity (decay moves it anyway)."""
-        version = await self.store.item_version()
-        if version != self.version:
-            snap = await self.store.item_snapshot(self.table.n, len(self.table.categories))
-            self.table = table_from_snapshot(snap, self.table if self.version >= 0 else None)
-            self.version = snap.version
-        self.popularity = PopularityIndex.build(self.table, time.time())
+        """Copy item rows when they changed, rebuild popularity (decay moves it anyway).
+
+        A changed epoch means the item keys were rebuilt: reload everything.
+        The numpy work runs in a worker thread so requests keep flowing.
+        """
+        current = self.view
+        epoch, version = await self.store.item_version()
+        snap = None
+        if (epoch, version) != (current.epoch, current.version):
+            same_epoch = epoch == current.epoch and current.version >= 0
+            known = current.table.n if same_epoch else 0
+            cats = len(current.table.categories) if same_epoch else 0
+            snap = await self.store.item_snapshot(known, cats)
+        self.view = await asyncio.to_thread(_build, snap, current, time.time())
         self.refreshed_at = time.monotonic()
 
     async def run(self, interval: float, stop: asyncio.Event) -> None:
-        """Refresh until ``stop``; failures keep the last good copy, logged once per streak.
+        """Refresh until ``stop``; failures keep the last good view, logged once per streak.
 
         Stopping by event rather than cancellation never abandons a Redis
         command half way, which would leave its connection behind.
@@ -60,9 +89,9 @@ class ItemCache:
                 if failing:
                     log.info("item cache refresh recovered")
                 failing = False
-            except (RedisError, OSError, TimeoutError) as exc:
+            except Exception as exc:  # never let the refresher die: serving depends on it
                 if not failing:
-                    log.warning("item cache refresh failed: %s", type(exc).__name__)
+                    log.warning("item cache refresh failed, keeping the last good copy: %r", exc)
                 failing = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)

@@ -28,6 +28,7 @@ ITEM_STATE = f"{ITEM_TAG}:state"
 CATEGORY_INDEX = f"{ITEM_TAG}:catidx"
 CATEGORIES = f"{ITEM_TAG}:cats"
 ITEM_VERSION = f"{ITEM_TAG}:ver"
+ITEM_EPOCH = f"{ITEM_TAG}:epoch"
 
 
 def item_event_seen(event_id: str) -> str:
@@ -43,6 +44,7 @@ def item_keys(event_ids: list[str]) -> list[str]:
         CATEGORY_INDEX,
         CATEGORIES,
         ITEM_VERSION,
+        ITEM_EPOCH,
         *(item_event_seen(e) for e in event_ids),
     ]
 

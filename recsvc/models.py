@@ -87,6 +87,8 @@ def load(path: Path) -> LoadedModel:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, ValueError) as exc:
         raise ModelRejected(f"{path}: unreadable {META_FILE}: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ModelRejected(f"{path}: {META_FILE} is not a JSON object")
     names = meta.get("feature_names")
     if names != list(FEATURE_NAMES):
         raise ModelRejected(
@@ -95,7 +97,7 @@ def load(path: Path) -> LoadedModel:
         )
     try:
         booster = lgb.Booster(model_file=str(path / MODEL_FILE))
-    except (lgb.basic.LightGBMError, OSError) as exc:
+    except Exception as exc:  # whatever LightGBM raises, this version must not serve
         raise ModelRejected(f"{path}: unreadable {MODEL_FILE}: {exc}") from exc
     if booster.feature_name() != list(FEATURE_NAMES):
         raise ModelRejected(f"{path}: {MODEL_FILE} feature names differ from {META_FILE}")
@@ -129,20 +131,27 @@ class ModelRegistry:
         self.checked_at = time.monotonic()
 
     async def poll(self, interval: float) -> None:
-        """Look for newer versions; load them off the event loop; keep the old on failure."""
+        """Look for newer versions until cancelled; keep the current model on any failure."""
         while True:
             await asyncio.sleep(interval)
-            newest = versions(self.model_dir, self.name)
-            if not newest:
-                continue
-            top = newest[0]
-            if (self.current and top.name <= self.current.version) or top.name in self.refused:
-                continue
             try:
-                model = await asyncio.to_thread(load, top)
-            except ModelRejected as exc:
-                self.refused.add(top.name)
-                log.warning("new model version refused, keeping the current one: %s", exc)
-                continue
-            self.current = model
-            log.info("model loaded", extra={"model": model.name, "version": model.version})
+                await self.check()
+            except Exception:  # the poller must outlive any bad file on disk
+                log.exception("model poll failed; keeping the current model")
+
+    async def check(self) -> None:
+        """Load the newest version if it is newer than the current one and acceptable."""
+        newest = versions(self.model_dir, self.name)
+        if not newest:
+            return
+        top = newest[0]
+        if (self.current and top.name <= self.current.version) or top.name in self.refused:
+            return
+        try:
+            model = await asyncio.to_thread(load, top)
+        except ModelRejected as exc:
+            self.refused.add(top.name)
+            log.warning("new model version refused, keeping the current one: %s", exc)
+            return
+        self.current = model
+        log.info("model loaded", extra={"model": model.name, "version": model.version})

@@ -15,11 +15,10 @@ import numpy as np
 
 from features import candidates as cands
 from features.candidates import CandidateConfig, Candidates
-from features.popularity import PopularityIndex
 from features.schema import build_matrix
 from features.state import ItemTable, UserState
 from recsvc.errors import StoreUnavailable
-from recsvc.itemcache import ItemCache
+from recsvc.itemcache import ItemCache, ItemView
 from recsvc.models import LoadedModel, ModelRegistry
 from recsvc.store import FeatureStore
 from recsvc.timing import StageTimer
@@ -113,67 +112,68 @@ class Recommender:
         model = self.models.current
         if model is None:
             return self._fallback(q, user, MODEL_UNAVAILABLE, timer)
-        # From here on nothing awaits: one consistent item snapshot for the request.
-        table, popularity = self.items.table, self.items.popularity
-        candidates = self._candidates(q, user, table, popularity)
+        # From here on nothing awaits: one consistent item view for the request.
+        view = self.items.view
+        candidates = self._candidates(q, user, view)
         timer.mark("candidates")
         if len(candidates) == 0:
             return self._fallback(q, user, NO_CANDIDATES, timer)
-        now = time.time()
-        matrix = build_matrix(user, table, candidates.index, now)
-        timer.mark("features")
         try:
+            matrix = build_matrix(user, view.table, candidates.index, time.time())
+            timer.mark("features")
             scores = model.predict(matrix)
-        except Exception:  # a broken model must not break the answer
-            log.exception("model predict failed", extra={"model": model.version})
+        except Exception:  # a broken model or feature must not break the answer
+            log.exception("scoring failed", extra={"model": model.version, "user": q.user_id})
             return self._fallback(q, user, MODEL_ERROR, timer)
         timer.mark("score")
         best = top_n(scores, q.n)
         sources = [cands.SOURCES[s] for s in candidates.source[best].tolist()]
-        items = _items(table, candidates.index[best], scores[best], sources)
+        items = _items(view.table, candidates.index[best], scores[best], sources)
         return Result(q.request_id, q.user_id, items, "model", None, _model_ref(model), timer)
 
-    def _candidates(
-        self, q: Query, user: UserState, table: ItemTable, popularity: PopularityIndex
-    ) -> Candidates:
-        exclude = cands.ids_to_index(table, q.exclude)
+    def _candidates(self, q: Query, user: UserState, view: ItemView) -> Candidates:
+        exclude = cands.ids_to_index(view.table, q.exclude)
         if q.candidates is not None:
-            return cands.from_request(user, table, q.candidates, exclude, len(q.candidates))
-        return cands.from_sources(user, table, popularity, self.config, exclude)
+            return cands.from_request(user, view.table, q.candidates, exclude, len(q.candidates))
+        return cands.from_sources(user, view.table, view.popularity, self.config, exclude)
 
     def _fallback(self, q: Query, user: UserState | None, reason: str, timer: StageTimer) -> Result:
-        """Default strategy: the most popular items (of the context category when given).
+        """Default strategy: the most popular items (of the context category first when given).
 
         When the caller gave candidates, the default orders those by popularity.
         """
-        table, popularity = self.items.table, self.items.popularity
+        view = self.items.view
+        table, popularity = view.table, view.popularity
         banned = cands.ids_to_index(table, q.exclude)
         if user is not None and user.purchased:
             banned = np.concatenate([banned, cands.ids_to_index(table, user.purchased)])
         if q.candidates is not None:
-            pool = cands.ids_to_index(table, q.candidates)
-            source = "request"
+            pool = _unique(_allowed(cands.ids_to_index(table, q.candidates), banned))
+            pool = pool[top_n(popularity.scores[pool], q.n)] if len(pool) else pool
+            sources = ["request"] * len(pool)
         else:
-            pool = np.zeros(0, np.int64)
-            source = "popular"
+            in_category = np.zeros(0, np.int64)
             if q.category is not None:
-                pool = popularity.for_category(table.category_index.get(q.category, -1))
-                source = "category_popular"
-            if len(pool) < q.n:
-                pool = np.concatenate([pool, popularity.top])
-        pool = pool[~np.isin(pool, banned)] if len(banned) else pool
-        _, first = np.unique(pool, return_index=True)
-        pool = pool[np.sort(first)]
-        scores = popularity.scores[pool] if len(popularity.scores) else np.zeros(len(pool))
-        best = top_n(scores, q.n) if q.candidates is not None else np.arange(min(q.n, len(pool)))
+                category = table.category_index.get(q.category, -1)
+                in_category = _allowed(popularity.for_category(category), banned)[: q.n]
+            # Filter before padding, so exclusions never shorten the answer.
+            pool = _unique(np.concatenate([in_category, _allowed(popularity.top, banned)]))[: q.n]
+            sources = ["category_popular"] * min(len(in_category), len(pool))
+            sources += ["popular"] * (len(pool) - len(sources))
         timer.mark("fallback")
-        chosen = pool[best]
-        sources = [source] * len(chosen)
-        if q.category is not None and source == "category_popular":
-            in_cat = table.category[chosen] == table.category_index.get(q.category, -2)
-            sources = ["category_popular" if c else "popular" for c in in_cat.tolist()]
-        items = _items(table, chosen, scores[best], sources)
+        items = _items(table, pool, popularity.scores[pool], sources)
         return Result(q.request_id, q.user_id, items, "fallback", reason, None, timer)
+
+
+def _unique(pool: np.ndarray) -> np.ndarray:
+    """``pool`` with repeats dropped, first occurrence kept."""
+    _, first = np.unique(pool, return_index=True)
+    return pool[np.sort(first)]
+
+
+def _allowed(pool: np.ndarray, banned: np.ndarray) -> np.ndarray:
+    """``pool`` without the banned indices, order kept."""
+    return pool[~np.isin(pool, banned)] if len(banned) and len(pool) else pool
 
 
 def _model_ref(model: LoadedModel) -> dict[str, str]:

@@ -85,7 +85,12 @@ class CircuitBreaker:
 
 @dataclass(frozen=True, slots=True)
 class EventWrite:
-    """One event to apply, with the item attributes the user update needs."""
+    """One event to apply, with the item attributes the user update needs.
+
+    ``category`` and ``price`` must be the item table's (empty and 0 for an item
+    it does not know), never the client's: the offline replay reads them from
+    its item table, and parity depends on both sides seeing the same values.
+    """
 
     user_id: str
     item_id: str
@@ -98,6 +103,7 @@ class EventWrite:
 
 @dataclass(frozen=True, slots=True)
 class ItemSnapshot:
+    epoch: str
     version: int
     new_ids: list[str]
     new_categories: list[str]
@@ -184,14 +190,17 @@ class FeatureStore:
     ) -> tuple[list[str], list[float | int | str]]:
         ks = keys.item_keys([e.event_id for e in events])
         args: list[float | int | str] = [self.dedupe_ttl, len(HALF_LIVES), *HALF_LIVES]
+        upsert = mode == "upsert"
         for e in events:
+            # Only the catalogue sets item attributes; an event on an unknown item
+            # creates a bare record, as features.state.ItemTable.ensure_item does.
             args += [
                 mode,
                 e.item_id,
                 e.type,
                 e.ts,
-                e.category,
-                e.price,
+                e.category if upsert else "",
+                e.price if upsert else 0.0,
                 1 if dedupe and e.event_id else 0,
             ]
         return ks, args
@@ -226,19 +235,23 @@ class FeatureStore:
         ks, args = self._item_call("upsert", rows, False)
         await self._item_script(keys=ks, args=args)
 
-    async def item_version(self) -> int:
-        return int(await self.client.get(keys.ITEM_VERSION) or 0)
+    async def item_version(self) -> tuple[str, int]:
+        """(epoch, version) of the item data: cheap to poll, changes with every write."""
+        epoch, version = await self.client.mget(keys.ITEM_EPOCH, keys.ITEM_VERSION)
+        return (epoch.decode() if isinstance(epoch, bytes) else ""), int(version or 0)
 
     async def item_snapshot(self, known_items: int, known_categories: int) -> ItemSnapshot:
         """All item rows plus ids and categories added since the given counts (consistent)."""
         pipe = self.client.pipeline(transaction=True)
+        pipe.get(keys.ITEM_EPOCH)
         pipe.get(keys.ITEM_VERSION)
         pipe.lrange(keys.ITEM_IDS, known_items, -1)
         pipe.lrange(keys.CATEGORIES, known_categories, -1)
         pipe.get(keys.ITEM_STATE)
-        version, ids, cats, state = await pipe.execute()
+        epoch, version, ids, cats, state = await pipe.execute()
         raw = np.frombuffer(state or b"", dtype="<f8").reshape(-1, ITEM_WIDTH)
         return ItemSnapshot(
+            epoch=(epoch or b"").decode(),
             version=int(version or 0),
             new_ids=[i.decode() for i in ids],
             new_categories=[c.decode() for c in cats],

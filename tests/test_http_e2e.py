@@ -69,14 +69,52 @@ async def test_explicit_candidates_are_the_only_ones_ranked(client: Client) -> N
     assert {i["source"] for i in body["items"]} == {"request"}
 
 
-async def test_excluded_and_purchased_items_never_come_back(client: Client, seeded: Redis) -> None:
-    purchased = {m.decode() for m in await seeded.smembers("{u:u1}:p")}
+async def test_excluded_items_never_come_back(client: Client) -> None:
     _, first = await _post(client, {"user_id": "u1", "n": 20})
     top = [i["item_id"] for i in first["items"]][:5]
     _, second = await _post(client, {"user_id": "u1", "n": 20, "exclude": top})
-    returned = {i["item_id"] for i in second["items"]}
-    assert not returned & set(top)
-    assert not returned & purchased
+    assert len(second["items"]) == 20
+    assert not {i["item_id"] for i in second["items"]} & set(top)
+
+
+async def test_purchased_items_never_come_back(client: Client, seeded: Redis) -> None:
+    buyer, bought = "", set()
+    for u in range(400):
+        bought = {m.decode() for m in await seeded.smembers(f"{{u:u{u}}}:p")}
+        if len(bought) >= 2:
+            buyer = f"u{u}"
+            break
+    assert buyer, "the small log has buyers"
+    # Even when asked to rank exactly their purchases plus one more item...
+    other = next(f"i{k}" for k in range(300) if f"i{k}" not in bought)
+    _, body = await _post(
+        client, {"user_id": buyer, "n": 10, "candidates": [*sorted(bought), other]}
+    )
+    assert [i["item_id"] for i in body["items"]] == [other]
+    # ...and in the generated list.
+    _, body = await _post(client, {"user_id": buyer, "n": 100})
+    assert not {i["item_id"] for i in body["items"]} & bought
+
+
+async def test_default_strategy_fills_n_despite_exclusions(
+    client: Client, small_data: SyntheticData
+) -> None:
+    cat = dict(zip(small_data.catalogue.item_ids, small_data.catalogue.categories, strict=True))
+    in_c3 = [i for i, c in cat.items() if c == "c3"]
+    _, body = await _post(
+        client,
+        {
+            "user_id": "new-user",
+            "n": len(in_c3),
+            "exclude": in_c3[:2],
+            "context": {"category": "c3"},
+        },
+    )
+    ids = [i["item_id"] for i in body["items"]]
+    assert len(ids) == len(in_c3) and len(set(ids)) == len(ids)
+    assert not set(ids) & set(in_c3[:2])
+    sources = [i["source"] for i in body["items"]]
+    assert sources == ["category_popular"] * (len(in_c3) - 2) + ["popular"] * 2
 
 
 async def test_get_form_matches_post(client: Client) -> None:
@@ -84,6 +122,8 @@ async def test_get_form_matches_post(client: Client) -> None:
     body = await resp.json()
     assert resp.status == 200 and len(body["items"]) == 4 and body["strategy"] == "model"
     assert "redis;dur=" in resp.headers["Server-Timing"]
+    _, posted = await _post(client, {"user_id": "u2", "n": 4})
+    assert [i["item_id"] for i in posted["items"]] == [i["item_id"] for i in body["items"]]
 
 
 @pytest.mark.parametrize(
@@ -99,6 +139,8 @@ async def test_get_form_matches_post(client: Client) -> None:
         ({"n": 3}, "user_id"),
         ({"user_id": "u1", "nn": 3}, "nn"),
         ({"user_id": "u1", "context": {"category": 5}}, "context.category"),
+        ({"user_id": "u1", "candidates": []}, "candidates"),
+        ({"user_id": "u1", "context": {"categori": "c1"}}, "context.categori"),
         ([1, 2], "body"),
     ],
 )
@@ -119,7 +161,22 @@ async def test_malformed_json_is_400(client: Client) -> None:
     assert body["error"] == {
         "code": "invalid_json",
         "field": "body",
-        "message": body["error"]["message"],
+        "message": "request body is not valid UTF-8 JSON",
+    }
+
+
+async def test_invalid_utf8_is_400_without_decoder_text(client: Client) -> None:
+    resp = await client.post(
+        "/v1/recommendations",
+        data=b'{"user_id": "\xff\xfe"}',
+        headers={"content-type": "application/json"},
+    )
+    body = await resp.json()
+    assert resp.status == 400
+    assert body["error"] == {
+        "code": "invalid_json",
+        "field": "body",
+        "message": "request body is not valid UTF-8 JSON",
     }
 
 
@@ -150,7 +207,8 @@ async def test_health_and_readiness(client: Client) -> None:
     assert (await client.get("/healthz")).status == 200
     resp = await client.get("/readyz")
     body = await resp.json()
-    assert resp.status == 200 and body["checks"] == {
+    assert resp.status == 200 and body["status"] == "ready"
+    assert body["checks"] == {
         "redis": True,
         "model": True,
         "default_strategy": True,
@@ -188,7 +246,11 @@ async def test_dead_redis_serves_default_from_memory(
                 assert body["strategy"] == "fallback"
                 assert body["fallback_reason"] == "feature_store_unavailable"
                 assert len(body["items"]) == 10
-            assert (await c.get("/readyz")).status == 503
+            # Still serving from memory: degraded, not out of rotation.
+            ready = await c.get("/readyz")
+            body = await ready.json()
+            assert ready.status == 200 and body["status"] == "degraded"
+            assert body["checks"]["redis"] is False
     finally:
         server.stop()
 

@@ -21,5 +21,6 @@ def test_item_keys_share_one_hash_tag() -> None:
         "{items}:catidx",
         "{items}:cats",
         "{items}:ver",
+        "{items}:epoch",
         "{items}:e:e9",
     ]

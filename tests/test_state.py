@@ -51,7 +51,14 @@ def test_user_state_does_not_depend_on_arrival_order() -> None:
     for c in a.category_affinity:
         assert a.category_affinity[c] == pytest.approx(b.category_affinity[c], rel=1e-9)
     assert a.purchased == b.purchased
-    assert (a.last_ts, a.n_events, a.price_n) == (b.last_ts, b.n_events, b.price_n)
+    assert a.recent == b.recent
+    assert (a.last_ts, a.last_purchase_ts, a.n_events, a.price_n) == (
+        b.last_ts,
+        b.last_purchase_ts,
+        b.n_events,
+        b.price_n,
+    )
+    assert a.price_sum == pytest.approx(b.price_sum, rel=1e-12)
 
 
 def test_item_state_does_not_depend_on_arrival_order() -> None:

@@ -51,8 +51,9 @@ def test_dataset_uses_only_the_past(small_data: SyntheticData) -> None:
     assert data.train.sizes and data.test.sizes
     x = data.train.matrix()
     since_last = x[:, FEATURE_NAMES.index("u_secs_since_last_event")]
-    # Point-in-time: the labelled event itself is not yet in the state.
-    assert np.nanmin(since_last) >= 0
+    # Point-in-time: the labelled event itself is not yet in the state, so the
+    # user's last event is strictly earlier (the log has no same-ms pairs per user).
+    assert np.nanmin(since_last) > 0
     assert data.train.label_vector().max() <= 4
     assert sum(data.test.sizes) == len(data.test.label_vector())
 
@@ -90,3 +91,24 @@ def test_registry_refuses_corrupt_model_file(model_dir: Path, tmp_path: Path) ->
     (broken / "model.txt").write_text("not a model")
     with pytest.raises(ModelRejected):
         models.load(broken)
+
+
+@pytest.mark.asyncio
+async def test_registry_poll_keeps_serving_through_bad_versions(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(model_dir, root)
+    [good] = models.versions(root, "ranker")
+    registry = models.ModelRegistry(root, "ranker")
+    registry.load_now()
+    assert registry.current is not None and registry.current.version == good.name
+    bad = root / "ranker" / "99990101T000000000"
+    bad.mkdir()
+    (bad / "meta.json").write_text("[]")
+    await registry.check()
+    assert registry.current.version == good.name
+    newer = root / "ranker" / "99990102T000000000"
+    shutil.copytree(good, newer)
+    await registry.check()
+    assert registry.current.version == newer.name

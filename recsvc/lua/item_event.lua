@@ -4,7 +4,9 @@
 -- 'event' mirrors features.state.ItemTable.apply_event; 'upsert' sets
 -- category and price. Returns one 1 (applied) or 0 (duplicate) per entry.
 -- KEYS: idx hash, ids list, state string, category idx hash, categories list,
---       version counter, then one dedupe key per entry (all in {items})
+--       version counter, epoch, then one dedupe key per entry (all in {items})
+-- The epoch is set when the first item is created, so a reader notices that
+-- the item keys were deleted and rebuilt even if the version came back equal.
 -- ARGV: dedupe_ttl, n_half_lives, half_life..., then per entry:
 --       mode, item, type, ts, category, price, dedupe (1/0)
 local dedupe_ttl = tonumber(ARGV[1])
@@ -39,6 +41,10 @@ local function row_of(item, cat, price)
   end
   i = redis.call('RPUSH', KEYS[2], item) - 1
   redis.call('HSET', KEYS[1], item, i)
+  if i == 0 then
+    local now = redis.call('TIME')
+    redis.call('SET', KEYS[7], now[1] .. '.' .. now[2])
+  end
   local row = {}
   for k = 1, width do row[k] = 0.0 end
   row[3] = price
@@ -59,7 +65,7 @@ for a = 3 + nh, #ARGV, 7 do
   local price = tonumber(ARGV[a + 5])
   local fresh = true
   if mode == 'event' and ARGV[a + 6] == '1' and dedupe_ttl > 0 then
-    fresh = redis.call('SET', KEYS[6 + ev], '1', 'NX', 'EX', dedupe_ttl) ~= false
+    fresh = redis.call('SET', KEYS[7 + ev], '1', 'NX', 'EX', dedupe_ttl) ~= false
   end
   if fresh then
     local row = row_of(item, cat, price)
