@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -166,12 +167,24 @@ SCHEMA_HASH = hashlib.sha256(
 ).hexdigest()[:16]
 
 
+def user_features(user: UserState, items: ItemTable, now: float) -> dict[str, float]:
+    """The user-only features by name (what a model sees for every candidate)."""
+    family = FAMILIES[0]
+    x = FeatureInput(user=user, items=items, candidates=np.zeros(0, np.int64), now=now)
+    return dict(zip(family.names, family.compute(x).tolist(), strict=True))
+
+
 def build_matrix(
-    user: UserState, items: ItemTable, candidates: np.ndarray, now: float
+    user: UserState,
+    items: ItemTable,
+    candidates: np.ndarray,
+    now: float,
+    dtype: type[np.floating[Any]] = np.float32,
 ) -> np.ndarray:
-    """Feature matrix (len(candidates), len(FEATURE_NAMES)) as float32 for the ranker."""
+    """Feature matrix (len(candidates), len(FEATURE_NAMES)): float32 for the ranker,
+    float64 where values are compared exactly (parity tests)."""
     x = FeatureInput(user=user, items=items, candidates=candidates, now=now)
-    out = np.empty((len(candidates), len(FEATURE_NAMES)), dtype=np.float32)
+    out = np.empty((len(candidates), len(FEATURE_NAMES)), dtype=dtype)
     col = 0
     for family in FAMILIES:
         block = family.compute(x)

@@ -7,7 +7,7 @@ validation cannot drift apart.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -22,11 +22,65 @@ Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH, pattern
 N = Annotated[int, msgspec.Meta(ge=1, le=MAX_N)]
 
 
+Label = Annotated[str, msgspec.Meta(max_length=64)]
+MAX_EVENTS = 1000
+
+
 class Context(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where the recommendation is shown; ``category`` steers the default strategy."""
 
     category: Id | None = None
-    page: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    page: Label | None = None
+    device: Label | None = None
+
+
+class EventIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One behaviour event from the frontend; ``event_id`` makes retries safe."""
+
+    event_id: Id
+    user_id: Id
+    item_id: Id
+    type: Literal["view", "click", "add_to_cart", "purchase"]
+    ts: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    request_id: Label | None = None
+    context: Context | None = None
+
+
+def _validation_error(exc: msgspec.ValidationError) -> InvalidRequest:
+    message = str(exc)
+    return InvalidRequest(message, field=_field_of(message))
+
+
+def decode_events(body: bytes) -> tuple[bool, list[EventIn | InvalidRequest]]:
+    """(is_batch, events) from one event or ``{"events": [...]}``.
+
+    A bad event in a batch becomes its InvalidRequest (the batch goes on); a bad
+    body, a bad single event or an oversized batch raises InvalidRequest.
+    """
+    doc = decode_json(body, Any)
+    if isinstance(doc, dict) and "events" in doc and len(doc) == 1:
+        items = doc["events"]
+        if not isinstance(items, list):
+            raise InvalidRequest("`events` must be an array", field="events")
+        if not 1 <= len(items) <= MAX_EVENTS:
+            raise InvalidRequest(f"`events` must hold 1 to {MAX_EVENTS} events", field="events")
+        out: list[EventIn | InvalidRequest] = []
+        for k, item in enumerate(items):
+            try:
+                out.append(msgspec.convert(item, EventIn))
+            except msgspec.ValidationError as exc:
+                err = _validation_error(exc)
+                err.field = f"events[{k}]" + ("" if err.field == "body" else f".{err.field}")
+                out.append(err)
+        return True, out
+    try:
+        return False, [msgspec.convert(doc, EventIn)]
+    except msgspec.ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+class UserRef(msgspec.Struct, frozen=True):
+    user_id: Id
 
 
 class RecommendRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from features.candidates import CandidateConfig
 from recsvc import appkeys
+from recsvc.ingest import Ingestor
 from recsvc.itemcache import ItemCache
 from recsvc.middleware import errors, inflight_limit
 from recsvc.models import ModelRegistry
@@ -23,11 +24,14 @@ log = logging.getLogger(__name__)
 
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
-    client = connect(app[appkeys.REDIS_URL], app[appkeys.SETTINGS])
+    settings = app[appkeys.SETTINGS]
+    client = connect(app[appkeys.REDIS_URL], settings)
+    writer = connect(app[appkeys.REDIS_URL], settings, writes=True)
     app[appkeys.REDIS] = client
-    app[appkeys.STORE] = FeatureStore(client, app[appkeys.SETTINGS])
+    app[appkeys.STORE] = FeatureStore(client, settings, writer)
     yield
     await client.aclose()
+    await writer.aclose()
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -64,6 +68,7 @@ async def _models_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _recommender_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
+    app[appkeys.INGESTOR] = Ingestor(app[appkeys.STORE], app[appkeys.ITEMS])
     app[appkeys.RECOMMENDER] = Recommender(
         app[appkeys.STORE],
         app[appkeys.ITEMS],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from redis.asyncio import Redis
 
+from recsvc.ingest import Ingestor
 from recsvc.itemcache import ItemCache
 from recsvc.models import ModelRegistry
 from recsvc.recommend import Recommender
@@ -18,3 +19,4 @@ STORE = web.AppKey("store", FeatureStore)
 ITEMS = web.AppKey("items", ItemCache)
 MODELS = web.AppKey("models", ModelRegistry)
 RECOMMENDER = web.AppKey("recommender", Recommender)
+INGESTOR = web.AppKey("ingestor", Ingestor)

@@ -9,7 +9,9 @@ import orjson
 from aiohttp import web
 
 from recsvc import appkeys
-from recsvc.api import RecommendRequest, convert_query, decode_json
+from recsvc.api import RecommendRequest, UserRef, convert_query, decode_events, decode_json
+from recsvc.errors import InvalidRequest
+from recsvc.online import user_feature_values
 from recsvc.recommend import Query
 
 
@@ -53,6 +55,23 @@ async def recommend_get(request: web.Request) -> web.Response:
     if "category" in params:
         params["context"] = {"category": params.pop("category")}
     return await _serve(request, convert_query(params, RecommendRequest))
+
+
+async def events_post(request: web.Request) -> web.Response:
+    """One event or ``{"events": [...]}``; a bad event in a batch is listed, not fatal."""
+    batch, events = decode_events(await request.read())
+    result = await request.app[appkeys.INGESTOR].ingest(events)
+    if not batch and result.rejected:  # a single event is valid or the request is bad
+        raise InvalidRequest(result.rejected[0]["error"], field=result.rejected[0]["field"])
+    return json_response(result.body())
+
+
+async def user_features_get(request: web.Request) -> web.Response:
+    ref = convert_query({"user_id": request.match_info["user_id"]}, UserRef)
+    body = await user_feature_values(
+        request.app[appkeys.STORE], request.app[appkeys.ITEMS], ref.user_id
+    )
+    return json_response(body)
 
 
 async def healthz(request: web.Request) -> web.Response:

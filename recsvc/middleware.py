@@ -9,7 +9,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from recsvc.errors import InvalidRequest, Overloaded, RecsvcError
+from recsvc.errors import InvalidRequest, Overloaded, RecsvcError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -18,6 +18,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ERROR_TABLE: dict[type[RecsvcError], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request"),
     Overloaded: (503, "overloaded"),
+    StoreUnavailable: (503, "feature_store_unavailable"),
 }
 HTTP_CODES = {
     404: "not_found",
@@ -60,6 +61,16 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Overloaded:
         return error_response(
             503, "overloaded", "too many requests in flight", headers={"Retry-After": "1"}
+        )
+    except StoreUnavailable as exc:
+        # Recommendations fall back instead; writes and feature reads get here.
+        # Event ids make a retried write safe.
+        log.warning("feature store unavailable: %s", exc.reason, exc_info=exc.__cause__)
+        return error_response(
+            503,
+            "feature_store_unavailable",
+            "the feature store is unavailable; retry",
+            headers={"Retry-After": "1"},
         )
     except RecsvcError as exc:
         status, code = _lookup(exc)

@@ -36,6 +36,8 @@ class Settings:
     # Redis turns into default answers, not slow ones (a loopback read is ~0.4 ms).
     redis_timeout_ms: float = 20.0
     redis_connect_timeout_ms: float = 100.0
+    # Event writes may wait longer than reads: a retry is the caller's, and costly.
+    redis_write_timeout_ms: float = 2000.0
     redis_pool_size: int = 32
     redis_pool_wait_ms: float = 20.0
     breaker_failures: int = 5
@@ -65,6 +67,7 @@ class Settings:
             ("default_n", 1 <= self.default_n <= 100),
             ("redis_timeout_ms", self.redis_timeout_ms > 0),
             ("redis_connect_timeout_ms", self.redis_connect_timeout_ms > 0),
+            ("redis_write_timeout_ms", self.redis_write_timeout_ms > 0),
             ("redis_pool_size", self.redis_pool_size >= 1),
             ("redis_pool_wait_ms", self.redis_pool_wait_ms >= 0),
             ("breaker_failures", self.breaker_failures >= 1),
@@ -104,6 +107,7 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     ("default_n", "items returned when a request gives no n"),
     ("redis_timeout_ms", "deadline for the request-path Redis read"),
     ("redis_connect_timeout_ms", "deadline for opening a Redis connection"),
+    ("redis_write_timeout_ms", "deadline for applying a batch of events"),
     ("redis_pool_size", "Redis connections per process"),
     ("redis_pool_wait_ms", "longest wait for a free pooled connection"),
     ("breaker_failures", "consecutive Redis failures that open the circuit"),

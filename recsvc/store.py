@@ -31,13 +31,20 @@ def _script(name: str) -> str:
     return resources.files("recsvc").joinpath("lua", name).read_text()
 
 
-def connect(url: str, settings: Settings) -> Redis:
-    """A client for the request path: short timeouts, bounded pool, no hidden retries."""
+def connect(url: str, settings: Settings, writes: bool = False) -> Redis:
+    """A client with a bounded pool and no hidden retries.
+
+    Reads wait briefly for a pooled connection (they fall back instead); the
+    separate write client waits up to the write deadline, so a burst of event
+    writes queues rather than failing, and never starves the reads.
+    """
+    wait_ms = settings.redis_write_timeout_ms if writes else settings.redis_pool_wait_ms
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=settings.redis_pool_size,
-        timeout=settings.redis_pool_wait_ms / 1000.0,
-        socket_timeout=settings.redis_timeout_ms / 1000.0 * 4,
+        timeout=wait_ms / 1000.0,
+        # Deadlines are set per call (asyncio.timeout); this only catches a dead peer.
+        socket_timeout=max(settings.redis_timeout_ms, settings.redis_write_timeout_ms) / 1000.0,
         socket_connect_timeout=settings.redis_connect_timeout_ms / 1000.0,
         retry=Retry(NoBackoff(), 0),
     )
@@ -135,14 +142,16 @@ def decode_user(
 class FeatureStore:
     """All reads and writes of behaviour state in Redis."""
 
-    def __init__(self, client: Redis, settings: Settings) -> None:
+    def __init__(self, client: Redis, settings: Settings, writer: Redis | None = None) -> None:
         self.client = client
+        self.writer = writer if writer is not None else client
         self.timeout = settings.redis_timeout_ms / 1000.0
+        self.write_timeout = settings.redis_write_timeout_ms / 1000.0
         self.dedupe_ttl = settings.event_dedupe_ttl_secs
         self.user_ttl = int(settings.user_ttl_days * 86400)
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_secs)
-        self._user_script = client.register_script(_script("user_event.lua"))
-        self._item_script = client.register_script(_script("item_event.lua"))
+        self._user_script = self.writer.register_script(_script("user_event.lua"))
+        self._item_script = self.writer.register_script(_script("item_event.lua"))
 
     async def fetch_user(self, user_id: str) -> UserState | None:
         """The user's state in one pipelined round trip; StoreUnavailable on any failure."""
@@ -176,7 +185,7 @@ class FeatureStore:
         ]
         for e in events:
             args += [
-                e.type,
+                int(e.type),  # redis-py would send an IntEnum as its repr
                 e.ts,
                 e.item_id,
                 e.category,
@@ -197,7 +206,7 @@ class FeatureStore:
             args += [
                 mode,
                 e.item_id,
-                e.type,
+                int(e.type),  # redis-py would send an IntEnum as its repr
                 e.ts,
                 e.category if upsert else "",
                 e.price if upsert else 0.0,
@@ -212,14 +221,18 @@ class FeatureStore:
         by_user: dict[str, list[int]] = {}
         for k, e in enumerate(events):
             by_user.setdefault(e.user_id, []).append(k)
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.writer.pipeline(transaction=False)
         for user_id, positions in by_user.items():
             ks, args = self._user_call(user_id, [events[k] for k in positions], dedupe)
             await self._user_script(keys=ks, args=args, client=pipe)
         for k in range(0, len(events), ITEM_CALL_MAX):
             ks, args = self._item_call("event", events[k : k + ITEM_CALL_MAX], dedupe)
             await self._item_script(keys=ks, args=args, client=pipe)
-        results = await pipe.execute()
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                results = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
         applied = [0] * len(events)
         for positions, flags in zip(by_user.values(), results, strict=False):
             for k, flag in zip(positions, flags, strict=True):

@@ -1,0 +1,72 @@
+"""Event ingestion (no HTTP here): validate times, attach item attributes, apply once."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from features.events import EVENT_BY_NAME
+from features.state import COL_CATEGORY, COL_PRICE
+from recsvc.api import EventIn
+from recsvc.errors import InvalidRequest
+from recsvc.itemcache import ItemCache
+from recsvc.store import EventWrite, FeatureStore
+
+# Clock skew we tolerate from the frontend; later "future" events are refused.
+MAX_FUTURE_SECS = 300.0
+
+
+@dataclass(slots=True)
+class IngestResult:
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+    def body(self) -> dict[str, Any]:
+        return {"accepted": self.accepted, "duplicates": self.duplicates, "rejected": self.rejected}
+
+
+class Ingestor:
+    """Applies validated events through the store's atomic, deduplicating scripts."""
+
+    def __init__(self, store: FeatureStore, items: ItemCache) -> None:
+        self.store = store
+        self.items = items
+
+    def _write(self, e: EventIn, now: float) -> EventWrite:
+        ts = now if e.ts is None else e.ts
+        if ts > now + MAX_FUTURE_SECS:
+            raise InvalidRequest(
+                f"ts {ts} is more than {MAX_FUTURE_SECS:.0f} s in the future", field="ts"
+            )
+        # Item attributes come from the item table, never from the client, so the
+        # online update sees what the offline replay sees (see EventWrite).
+        table = self.items.view.table
+        row = table.index.get(e.item_id)
+        category, price = "", 0.0
+        if row is not None:
+            c = int(table.raw[row, COL_CATEGORY])
+            category = table.categories[c] if c >= 0 else ""
+            price = float(table.raw[row, COL_PRICE])
+        return EventWrite(
+            e.user_id, e.item_id, EVENT_BY_NAME[e.type], ts, e.event_id, category, price
+        )
+
+    async def ingest(self, events: list[EventIn | InvalidRequest]) -> IngestResult:
+        """Apply the valid events in one round trip; StoreUnavailable if Redis fails."""
+        now = time.time()
+        result = IngestResult()
+        writes: list[EventWrite] = []
+        for k, e in enumerate(events):
+            try:
+                if isinstance(e, InvalidRequest):
+                    raise e
+                writes.append(self._write(e, now))
+            except InvalidRequest as err:
+                result.rejected.append({"index": k, "error": err.message, "field": err.field})
+        if writes:
+            applied = await self.store.apply_events(writes)
+            result.accepted = sum(applied)
+            result.duplicates = len(applied) - result.accepted
+        return result

@@ -1,0 +1,192 @@
+"""POST /v1/events end to end: validation, exactly-once, read-your-writes, parity."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+
+from features.events import EVENT_NAMES
+from features.replay import Replay
+from features.schema import build_matrix
+from features.synthetic import SyntheticData
+from recsvc.app import create_app
+from recsvc.settings import Settings
+from recsvc.store import FeatureStore, table_from_snapshot
+from tests.conftest import settings_for
+
+pytestmark = pytest.mark.asyncio
+Client = TestClient[Any, Any]
+
+
+def _event(
+    eid: str, user: str = "u1", item: str = "i1", kind: str = "view", **extra: Any
+) -> dict[str, Any]:
+    return {"event_id": eid, "user_id": user, "item_id": item, "type": kind, **extra}
+
+
+async def _features(client: Client, user: str) -> dict[str, Any]:
+    resp = await client.get(f"/v1/users/{user}/features")
+    assert resp.status == 200
+    return dict(await resp.json())
+
+
+async def test_single_event_and_batch_answers(client: Client) -> None:
+    resp = await client.post("/v1/events", json=_event("s1"))
+    assert resp.status == 200
+    assert await resp.json() == {"accepted": 1, "duplicates": 0, "rejected": []}
+    batch = {
+        "events": [
+            _event("b1"),
+            _event("b2", kind="zoom"),
+            _event("s1"),
+            7,
+            _event("b3", ts=time.time() + 3600),
+        ]
+    }
+    resp = await client.post("/v1/events", json=batch)
+    body = await resp.json()
+    assert resp.status == 200
+    assert (body["accepted"], body["duplicates"]) == (1, 1)
+    assert [(r["index"], r["field"]) for r in body["rejected"]] == [
+        (1, "events[1].type"),
+        (3, "events[3]"),
+        (4, "ts"),
+    ]
+    assert "future" in body["rejected"][2]["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (_event("x", kind="zoom"), "type"),
+        ({"user_id": "u1", "item_id": "i1", "type": "view"}, "event_id"),
+        (_event("x", ts=-5), "ts"),
+        (_event("x", user="bad id"), "user_id"),
+        ({"events": []}, "events"),
+        ({"events": [_event(f"e{k}") for k in range(1001)]}, "events"),
+        ({"events": "nope"}, "events"),
+    ],
+)
+async def test_bad_event_requests_are_400(client: Client, body: Any, field: str) -> None:
+    resp = await client.post("/v1/events", json=body)
+    assert resp.status == 400
+    assert (await resp.json())["error"]["field"] == field
+
+
+async def test_a_view_shows_in_the_next_feature_read(client: Client) -> None:
+    before = await _features(client, "fresh-user")
+    assert before["known"] is False and before["state_age_secs"] is None
+    assert before["features"]["u_secs_since_last_event"] is None  # missing, not 0
+    await client.post("/v1/events", json=_event("rw1", user="fresh-user", item="i5"))
+    after = await _features(client, "fresh-user")
+    assert after["known"] is True
+    assert after["features"]["u_cnt_view_1h"] == pytest.approx(1.0, rel=1e-3)
+    assert after["state_age_secs"] < 5
+
+
+async def test_purchase_removes_the_item_from_recommendations(client: Client) -> None:
+    rec = await (await client.post("/v1/recommendations", json={"user_id": "u1"})).json()
+    top = rec["items"][0]["item_id"]
+    resp = await client.post("/v1/events", json=_event("buy1", item=top, kind="purchase"))
+    assert (await resp.json())["accepted"] == 1
+    rec = await (await client.post("/v1/recommendations", json={"user_id": "u1", "n": 100})).json()
+    assert top not in {i["item_id"] for i in rec["items"]}
+
+
+async def test_same_event_100_times_concurrently_counts_once(client: Client) -> None:
+    before = (await _features(client, "u7"))["features"]["u_cnt_click_7d"]
+    event = _event("dup-1", user="u7", item="i9", kind="click")
+    answers = await asyncio.gather(*(client.post("/v1/events", json=event) for _ in range(100)))
+    bodies = [await a.json() for a in answers]
+    assert sum(b["accepted"] for b in bodies) == 1
+    assert sum(b["duplicates"] for b in bodies) == 99
+    after = (await _features(client, "u7"))["features"]["u_cnt_click_7d"]
+    assert after == pytest.approx(before + 1.0, abs=1e-6)
+
+
+async def test_unknown_item_gets_a_minimal_record(client: Client, seeded: Redis) -> None:
+    resp = await client.post("/v1/events", json=_event("new1", item="brand-new-item"))
+    assert (await resp.json())["accepted"] == 1
+    assert await seeded.hget("{items}:idx", "brand-new-item") is not None
+
+
+async def test_events_answer_503_when_redis_is_down(model_dir: Path) -> None:
+    app = create_app(settings_for(model_dir), "unix:///nonexistent/recsvc.sock")
+    async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+        resp = await c.post("/v1/events", json=_event("down1"))
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        assert (await resp.json())["error"]["code"] == "feature_store_unavailable"
+
+
+async def test_parity_through_http_with_duplicates_and_shuffled_arrival(
+    aredis: Redis, redis_url: str, small_data: SyntheticData, model_dir: Path
+) -> None:
+    """Random events, some sent twice, in shuffled batches through POST /v1/events;
+    the same unique events through the pure state: the same feature matrices."""
+    rng = random.Random(9)
+    catalogue = small_data.catalogue
+    store = FeatureStore(aredis, Settings())
+    await store.upsert_items(
+        list(zip(catalogue.item_ids, catalogue.categories, catalogue.prices.tolist(), strict=True))
+    )
+    now = time.time()
+    users = [f"p{k}" for k in range(25)]
+    items = [*catalogue.item_ids[:60], "unlisted-1", "unlisted-2"]
+    events = [
+        _event(
+            f"pe{k}",
+            user=rng.choice(users),
+            item=rng.choice(items),
+            kind=rng.choice(EVENT_NAMES),
+            ts=round(now - rng.uniform(0, 5 * 86400), 3),
+        )
+        for k in range(1500)
+    ]
+    sent = events + rng.sample(events, 300)  # duplicates, some in the same batch
+    rng.shuffle(sent)
+    app = create_app(settings_for(model_dir), redis_url)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+        answers = await asyncio.gather(
+            *(
+                c.post("/v1/events", json={"events": sent[k : k + 200]})
+                for k in range(0, len(sent), 200)
+            )
+        )
+        bodies = [await a.json() for a in answers]
+    assert sum(b["accepted"] for b in bodies) == len(events)
+    assert sum(b["duplicates"] for b in bodies) == 300
+
+    replay = Replay(catalogue)
+    for e in sorted(events, key=lambda e: e["event_id"]):  # yet another order
+        replay.apply(e["ts"], e["user_id"], e["item_id"], EVENT_NAMES.index(e["type"]))
+    table = table_from_snapshot(await store.item_snapshot(0, 0), None)
+    assert set(table.ids) == set(replay.items.ids)
+    at = now + 30.0
+    for user in users:
+        online = await store.fetch_user(user)
+        offline = replay.users.get(user)
+        if offline is None:
+            assert online is None
+            continue
+        assert online is not None
+        sample = rng.sample(items, 20)
+        online_m = build_matrix(
+            online, table, np.array([table.index[i] for i in sample]), at, dtype=np.float64
+        )
+        offline_m = build_matrix(
+            offline,
+            replay.items,
+            np.array([replay.items.index[i] for i in sample]),
+            at,
+            dtype=np.float64,
+        )
+        np.testing.assert_allclose(online_m, offline_m, rtol=1e-9, atol=1e-9)
