@@ -190,3 +190,29 @@ async def test_parity_through_http_with_duplicates_and_shuffled_arrival(
             dtype=np.float64,
         )
         np.testing.assert_allclose(online_m, offline_m, rtol=1e-9, atol=1e-9)
+
+
+async def test_purchase_burst_reaches_the_popular_list_within_the_refresh_bound(
+    client: Client,
+) -> None:
+    first = await (await client.post("/v1/recommendations", json={"user_id": "anon"})).json()
+    shown = {i["item_id"] for i in first["items"]}
+    target = next(f"i{k}" for k in range(299, 0, -1) if f"i{k}" not in shown)
+    burst = {
+        "events": [
+            _event(f"burst{k}", user=f"buyer{k}", item=target, kind="purchase") for k in range(60)
+        ]
+    }
+    assert (await (await client.post("/v1/events", json=burst)).json())["accepted"] == 60
+    refresh = 0.2  # settings_for(): RECSVC_ITEM_REFRESH_SECS for the tests
+    started = time.monotonic()
+    seen_after = None
+    while time.monotonic() - started < 5 * refresh + 1.0:
+        body = await (await client.post("/v1/recommendations", json={"user_id": "anon"})).json()
+        if body["items"][0]["item_id"] == target:
+            seen_after = time.monotonic() - started
+            break
+        await asyncio.sleep(0.02)
+    assert seen_after is not None, "the bought item never reached the popular list"
+    # One refresh period plus the refresh itself; slack for a shared, noisy machine.
+    assert seen_after <= refresh + 0.8
