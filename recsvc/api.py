@@ -83,6 +83,17 @@ class UserRef(msgspec.Struct, frozen=True):
     user_id: Id
 
 
+MAX_FEATURE_USERS = 100
+MAX_FEATURE_ITEMS = 100
+
+
+class FeaturesRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Online feature read: users' features, and user x item rows when items are given."""
+
+    user_ids: Annotated[list[Id], msgspec.Meta(min_length=1, max_length=MAX_FEATURE_USERS)]
+    item_ids: Annotated[list[Id], msgspec.Meta(max_length=MAX_FEATURE_ITEMS)] = []
+
+
 class RecommendRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     user_id: Id
     n: N | None = None

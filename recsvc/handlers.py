@@ -9,9 +9,16 @@ import orjson
 from aiohttp import web
 
 from recsvc import appkeys
-from recsvc.api import RecommendRequest, UserRef, convert_query, decode_events, decode_json
+from recsvc.api import (
+    FeaturesRequest,
+    RecommendRequest,
+    UserRef,
+    convert_query,
+    decode_events,
+    decode_json,
+)
 from recsvc.errors import InvalidRequest
-from recsvc.online import user_feature_values
+from recsvc.online import feature_values, user_feature_values
 from recsvc.recommend import Query
 
 
@@ -70,6 +77,14 @@ async def user_features_get(request: web.Request) -> web.Response:
     ref = convert_query({"user_id": request.match_info["user_id"]}, UserRef)
     body = await user_feature_values(
         request.app[appkeys.STORE], request.app[appkeys.ITEMS], ref.user_id
+    )
+    return json_response(body)
+
+
+async def features_post(request: web.Request) -> web.Response:
+    req = decode_json(await request.read(), FeaturesRequest)
+    body = await feature_values(
+        request.app[appkeys.STORE], request.app[appkeys.ITEMS], req.user_ids, req.item_ids
     )
     return json_response(body)
 

@@ -12,5 +12,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/recommendations", handlers.recommend_get)
     app.router.add_post("/v1/events", handlers.events_post)
     app.router.add_get("/v1/users/{user_id}/features", handlers.user_features_get)
+    app.router.add_post("/v1/features", handlers.features_post)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)

@@ -155,20 +155,25 @@ class FeatureStore:
 
     async def fetch_user(self, user_id: str) -> UserState | None:
         """The user's state in one pipelined round trip; StoreUnavailable on any failure."""
+        return (await self.fetch_users([user_id]))[0]
+
+    async def fetch_users(self, user_ids: Sequence[str]) -> list[UserState | None]:
+        """Several users' states in one pipelined round trip (None = unknown user)."""
         if not self.breaker.allow():
             raise StoreUnavailable("circuit_open")
         pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(keys.user_state(user_id))
-        pipe.zrevrange(keys.user_recent(user_id), 0, RECENT_MAX - 1, withscores=True)
-        pipe.smembers(keys.user_purchased(user_id))
+        for user_id in user_ids:
+            pipe.hgetall(keys.user_state(user_id))
+            pipe.zrevrange(keys.user_recent(user_id), 0, RECENT_MAX - 1, withscores=True)
+            pipe.smembers(keys.user_purchased(user_id))
         try:
             async with asyncio.timeout(self.timeout):
-                state, recent, purchased = await pipe.execute()
+                replies = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             self.breaker.failure()
             raise StoreUnavailable(type(exc).__name__) from exc
         self.breaker.success()
-        return decode_user(state, recent, purchased)
+        return [decode_user(*replies[k : k + 3]) for k in range(0, len(replies), 3)]
 
     def _user_call(
         self, user_id: str, events: Sequence[EventWrite], dedupe: bool

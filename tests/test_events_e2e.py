@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from features.events import EVENT_NAMES
 from features.replay import Replay
-from features.schema import build_matrix
+from features.schema import FEATURE_NAMES, build_matrix
 from features.synthetic import SyntheticData
 from recsvc.app import create_app
 from recsvc.settings import Settings
@@ -216,3 +216,31 @@ async def test_purchase_burst_reaches_the_popular_list_within_the_refresh_bound(
     assert seen_after is not None, "the bought item never reached the popular list"
     # One refresh period plus the refresh itself; slack for a shared, noisy machine.
     assert seen_after <= refresh + 0.8
+
+
+async def test_batch_feature_read_names_every_feature(client: Client, seeded: Redis) -> None:
+    recent = [m.decode() for m in await seeded.zrevrange("{u:u1}:r", 0, 0)]
+    resp = await client.post(
+        "/v1/features",
+        json={"user_ids": ["u1", "nobody"], "item_ids": [recent[0], "i2", "no-such-item"]},
+    )
+    body = await resp.json()
+    assert resp.status == 200
+    assert body["unknown_items"] == ["no-such-item"]
+    known, unknown = body["users"]
+    assert (known["known"], unknown["known"]) == (True, False)
+    assert [i["item_id"] for i in known["items"]] == [recent[0], "i2"]
+    row = known["items"][0]["features"]
+    assert list(row) == list(FEATURE_NAMES)
+    assert row["ui_recent_position"] == 0.0  # the user's newest item
+    assert known["items"][1]["features"]["i_price"] > 0
+    assert unknown["items"][0]["features"]["ui_category_share"] is None  # missing, not 0
+    # The single-user read serves the same user features (time-based ones move on).
+    single = (await _features(client, "u1"))["features"]
+    assert single.keys() == known["features"].keys()
+    assert single["u_cnt_view_7d"] == pytest.approx(known["features"]["u_cnt_view_7d"], rel=1e-4)
+
+
+async def test_batch_feature_read_limits(client: Client) -> None:
+    resp = await client.post("/v1/features", json={"user_ids": [f"u{k}" for k in range(101)]})
+    assert resp.status == 400 and (await resp.json())["error"]["field"] == "user_ids"
