@@ -40,6 +40,14 @@ class Ingestor:
             raise InvalidRequest(
                 f"ts {ts} is more than {MAX_FUTURE_SECS:.0f} s in the future", field="ts"
             )
+        if ts < now - self.store.dedupe_ttl:
+            # Older than the dedupe window: a retry could no longer be recognised.
+            raise InvalidRequest(
+                f"ts {ts} is older than the {self.store.dedupe_ttl} s deduplication window "
+                "(load history with `recsvc seed`)",
+                field="ts",
+            )
+        ts = min(ts, now)  # tolerated clock skew must not put state in the future
         # Item attributes come from the item table, never from the client, so the
         # online update sees what the offline replay sees (see EventWrite).
         table = self.items.view.table

@@ -31,11 +31,12 @@ ITEM_VERSION = f"{ITEM_TAG}:ver"
 ITEM_EPOCH = f"{ITEM_TAG}:epoch"
 
 
-def item_event_seen(event_id: str) -> str:
-    return f"{ITEM_TAG}:e:{event_id}"
+def item_event_seen(user_id: str, event_id: str) -> str:
+    """Scoped by user like the user-side key ('/' cannot occur in ids)."""
+    return f"{ITEM_TAG}:e:{user_id}/{event_id}"
 
 
-def item_keys(event_ids: list[str]) -> list[str]:
+def item_keys(events: list[tuple[str, str]]) -> list[str]:
     """KEYS of ``lua/item_event.lua``: the item slot's keys, then one dedupe key per entry."""
     return [
         ITEM_INDEX,
@@ -45,7 +46,7 @@ def item_keys(event_ids: list[str]) -> list[str]:
         CATEGORIES,
         ITEM_VERSION,
         ITEM_EPOCH,
-        *(item_event_seen(e) for e in event_ids),
+        *(item_event_seen(u, e) for u, e in events),
     ]
 
 

@@ -7,9 +7,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import numpy as np
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -54,6 +56,8 @@ def connect(url: str, settings: Settings, writes: bool = False) -> Redis:
 
 # Entries per item-script call: bounds how long one call holds Redis.
 ITEM_CALL_MAX = 2_000
+# User script calls per pipeline: bounds event-loop and Redis time per step.
+USERS_PER_PIPELINE = 100
 
 
 class CircuitBreaker:
@@ -202,7 +206,7 @@ class FeatureStore:
     def _item_call(
         self, mode: str, events: Sequence[EventWrite], dedupe: bool
     ) -> tuple[list[str], list[float | int | str]]:
-        ks = keys.item_keys([e.event_id for e in events])
+        ks = keys.item_keys([(e.user_id, e.event_id) for e in events])
         args: list[float | int | str] = [self.dedupe_ttl, len(HALF_LIVES), *HALF_LIVES]
         upsert = mode == "upsert"
         for e in events:
@@ -220,29 +224,40 @@ class FeatureStore:
         return ks, args
 
     async def apply_events(self, events: Sequence[EventWrite], dedupe: bool = True) -> list[int]:
-        """Apply events in one round trip: one atomic script call per user and one for
-        the item slot, each deduplicating by event id. Returns 1 (applied) or 0
-        (duplicate) per event, in order."""
+        """Apply events: one atomic script call per user and one per item chunk, each
+        deduplicating by event id. Returns 1 (applied) or 0 (duplicate) per event.
+
+        Users go in pipelines of USERS_PER_PIPELINE, so a batch of many users
+        neither stalls the event loop while encoding nor holds Redis in one go.
+        """
         by_user: dict[str, list[int]] = {}
         for k, e in enumerate(events):
             by_user.setdefault(e.user_id, []).append(k)
-        pipe = self.writer.pipeline(transaction=False)
-        for user_id, positions in by_user.items():
-            ks, args = self._user_call(user_id, [events[k] for k in positions], dedupe)
-            await self._user_script(keys=ks, args=args, client=pipe)
+        applied = [0] * len(events)
+        groups = list(by_user.items())
+        for start in range(0, len(groups), USERS_PER_PIPELINE):
+            chunk = groups[start : start + USERS_PER_PIPELINE]
+            pipe = self.writer.pipeline(transaction=False)
+            for user_id, positions in chunk:
+                ks, args = self._user_call(user_id, [events[k] for k in positions], dedupe)
+                await self._user_script(keys=ks, args=args, client=pipe)
+            results = await self._execute(pipe)
+            for (_, positions), flags in zip(chunk, results, strict=True):
+                for k, flag in zip(positions, flags, strict=True):
+                    applied[k] = int(flag)
         for k in range(0, len(events), ITEM_CALL_MAX):
+            pipe = self.writer.pipeline(transaction=False)
             ks, args = self._item_call("event", events[k : k + ITEM_CALL_MAX], dedupe)
             await self._item_script(keys=ks, args=args, client=pipe)
+            await self._execute(pipe)
+        return applied
+
+    async def _execute(self, pipe: Pipeline) -> list[Any]:
         try:
             async with asyncio.timeout(self.write_timeout):
-                results = await pipe.execute()
+                return list(await pipe.execute())
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
-        applied = [0] * len(events)
-        for positions, flags in zip(by_user.values(), results, strict=False):
-            for k, flag in zip(positions, flags, strict=True):
-                applied[k] = int(flag)
-        return applied
 
     async def upsert_items(self, items: Sequence[tuple[str, str, float]]) -> None:
         """Set (item_id, category, price) for catalogue items."""

@@ -147,7 +147,7 @@ async def test_parity_through_http_with_duplicates_and_shuffled_arrival(
             user=rng.choice(users),
             item=rng.choice(items),
             kind=rng.choice(EVENT_NAMES),
-            ts=round(now - rng.uniform(0, 5 * 86400), 3),
+            ts=round(now - rng.uniform(0, 20 * 3600), 3),
         )
         for k in range(1500)
     ]
@@ -244,3 +244,48 @@ async def test_batch_feature_read_names_every_feature(client: Client, seeded: Re
 async def test_batch_feature_read_limits(client: Client) -> None:
     resp = await client.post("/v1/features", json={"user_ids": [f"u{k}" for k in range(101)]})
     assert resp.status == 400 and (await resp.json())["error"]["field"] == "user_ids"
+
+
+async def test_one_event_id_for_two_users_counts_for_both(client: Client, seeded: Redis) -> None:
+    body = {
+        "events": [
+            _event("shared", user="ua", item="solo-item", kind="click"),
+            _event("shared", user="ub", item="solo-item", kind="click"),
+        ]
+    }
+    assert (await (await client.post("/v1/events", json=body)).json())["accepted"] == 2
+    after = (await FeatureStore(seeded, Settings()).item_snapshot(0, 0)).raw
+    row = int(await seeded.hget("{items}:idx", "solo-item"))
+    clicks_7d = 4 + 1 * 3 + 2  # COL_COUNTS + click row + 7-day half-life
+    assert after[row, clicks_7d] == pytest.approx(2.0)
+
+
+async def test_events_older_than_the_dedupe_window_are_refused(client: Client) -> None:
+    old = time.time() - 2 * 86400
+    resp = await client.post("/v1/events", json={"events": [_event("old1", ts=old)]})
+    body = await resp.json()
+    assert body["accepted"] == 0 and body["rejected"][0]["field"] == "ts"
+    assert "deduplication window" in body["rejected"][0]["error"]
+
+
+async def test_a_user_with_thousands_of_categories_loses_no_events(
+    aredis: Redis, redis_url: str, model_dir: Path
+) -> None:
+    """A huge state must not make the script fail after marking events as seen."""
+    store = FeatureStore(aredis, Settings())
+    await store.upsert_items([(f"k{c}", f"cat{c}", 1.0) for c in range(5000)])
+    app = create_app(settings_for(model_dir), redis_url)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+        for start in range(0, 5000, 1000):
+            batch = {
+                "events": [
+                    _event(f"wide{k}", user="wide", item=f"k{k}")
+                    for k in range(start, start + 1000)
+                ]
+            }
+            resp = await c.post("/v1/events", json=batch)
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["accepted"] == 1000
+    state = await store.fetch_user("wide")
+    assert state is not None and state.n_events == 5000
+    assert len(state.category_affinity) == 5000

@@ -14,7 +14,7 @@ def test_user_keys_share_one_hash_tag() -> None:
 
 
 def test_item_keys_share_one_hash_tag() -> None:
-    assert keys.item_keys(["e9"]) == [
+    assert keys.item_keys([("u1", "e9")]) == [
         "{items}:idx",
         "{items}:ids",
         "{items}:state",
@@ -22,5 +22,5 @@ def test_item_keys_share_one_hash_tag() -> None:
         "{items}:cats",
         "{items}:ver",
         "{items}:epoch",
-        "{items}:e:e9",
+        "{items}:e:u1/e9",
     ]

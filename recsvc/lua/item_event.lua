@@ -56,6 +56,7 @@ end
 
 local applied = {}
 local ev = 0
+local seen_now, dedupe_keys = {}, {}
 for a = 3 + nh, #ARGV, 7 do
   ev = ev + 1
   local mode, item = ARGV[a], ARGV[a + 1]
@@ -65,7 +66,13 @@ for a = 3 + nh, #ARGV, 7 do
   local price = tonumber(ARGV[a + 5])
   local fresh = true
   if mode == 'event' and ARGV[a + 6] == '1' and dedupe_ttl > 0 then
-    fresh = redis.call('SET', KEYS[7 + ev], '1', 'NX', 'EX', dedupe_ttl) ~= false
+    -- Checked now, set after the rows are written: an error never loses an event.
+    local dk = KEYS[7 + ev]
+    fresh = not seen_now[dk] and redis.call('EXISTS', dk) == 0
+    if fresh then
+      seen_now[dk] = true
+      dedupe_keys[#dedupe_keys + 1] = dk
+    end
   end
   if fresh then
     local row = row_of(item, cat, price)
@@ -98,4 +105,5 @@ for _, i in ipairs(order) do
   redis.call('SETRANGE', KEYS[3], i * width * 8, struct.pack(fmt, unpack(rows[i])))
 end
 if #order > 0 then redis.call('INCR', KEYS[6]) end
+for _, dk in ipairs(dedupe_keys) do redis.call('SET', dk, '1', 'EX', dedupe_ttl) end
 return applied

@@ -1,6 +1,8 @@
 -- Fold a batch of one user's events into their state; mirrors
 -- features.state.apply_user_event operation for operation, event by event.
 -- Returns one 1 (applied) or 0 (duplicate event id) per event.
+-- Reads and computes first, writes last (dedupe keys after the state), so a
+-- script error can never mark an event as seen without applying it.
 -- KEYS: state hash, recent zset, purchased set, then one dedupe key per event
 --       (all in the user's {u:<id>} slot)
 -- ARGV: dedupe_ttl, user_ttl, recent_max, category_half_life, n_half_lives,
@@ -37,6 +39,8 @@ for k = 0, nc - 1 do counts[k] = tonumber(s['c' .. k] or '0') end
 local applied = {}
 local changed = false
 local ev = 0
+local seen_now = {}
+local recent_adds, purchases, dedupe_keys = {}, {}, {}
 for a = first_event, #ARGV, 6 do
   ev = ev + 1
   local t = tonumber(ARGV[a])
@@ -45,7 +49,12 @@ for a = first_event, #ARGV, 6 do
   local price = tonumber(ARGV[a + 4])
   local fresh = true
   if ARGV[a + 5] == '1' and dedupe_ttl > 0 then
-    fresh = redis.call('SET', KEYS[3 + ev], '1', 'NX', 'EX', dedupe_ttl) ~= false
+    local dk = KEYS[3 + ev]
+    fresh = not seen_now[dk] and redis.call('EXISTS', dk) == 0
+    if fresh then
+      seen_now[dk] = true
+      dedupe_keys[#dedupe_keys + 1] = dk
+    end
   end
   if fresh then
     changed = true
@@ -69,15 +78,14 @@ for a = first_event, #ARGV, 6 do
     if ts > lt then lt = ts end
     if t == 3 then
       if ts > lp then lp = ts end
-      redis.call('SADD', p, item)
+      purchases[#purchases + 1] = item
     end
     if price > 0 then
       ps = ps + price
       pn = pn + 1
     end
     n = n + 1
-    redis.call('ZADD', r, 'GT', ts, item)
-    redis.call('ZREMRANGEBYRANK', r, 0, -(recent_max + 1))
+    recent_adds[#recent_adds + 1] = {ts, item}
     applied[ev] = 1
   else
     applied[ev] = 0
@@ -96,7 +104,17 @@ if changed then
     out[#out + 1] = 'a:' .. c
     out[#out + 1] = fmt(v)
   end
-  redis.call('HSET', h, unpack(out))
+  -- In bounded chunks: unpack() of an unbounded table can fail.
+  for j = 1, #out, 400 do
+    redis.call('HSET', h, unpack(out, j, math.min(j + 399, #out)))
+  end
+  -- Per event, in order, as features.state trims after each event.
+  for _, add in ipairs(recent_adds) do
+    redis.call('ZADD', r, 'GT', add[1], add[2])
+    redis.call('ZREMRANGEBYRANK', r, 0, -(recent_max + 1))
+  end
+  for _, item in ipairs(purchases) do redis.call('SADD', p, item) end
+  for _, dk in ipairs(dedupe_keys) do redis.call('SET', dk, '1', 'EX', dedupe_ttl) end
   if user_ttl > 0 then
     redis.call('EXPIRE', h, user_ttl)
     redis.call('EXPIRE', r, user_ttl)
