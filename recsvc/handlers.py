@@ -112,9 +112,11 @@ async def readyz(request: web.Request) -> web.Response:
         status = "degraded"
     else:
         status = "not_ready"
+    age = request.app[appkeys.ITEMS].age()
     body = {
         "status": status,
         "checks": checks,
+        "item_data_age_secs": round(age, 3) if age is not None else None,
         "model": {"name": model.name, "version": model.version} if model else None,
     }
     return json_response(body, status=503 if status == "not_ready" else 200)

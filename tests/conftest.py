@@ -108,12 +108,3 @@ async def client(
     app = create_app(settings_for(model_dir), redis_url)
     async with TestClient(TestServer(app, host="127.0.0.1")) as c:
         yield c
-
-
-def wait_for(predicate: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")

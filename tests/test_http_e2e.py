@@ -208,6 +208,7 @@ async def test_health_and_readiness(client: Client) -> None:
     resp = await client.get("/readyz")
     body = await resp.json()
     assert resp.status == 200 and body["status"] == "ready"
+    assert 0 <= body["item_data_age_secs"] < 5
     assert body["checks"] == {
         "redis": True,
         "model": True,
