@@ -14,11 +14,20 @@ from recsvc.errors import InvalidRequest, Overloaded, RecsvcError, StoreUnavaila
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Domain error class -> (status, code). Subclasses match their nearest entry.
-ERROR_TABLE: dict[type[RecsvcError], tuple[int, str]] = {
-    InvalidRequest: (400, "invalid_request"),
-    Overloaded: (503, "overloaded"),
-    StoreUnavailable: (503, "feature_store_unavailable"),
+# Domain error class -> (status, code, message for the client, Retry-After or None).
+# Subclasses match their nearest entry; InvalidRequest brings its own code,
+# message and field. Everything else is a 500 with no detail.
+ERROR_TABLE: dict[type[RecsvcError], tuple[int, str, str, str | None]] = {
+    InvalidRequest: (400, "invalid_request", "", None),
+    Overloaded: (503, "overloaded", "too many requests in flight", "1"),
+    # Recommendations fall back instead; writes and feature reads get here.
+    # Event ids make a retried write safe.
+    StoreUnavailable: (
+        503,
+        "feature_store_unavailable",
+        "the feature store is unavailable; retry",
+        "1",
+    ),
 }
 HTTP_CODES = {
     404: "not_found",
@@ -44,11 +53,11 @@ def error_response(
     )
 
 
-def _lookup(exc: RecsvcError) -> tuple[int, str]:
+def _lookup(exc: RecsvcError) -> tuple[int, str, str, str | None]:
     for cls in type(exc).__mro__:
         if cls in ERROR_TABLE:
             return ERROR_TABLE[cls]
-    return 500, "internal"
+    return 500, "internal", "internal error", None
 
 
 @web.middleware
@@ -56,26 +65,16 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Map every failure to the JSON error form; a client never sees a traceback."""
     try:
         return await handler(request)
-    except InvalidRequest as exc:
-        return error_response(400, exc.code, exc.message, exc.field)
-    except Overloaded:
-        return error_response(
-            503, "overloaded", "too many requests in flight", headers={"Retry-After": "1"}
-        )
-    except StoreUnavailable as exc:
-        # Recommendations fall back instead; writes and feature reads get here.
-        # Event ids make a retried write safe.
-        log.warning("feature store unavailable: %s", exc.reason, exc_info=exc.__cause__)
-        return error_response(
-            503,
-            "feature_store_unavailable",
-            "the feature store is unavailable; retry",
-            headers={"Retry-After": "1"},
-        )
     except RecsvcError as exc:
-        status, code = _lookup(exc)
-        log.error("unmapped domain error", exc_info=exc)
-        return error_response(status, code, "internal error")
+        status, code, message, retry_after = _lookup(exc)
+        headers = {"Retry-After": retry_after} if retry_after else None
+        if isinstance(exc, InvalidRequest):
+            return error_response(status, exc.code, exc.message, exc.field)
+        if isinstance(exc, StoreUnavailable):
+            log.warning("feature store unavailable: %s", exc.reason, exc_info=exc.__cause__)
+        elif status >= 500 and retry_after is None:
+            log.error("unmapped domain error", exc_info=exc)
+        return error_response(status, code, message, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
