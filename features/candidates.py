@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from features import covisit
 from features.popularity import PopularityIndex
 from features.state import ItemTable, UserState
 
-SOURCES: tuple[str, ...] = ("request", "recent", "category", "popular")
-SOURCE_REQUEST, SOURCE_RECENT, SOURCE_CATEGORY, SOURCE_POPULAR = range(4)
+SOURCES: tuple[str, ...] = ("request", "recent", "covisit", "category", "popular")
+SOURCE_REQUEST, SOURCE_RECENT, SOURCE_COVISIT, SOURCE_CATEGORY, SOURCE_POPULAR = range(5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,7 @@ class CandidateConfig:
     per_category: int = 60
     popular: int = 100
     recent: int = 20
+    covisit: int = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,14 +76,20 @@ def from_sources(
     popularity: PopularityIndex,
     config: CandidateConfig,
     exclude: np.ndarray,
+    now: float,
 ) -> Candidates:
-    """Recent items, top items of the user's top categories, then global popular."""
+    """Recent items, their co-visited neighbours, top items of the user's top
+    categories, then global popular."""
     parts: list[np.ndarray] = []
     sources: list[int] = []
     recent_ids = [item for item, _ in user.recent_newest_first()[: config.recent]]
     if recent_ids:
-        parts.append(ids_to_index(table, recent_ids))
+        recent = ids_to_index(table, recent_ids)
+        parts.append(recent)
         sources.append(SOURCE_RECENT)
+        if config.covisit and len(recent):
+            parts.append(covisit.aggregate(table, recent, now)[0][: config.covisit])
+            sources.append(SOURCE_COVISIT)
     for c in top_categories(user, table, config.top_categories):
         parts.append(popularity.for_category(c)[: config.per_category])
         sources.append(SOURCE_CATEGORY)

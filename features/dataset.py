@@ -105,7 +105,7 @@ def build(
             index = pop[0] = PopularityIndex.build(replay.items, ts)
         table = replay.items
         positive = table.ensure_item(item_id)
-        cand = from_sources(user, table, index, config.candidates, np.zeros(0, np.int64)).index
+        cand = from_sources(user, table, index, config.candidates, np.zeros(0, np.int64), ts).index
         found = bool(np.any(cand == positive))
         groups.generated_positive += int(found)
         others = cand[cand != positive]

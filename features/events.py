@@ -36,6 +36,21 @@ CATEGORY_WEIGHTS: tuple[float, ...] = (1.0, 2.0, 4.0, 6.0)
 # Newest items remembered per user (by event time).
 RECENT_MAX = 20
 
+# Co-visitation: two items are co-visited when one user interacted with both in
+# the same clock-hour bucket. Fixed buckets (rather than "within W seconds of each
+# other in arrival order") make the pair set independent of arrival order: a pair
+# is counted once, when the second of its two items reaches the bucket, whichever
+# that is. A pair's weight is taken at the bucket's start time.
+COVISIT_BUCKET_SECS = 3600.0
+# Distinct items per user and bucket that form pairs (a bot's burst stops pairing).
+COVISIT_BUCKET_ITEMS = 20
+# Neighbours kept per item, and the half-life of their decayed pair counts.
+COVISIT_NEIGHBOURS = 20
+COVISIT_HALF_LIFE = 7 * 86400.0
+# Buckets a user keeps (by event time before their newest event): at least the
+# oldest event the service accepts (the dedupe window) must still find its bucket.
+COVISIT_KEEP_SECS = 2 * 86400.0
+
 
 def counter_index(event_type: int, half_life_index: int) -> int:
     """Position of (type, half-life) in the flat counter vector."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.events import HALF_LIVES, N_HALF_LIVES, N_TYPES
-from features.state import COL_COUNTS, COL_REF, ItemTable
+from features.state import COL_COUNTS, COL_NBR_REF, COL_REF, ItemTable
 
 # Popularity = weighted decayed counts at the 1-day half-life: a purchase is
 # worth more than a view, but views dominate by volume.
@@ -22,7 +22,7 @@ def decayed_counts(table: ItemTable, rows: np.ndarray | slice, now: float) -> np
     raw = table.raw[rows]
     dt = np.maximum(now - raw[:, COL_REF], 0.0)
     factors = np.exp2(-dt[:, None] / np.asarray(HALF_LIVES)[None, :])
-    counts = raw[:, COL_COUNTS:].reshape(-1, N_TYPES, N_HALF_LIVES)
+    counts = raw[:, COL_COUNTS:COL_NBR_REF].reshape(-1, N_TYPES, N_HALF_LIVES)
     return np.asarray(counts * factors[:, None, :])
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from features.events import COVISIT_BUCKET_SECS
 from features.logs import Catalogue, EventLog
-from features.state import COL_PRICE, ItemTable, UserState, apply_user_event
+from features.state import COL_PRICE, ItemTable, UserState, apply_user_event, covisit_bucket
 
 
 class Replay:
@@ -32,8 +33,12 @@ class Replay:
         state = self.users.get(user_id)
         if state is None:
             state = self.users[user_id] = UserState()
-        apply_user_event(state, event_type, ts, item_id, category, price)
+        partners = apply_user_event(state, event_type, ts, item_id, category, price)
         self.items.apply_event(i, event_type, ts)
+        if partners:
+            # As the item script: partner rows (created bare when new), in order.
+            others = [self.items.ensure_item(p) for p in partners]
+            self.items.add_pairs(i, others, covisit_bucket(ts) * COVISIT_BUCKET_SECS)
 
     def run(
         self,

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from features import covisit
 from features.events import (
     CATEGORY_HALF_LIFE,
     EVENT_NAMES,
@@ -25,7 +26,7 @@ from features.events import (
 from features.popularity import decayed_counts
 from features.state import COL_CATEGORY, COL_FIRST_SEEN, COL_PRICE, ItemTable, UserState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _HL = np.asarray(HALF_LIVES)
 _COUNTER_SUFFIXES = [f"{t}_{h}" for t in EVENT_NAMES for h in HALF_LIFE_NAMES]
 # Beta priors for smoothed rates: a new user or item starts at the global-ish mean.
@@ -34,14 +35,33 @@ CVR_PRIOR, CVR_STRENGTH = 0.02, 20.0
 _WEEK = N_HALF_LIVES - 1
 
 
+# Context vocabularies: a value's position is its code; any other value is
+# "other" (the next code); absent is missing (NaN).
+DEVICES: tuple[str, ...] = ("desktop", "mobile", "tablet", "app")
+PAGES: tuple[str, ...] = ("home", "product", "category", "search", "cart", "checkout")
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Where the recommendation is shown, as the frontend states it (all optional)."""
+
+    device: str | None = None
+    page: str | None = None
+
+
+NO_CONTEXT = Context()
+
+
 @dataclass(frozen=True, slots=True)
 class FeatureInput:
-    """Everything a feature may read: fetched user state, item rows, candidates, time."""
+    """Everything a feature may read: fetched user state, item rows, candidates, time,
+    and the request's context."""
 
     user: UserState
     items: ItemTable
     candidates: np.ndarray
     now: float
+    context: Context = NO_CONTEXT
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +132,8 @@ def _user_item(x: FeatureInput) -> np.ndarray:
         log_ratio = np.where(price > 0, np.log(price / mean_price), np.nan)
     recent_pos = np.full(n, np.nan)
     since_item = np.full(n, np.nan)
+    covisit_all = np.full(n, np.nan)
+    covisit_last = np.full(n, np.nan)
     if u.recent:
         ordered = u.recent_newest_first()
         r_idx = np.asarray([items.index.get(i, -1) for i, _ in ordered], dtype=np.int64)
@@ -121,7 +143,26 @@ def _user_item(x: FeatureInput) -> np.ndarray:
         first_hit = match.argmax(axis=1)
         recent_pos = np.where(hit, first_hit, np.nan)
         since_item = np.where(hit, x.now - r_ts[first_hit], np.nan)
-    return np.column_stack([aff, share, log_ratio, recent_pos, since_item])
+        known = r_idx[r_idx >= 0]
+        if len(known):
+            covisit_all = covisit.scores_for(items, known, cand, x.now)
+            covisit_last = covisit.scores_for(items, known[:1], cand, x.now)
+    return np.column_stack(
+        [aff, share, log_ratio, recent_pos, since_item, covisit_all, covisit_last]
+    )
+
+
+def _code(value: str | None, vocabulary: tuple[str, ...]) -> float:
+    if value is None:
+        return np.nan
+    return float(vocabulary.index(value) if value in vocabulary else len(vocabulary))
+
+
+def _context(x: FeatureInput) -> np.ndarray:
+    hour = float(int(x.now % 86400.0 // 3600.0))  # UTC: the user's zone is unknown
+    return np.asarray(
+        [hour, _code(x.context.device, DEVICES), _code(x.context.page, PAGES)], dtype=np.float64
+    )
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -155,13 +196,25 @@ FAMILIES: tuple[Family, ...] = (
             "ui_log_price_ratio",
             "ui_recent_position",
             "ui_secs_since_item",
+            "ui_covisit",
+            "ui_covisit_last",
         ),
-        reads="user: category affinity, recent items, price; item: category, price",
+        reads=(
+            "user: category affinity, recent items, price; "
+            "item: category, price, co-visitation neighbours of the recent items"
+        ),
         compute=_user_item,
+    ),
+    Family(
+        names=("ctx_hour_utc", "ctx_device", "ctx_page"),
+        reads="request: time, context.device, context.page",
+        compute=_context,
     ),
 )
 
 FEATURE_NAMES: tuple[str, ...] = tuple(name for f in FAMILIES for name in f.names)
+# Codes without an order: LightGBM splits them as categories.
+CATEGORICAL_FEATURES: tuple[str, ...] = ("ctx_device", "ctx_page")
 SCHEMA_HASH = hashlib.sha256(
     f"v{SCHEMA_VERSION}:".encode() + "\n".join(FEATURE_NAMES).encode()
 ).hexdigest()[:16]
@@ -180,10 +233,11 @@ def build_matrix(
     candidates: np.ndarray,
     now: float,
     dtype: type[np.floating[Any]] = np.float32,
+    context: Context = NO_CONTEXT,
 ) -> np.ndarray:
     """Feature matrix (len(candidates), len(FEATURE_NAMES)): float32 for the ranker,
     float64 where values are compared exactly (parity tests)."""
-    x = FeatureInput(user=user, items=items, candidates=candidates, now=now)
+    x = FeatureInput(user=user, items=items, candidates=candidates, now=now, context=context)
     out = np.empty((len(candidates), len(FEATURE_NAMES)), dtype=dtype)
     col = 0
     for family in FAMILIES:

@@ -12,6 +12,7 @@ Redis and through this module gives the same numbers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,11 @@ import numpy as np
 from features.events import (
     CATEGORY_HALF_LIFE,
     CATEGORY_WEIGHTS,
+    COVISIT_BUCKET_ITEMS,
+    COVISIT_BUCKET_SECS,
+    COVISIT_HALF_LIFE,
+    COVISIT_KEEP_SECS,
+    COVISIT_NEIGHBOURS,
     HALF_LIVES,
     N_COUNTERS,
     N_HALF_LIVES,
@@ -33,7 +39,12 @@ COL_FIRST_SEEN = 1
 COL_PRICE = 2
 COL_CATEGORY = 3
 COL_COUNTS = 4
-ITEM_WIDTH = COL_COUNTS + N_COUNTERS
+# Co-visitation neighbours: a reference time, then COVISIT_NEIGHBOURS slots of
+# (item index + 1; 0 = empty) and as many decayed pair counts at that time.
+COL_NBR_REF = COL_COUNTS + N_COUNTERS
+COL_NBR = COL_NBR_REF + 1
+COL_NBR_SCORE = COL_NBR + COVISIT_NEIGHBOURS
+ITEM_WIDTH = COL_NBR_SCORE + COVISIT_NEIGHBOURS
 
 
 @dataclass(slots=True)
@@ -50,16 +61,52 @@ class UserState:
     price_sum: float = 0.0
     price_n: int = 0
     n_events: int = 0
+    # Co-visitation buckets (bucket -> items in it): written by the event path,
+    # never read by serving, so not part of what the store decodes or compares.
+    visits: dict[int, list[str]] = field(default_factory=dict, compare=False)
 
     def recent_newest_first(self) -> list[tuple[str, float]]:
         """Recent items, newest first (ties: larger id first, as Redis ZREVRANGE)."""
         return sorted(self.recent.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
 
 
+def covisit_bucket(ts: float) -> int:
+    """The co-visitation bucket of an event time (``math.floor`` as the Lua does)."""
+    return math.floor(ts / COVISIT_BUCKET_SECS)
+
+
+def visit_partners(s: UserState, item_id: str, ts: float) -> list[str]:
+    """Record (bucket, item) for a user; the items it pairs with (none when the item
+    was already in the bucket, or the bucket is full). Mirrors ``lua/user_event.lua``.
+
+    The set of pairs a user's events produce does not depend on arrival order:
+    each pair of distinct items in a bucket is produced once, by whichever of the
+    two arrives second (exact while a bucket holds at most COVISIT_BUCKET_ITEMS,
+    and for events at most COVISIT_KEEP_SECS older than the user's newest, which
+    the service guarantees by refusing events older than its dedupe window).
+    Expects ``s.last_ts`` to include this event already.
+    """
+    b = covisit_bucket(ts)
+    oldest = math.floor((s.last_ts - COVISIT_KEEP_SECS) / COVISIT_BUCKET_SECS)
+    if b < oldest:
+        return []
+    members = s.visits.setdefault(b, [])
+    if item_id in members or len(members) >= COVISIT_BUCKET_ITEMS:
+        return []
+    partners = sorted(members)  # canonical: the store sorts the Lua's answer alike
+    members.append(item_id)
+    for old in [k for k in s.visits if k < oldest]:
+        del s.visits[old]
+    return partners
+
+
 def apply_user_event(
     s: UserState, event_type: int, ts: float, item_id: str, category: str, price: float
-) -> None:
-    """Fold one event into a user's state (mirrored by ``lua/user_event.lua``)."""
+) -> list[str]:
+    """Fold one event into a user's state (mirrored by ``lua/user_event.lua``).
+
+    Returns the items this event forms co-visitation pairs with.
+    """
     if s.n_events == 0:
         s.ref = ts
     if ts > s.ref:
@@ -78,6 +125,7 @@ def apply_user_event(
         w = CATEGORY_WEIGHTS[event_type] * 2.0 ** (-(s.ref - ts) / CATEGORY_HALF_LIFE)
         s.category_affinity[category] = s.category_affinity.get(category, 0.0) + w
     s.last_ts = max(s.last_ts, ts)
+    partners = visit_partners(s, item_id, ts)
     if event_type == 3:
         s.last_purchase_ts = max(s.last_purchase_ts, ts)
         s.purchased.add(item_id)
@@ -92,6 +140,7 @@ def apply_user_event(
         ordered = sorted(s.recent.items(), key=lambda kv: (kv[1], kv[0]))
         for item, _ in ordered[: len(s.recent) - RECENT_MAX]:
             del s.recent[item]
+    return partners
 
 
 class ItemTable:
@@ -174,7 +223,7 @@ class ItemTable:
         """Fold one event into an item's popularity (mirrors ``lua/item_event.lua``)."""
         row = self._raw[item_index]
         ref = float(row[COL_REF])
-        counts = [float(v) for v in row[COL_COUNTS:]]
+        counts = [float(v) for v in row[COL_COUNTS:COL_NBR_REF]]
         if ts > ref:
             for h, hl in enumerate(HALF_LIVES):
                 f = 2.0 ** (-(ts - ref) / hl)
@@ -188,4 +237,41 @@ class ItemTable:
         first = float(row[COL_FIRST_SEEN])
         if first == 0.0 or ts < first:
             row[COL_FIRST_SEEN] = ts
-        row[COL_COUNTS:] = counts
+        row[COL_COUNTS:COL_NBR_REF] = counts
+
+    def add_neighbour(self, item_index: int, other: int, t: float) -> None:
+        """Count one co-visit of ``other`` with an item at time ``t`` (mirrors the Lua).
+
+        Below COVISIT_NEIGHBOURS neighbours the row is exact and order independent;
+        a full row replaces its weakest neighbour when the new pair outweighs it
+        (then which weak neighbours survive can depend on arrival order).
+        """
+        row = self._raw[item_index]
+        ref = float(row[COL_NBR_REF])
+        scores = [float(v) for v in row[COL_NBR_SCORE : COL_NBR_SCORE + COVISIT_NEIGHBOURS]]
+        if t > ref:
+            f = 2.0 ** (-(t - ref) / COVISIT_HALF_LIFE)
+            scores = [v * f for v in scores]
+            ref = t
+        w = 2.0 ** (-(ref - t) / COVISIT_HALF_LIFE)
+        slots = [int(v) for v in row[COL_NBR : COL_NBR + COVISIT_NEIGHBOURS]]
+        key = other + 1
+        if key in slots:
+            k = slots.index(key)
+            scores[k] = scores[k] + w
+        elif 0 in slots:
+            k = slots.index(0)
+            slots[k], scores[k] = key, w
+        else:
+            k = min(range(COVISIT_NEIGHBOURS), key=lambda j: (scores[j], slots[j]))
+            if w > scores[k]:
+                slots[k], scores[k] = key, w
+        row[COL_NBR_REF] = ref
+        row[COL_NBR : COL_NBR + COVISIT_NEIGHBOURS] = slots
+        row[COL_NBR_SCORE : COL_NBR_SCORE + COVISIT_NEIGHBOURS] = scores
+
+    def add_pairs(self, item_index: int, partners: list[int], t: float) -> None:
+        """One event's co-visits: both directions for each partner, in order."""
+        for p in partners:
+            self.add_neighbour(item_index, p, t)
+            self.add_neighbour(p, item_index, t)

@@ -1,10 +1,13 @@
 """Synthetic shop: a catalogue, users with latent tastes, and their behaviour log.
 
-Users prefer a few categories and a price level; they view items drawn from
-their categories by popularity and price fit, and go on to click, add to cart
-and purchase more often when the item fits. So a model that sees category
-affinity and price fit can beat ranking by popularity, as on a real shop.
-Deterministic for a seed; ``end_ts`` anchors the log in time.
+Users prefer a few categories and a price level. They browse in sessions: a
+few views minutes apart, the first drawn from one of their categories by
+popularity and price fit, most of the rest from the same small cluster of
+related items (a "style" within the category) as the first. They go on to
+click, add to cart and purchase more often when the item fits. So a model that
+sees category affinity, price fit and co-visitation can beat ranking by
+popularity, as on a real shop. Deterministic for a seed; ``end_ts`` anchors
+the log in time.
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ class SyntheticConfig:
     explore: float = 0.15
     # Items a user considers per view before picking by price fit.
     consideration: int = 8
+    # Views per browsing session (mean), seconds between them (mean), items per
+    # cluster of related items, and the share of later views in the first's cluster.
+    session_views: float = 3.0
+    session_gap_secs: float = 40.0
+    cluster_size: int = 8
+    session_focus: float = 0.7
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,32 +81,73 @@ def generate(config: SyntheticConfig, end_ts: float) -> SyntheticData:
     user_log_price = rng.normal(3.5, 0.7, size=n_u)
     price_tolerance = rng.uniform(0.3, 0.8, size=n_u)
 
-    # Views: every user at least one; activity is skewed (a few heavy users).
-    events_per_view = 1.38  # with the clicks, carts and purchases that follow (measured)
-    n_views = max(int(config.n_events / events_per_view), n_u)
-    activity = rng.pareto(2.0, size=n_u) + 0.2
-    extra = rng.choice(n_u, size=n_views - n_u, p=activity / activity.sum())
-    view_user = np.concatenate([np.arange(n_u), extra])
-    view_cat = _pick_rows(taste_cum[view_user], rng)
+    # Clusters of related items: consecutive blocks within each category.
+    local = np.arange(n_i) - cat_start[item_cat]
+    _, item_cluster = np.unique(item_cat * n_i + local // config.cluster_size, return_inverse=True)
+    n_cl = int(item_cluster.max()) + 1
+    cl_start = np.searchsorted(item_cluster, np.arange(n_cl), side="left")
+    cl_end = np.searchsorted(item_cluster, np.arange(n_cl), side="right")
 
-    # Consider a few popular items of the category, pick one by price fit.
-    lo, hi = pop_cum[cat_start[view_cat]], pop_cum[cat_end[view_cat]]
-    draws = lo[:, None] + rng.random((n_views, config.consideration)) * (hi - lo)[:, None]
-    considered = np.clip(np.searchsorted(pop_cum, draws, side="right") - 1, 0, n_i - 1)
-    gap = item_log_price[considered] - user_log_price[view_user][:, None]
-    fit = np.exp(-0.5 * (gap / price_tolerance[view_user][:, None]) ** 2)
-    choice = _pick_rows(np.cumsum(fit + 1e-3, axis=1), rng)
-    view_item = considered[np.arange(n_views), choice]
-    match = fit[np.arange(n_views), choice] * (0.4 + 0.6 * taste[view_user, view_cat] / taste.max())
+    # Sessions: every user at least one; activity is skewed (a few heavy users).
+    events_per_view = 1.38  # with the clicks, carts and purchases that follow (measured)
+    n_views_wanted = max(int(config.n_events / events_per_view), n_u)
+    n_sessions = max(int(n_views_wanted / config.session_views), n_u)
+    activity = rng.pareto(2.0, size=n_u) + 0.2
+    extra = rng.choice(n_u, size=n_sessions - n_u, p=activity / activity.sum())
+    session_user = np.concatenate([np.arange(n_u), extra])
+    session_cat = _pick_rows(taste_cum[session_user], rng)
+    length = rng.geometric(1.0 / config.session_views, size=n_sessions)
+    first = np.concatenate([[0], np.cumsum(length)[:-1]])
+    view_session = np.repeat(np.arange(n_sessions), length)
+    n_views = len(view_session)
+    position = np.arange(n_views) - first[view_session]
+    view_user = session_user[view_session]
+    view_cat = session_cat[view_session]
+
+    def pick(
+        views: np.ndarray, lo_item: np.ndarray, hi_item: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Consider a few popular items of [lo_item, hi_item), pick one by price fit."""
+        lo, hi = pop_cum[lo_item], pop_cum[hi_item]
+        draws = lo[:, None] + rng.random((len(views), config.consideration)) * (hi - lo)[:, None]
+        considered = np.clip(
+            np.searchsorted(pop_cum, draws, side="right") - 1,
+            lo_item[:, None],
+            hi_item[:, None] - 1,
+        )
+        gap = item_log_price[considered] - user_log_price[view_user[views]][:, None]
+        fit = np.exp(-0.5 * (gap / price_tolerance[view_user[views]][:, None]) ** 2)
+        choice = _pick_rows(np.cumsum(fit + 1e-3, axis=1), rng)
+        rows = np.arange(len(views))
+        return considered[rows, choice], fit[rows, choice]
+
+    # The session's first view sets its cluster; later views mostly stay in it.
+    view_item = np.zeros(n_views, dtype=np.int64)
+    view_fit = np.zeros(n_views)
+    anchors = np.flatnonzero(position == 0)
+    c = view_cat[anchors]
+    view_item[anchors], view_fit[anchors] = pick(anchors, cat_start[c], cat_end[c])
+    later = np.flatnonzero(position > 0)
+    anchor_cluster = item_cluster[view_item[first[view_session[later]]]]
+    focused = rng.random(len(later)) < config.session_focus
+    c = view_cat[later]
+    lo_item = np.where(focused, cl_start[anchor_cluster], cat_start[c])
+    hi_item = np.where(focused, cl_end[anchor_cluster], cat_end[c])
+    view_item[later], view_fit[later] = pick(later, lo_item, hi_item)
+    match = view_fit * (0.4 + 0.6 * taste[view_user, view_cat] / taste.max())
 
     # Funnel: a better match converts more often.
     clicked = rng.random(n_views) < 0.08 + 0.45 * match
     carted = clicked & (rng.random(n_views) < 0.10 + 0.40 * match)
     bought = carted & (rng.random(n_views) < 0.25 + 0.45 * match)
 
-    # Times: views spread over the window, follow-ups seconds to minutes later.
+    # Times: sessions spread over the window, views in a session ~a minute
+    # apart, follow-ups seconds to minutes after their view.
     span = config.days * 86400.0
-    t_view = end_ts - span + np.sort(rng.random(n_views)) * (span - 3600.0)
+    start = end_ts - span + rng.random(n_sessions) * (span - 3 * 3600.0)
+    gaps = np.where(position > 0, rng.exponential(config.session_gap_secs, n_views), 0.0)
+    elapsed = np.cumsum(gaps)
+    t_view = start[view_session] + np.minimum(elapsed - elapsed[first[view_session]], 3600.0)
     t_click = t_view + rng.exponential(20.0, n_views) + 1.0
     t_cart = t_click + rng.exponential(90.0, n_views) + 1.0
     t_buy = t_cart + rng.exponential(240.0, n_views) + 1.0

@@ -11,7 +11,7 @@ import numpy as np
 
 from features.dataset import Dataset, Groups
 from features.metrics import rank_of, summarize
-from features.schema import FEATURE_NAMES
+from features.schema import CATEGORICAL_FEATURES, FEATURE_NAMES
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +67,7 @@ def train(
         label=data.train.label_vector(),
         group=data.train.sizes,
         feature_name=list(FEATURE_NAMES),
+        categorical_feature=list(CATEGORICAL_FEATURES),
         free_raw_data=True,
     )
     callbacks = []

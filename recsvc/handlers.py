@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from features.schema import NO_CONTEXT, Context
 from recsvc import appkeys
 from recsvc.api import (
     FeaturesRequest,
@@ -43,6 +44,7 @@ async def _serve(request: web.Request, req: RecommendRequest) -> web.Response:
         candidates=req.candidates,
         exclude=req.exclude,
         category=req.context.category if req.context else None,
+        context=Context(req.context.device, req.context.page) if req.context else NO_CONTEXT,
     )
     result = await request.app[appkeys.RECOMMENDER].recommend(query)
     result.timer.mark("serialise")
@@ -59,8 +61,9 @@ async def recommend_get(request: web.Request) -> web.Response:
     for name in ("candidates", "exclude"):
         if name in params:
             params[name] = [v for v in request.query.getall(name) for v in v.split(",") if v]
-    if "category" in params:
-        params["context"] = {"category": params.pop("category")}
+    context = {k: params.pop(k) for k in ("category", "device", "page") if k in params}
+    if context:
+        params["context"] = context
     return await _serve(request, convert_query(params, RecommendRequest))
 
 

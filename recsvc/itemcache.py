@@ -39,8 +39,9 @@ def _build(snap: ItemSnapshot | None, previous: ItemView, now: float) -> ItemVie
     if snap is None:
         table, epoch, version = previous.table, previous.epoch, previous.version
     else:
-        base = previous.table if snap.epoch == previous.epoch and previous.version >= 0 else None
-        table, epoch, version = table_from_snapshot(snap, base), snap.epoch, snap.version
+        same = snap.epoch == previous.epoch and previous.version >= 0
+        table = table_from_snapshot(snap, previous.table if same else None)
+        epoch, version = snap.epoch, snap.version
     return ItemView(table, PopularityIndex.build(table, now), epoch, version)
 
 
@@ -60,19 +61,22 @@ class ItemCache:
         return None if self.refreshed_at is None else time.monotonic() - self.refreshed_at
 
     async def refresh(self) -> None:
-        """Copy item rows when they changed, rebuild popularity (decay moves it anyway).
+        """Copy the item rows changed since the last refresh, rebuild popularity
+        (decay moves it anyway).
 
         A changed epoch means the item keys were rebuilt: reload everything.
         The numpy work runs in a worker thread so requests keep flowing.
         """
         current = self.view
-        epoch, version = await self.store.item_version()
-        snap = None
-        if (epoch, version) != (current.epoch, current.version):
-            same_epoch = epoch == current.epoch and current.version >= 0
-            known = current.table.n if same_epoch else 0
-            cats = len(current.table.categories) if same_epoch else 0
-            snap = await self.store.item_snapshot(known, cats)
+        known = current.version >= 0
+        snap: ItemSnapshot | None = await self.store.item_snapshot(
+            current.table.n if known else 0,
+            len(current.table.categories) if known else 0,
+            current.version if known else -1,
+            current.epoch if known else "",
+        )
+        if known and snap and (snap.epoch, snap.version) == (current.epoch, current.version):
+            snap = None  # nothing changed: keep the table, re-rank for decay
         self.view = await asyncio.to_thread(_build, snap, current, time.time())
         self.refreshed_at = time.monotonic()
 

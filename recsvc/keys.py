@@ -18,6 +18,11 @@ def user_purchased(user_id: str) -> str:
     return f"{{u:{user_id}}}:p"
 
 
+def user_visits(user_id: str) -> str:
+    """Co-visitation buckets: members '<bucket>|<item>' scored by bucket."""
+    return f"{{u:{user_id}}}:v"
+
+
 def user_event_seen(user_id: str, event_id: str) -> str:
     return f"{{u:{user_id}}}:e:{event_id}"
 
@@ -29,6 +34,8 @@ CATEGORY_INDEX = f"{ITEM_TAG}:catidx"
 CATEGORIES = f"{ITEM_TAG}:cats"
 ITEM_VERSION = f"{ITEM_TAG}:ver"
 ITEM_EPOCH = f"{ITEM_TAG}:epoch"
+# Item index -> the version that last changed its row (incremental refresh).
+ITEM_DIRTY = f"{ITEM_TAG}:dirty"
 
 
 def item_event_seen(user_id: str, event_id: str) -> str:
@@ -46,6 +53,7 @@ def item_keys(events: list[tuple[str, str]]) -> list[str]:
         CATEGORIES,
         ITEM_VERSION,
         ITEM_EPOCH,
+        ITEM_DIRTY,
         *(item_event_seen(u, e) for u, e in events),
     ]
 
@@ -56,5 +64,11 @@ def user_keys(user_id: str, event_ids: list[str]) -> list[str]:
         user_state(user_id),
         user_recent(user_id),
         user_purchased(user_id),
+        user_visits(user_id),
         *(user_event_seen(user_id, e) for e in event_ids),
     ]
+
+
+def item_read_keys() -> list[str]:
+    """KEYS of ``lua/item_read.lua``."""
+    return [ITEM_EPOCH, ITEM_VERSION, ITEM_IDS, CATEGORIES, ITEM_STATE, ITEM_DIRTY]

@@ -15,7 +15,7 @@ import numpy as np
 
 from features import candidates as cands
 from features.candidates import CandidateConfig, Candidates
-from features.schema import build_matrix
+from features.schema import NO_CONTEXT, Context, build_matrix
 from features.state import ItemTable, UserState
 from recsvc.errors import StoreUnavailable
 from recsvc.itemcache import ItemCache, ItemView
@@ -42,6 +42,7 @@ class Query:
     candidates: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     category: str | None = None
+    context: Context = NO_CONTEXT
 
 
 @dataclass(slots=True)
@@ -114,12 +115,13 @@ class Recommender:
             return self._fallback(q, user, MODEL_UNAVAILABLE, timer)
         # From here on nothing awaits: one consistent item view for the request.
         view = self.items.view
-        candidates = self._candidates(q, user, view)
+        now = time.time()
+        candidates = self._candidates(q, user, view, now)
         timer.mark("candidates")
         if len(candidates) == 0:
             return self._fallback(q, user, NO_CANDIDATES, timer)
         try:
-            matrix = build_matrix(user, view.table, candidates.index, time.time())
+            matrix = build_matrix(user, view.table, candidates.index, now, context=q.context)
             timer.mark("features")
             scores = model.predict(matrix)
         except Exception:  # a broken model or feature must not break the answer
@@ -131,11 +133,11 @@ class Recommender:
         items = _items(view.table, candidates.index[best], scores[best], sources)
         return Result(q.request_id, q.user_id, items, "model", None, _model_ref(model), timer)
 
-    def _candidates(self, q: Query, user: UserState, view: ItemView) -> Candidates:
+    def _candidates(self, q: Query, user: UserState, view: ItemView, now: float) -> Candidates:
         exclude = cands.ids_to_index(view.table, q.exclude)
         if q.candidates is not None:
             return cands.from_request(user, view.table, q.candidates, exclude, len(q.candidates))
-        return cands.from_sources(user, view.table, view.popularity, self.config, exclude)
+        return cands.from_sources(user, view.table, view.popularity, self.config, exclude, now)
 
     def _fallback(self, q: Query, user: UserState | None, reason: str, timer: StageTimer) -> Result:
         """Default strategy: the most popular items (of the context category first when given).

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from features.events import COVISIT_BUCKET_SECS, COVISIT_KEEP_SECS
+
 
 class SettingsError(ValueError):
     """A setting has a value that cannot be used; the message names the variable."""
@@ -74,7 +76,12 @@ class Settings:
             ("breaker_reset_secs", self.breaker_reset_secs > 0),
             ("item_refresh_secs", self.item_refresh_secs > 0),
             ("model_poll_secs", self.model_poll_secs > 0),
-            ("event_dedupe_ttl_secs", self.event_dedupe_ttl_secs >= 1),
+            # Events as old as the dedupe window must still find their
+            # co-visitation bucket, which users keep for COVISIT_KEEP_SECS.
+            (
+                "event_dedupe_ttl_secs",
+                1 <= self.event_dedupe_ttl_secs <= COVISIT_KEEP_SECS - COVISIT_BUCKET_SECS,
+            ),
             ("user_ttl_days", self.user_ttl_days >= 0),
             ("max_body_bytes", self.max_body_bytes >= 1024),
             ("max_inflight", self.max_inflight >= 1),
@@ -113,7 +120,11 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     ("breaker_failures", "consecutive Redis failures that open the circuit"),
     ("breaker_reset_secs", "how long the circuit stays open before a trial request"),
     ("item_refresh_secs", "freshness bound of the in-process item data"),
-    ("event_dedupe_ttl_secs", "how long an event id is remembered for deduplication"),
+    (
+        "event_dedupe_ttl_secs",
+        "how long an event id is remembered for deduplication (at most 169200: older "
+        "events are refused)",
+    ),
     ("user_ttl_days", "idle time after which a user's state expires; 0 = never"),
     ("max_body_bytes", "largest request body (413 above)"),
     ("max_inflight", "requests in flight before answering 503"),

@@ -19,11 +19,16 @@ from redis.exceptions import RedisError
 from features.events import (
     CATEGORY_HALF_LIFE,
     CATEGORY_WEIGHTS,
+    COVISIT_BUCKET_ITEMS,
+    COVISIT_BUCKET_SECS,
+    COVISIT_HALF_LIFE,
+    COVISIT_KEEP_SECS,
+    COVISIT_NEIGHBOURS,
     HALF_LIVES,
     N_COUNTERS,
     RECENT_MAX,
 )
-from features.state import ITEM_WIDTH, ItemTable, UserState
+from features.state import ITEM_WIDTH, ItemTable, UserState, covisit_bucket
 from recsvc import keys
 from recsvc.errors import StoreUnavailable
 from recsvc.settings import Settings
@@ -58,6 +63,10 @@ def connect(url: str, settings: Settings, writes: bool = False) -> Redis:
 ITEM_CALL_MAX = 2_000
 # User script calls per pipeline: bounds event-loop and Redis time per step.
 USERS_PER_PIPELINE = 100
+# An incremental item refresh sends at most this many changed rows; beyond it,
+# the whole state string (one GET is cheaper than many GETRANGEs).
+DELTA_MAX_ROWS = 20_000
+_ROW_BYTES = ITEM_WIDTH * 8
 
 
 class CircuitBreaker:
@@ -114,11 +123,15 @@ class EventWrite:
 
 @dataclass(frozen=True, slots=True)
 class ItemSnapshot:
+    """Item data read at one version: all rows (``changed`` None) or only the rows
+    at the ``changed`` indices since the reader's version."""
+
     epoch: str
     version: int
     new_ids: list[str]
     new_categories: list[str]
     raw: np.ndarray
+    changed: np.ndarray | None = None
 
 
 def decode_user(
@@ -156,6 +169,7 @@ class FeatureStore:
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_secs)
         self._user_script = self.writer.register_script(_script("user_event.lua"))
         self._item_script = self.writer.register_script(_script("item_event.lua"))
+        self._read_script = self.client.register_script(_script("item_read.lua"))
 
     async def fetch_user(self, user_id: str) -> UserState | None:
         """The user's state in one pipelined round trip; StoreUnavailable on any failure."""
@@ -181,13 +195,16 @@ class FeatureStore:
 
     def _user_call(
         self, user_id: str, events: Sequence[EventWrite], dedupe: bool
-    ) -> tuple[list[str], list[float | int | str]]:
+    ) -> tuple[list[str], list[float | int | str | bytes]]:
         ks = keys.user_keys(user_id, [e.event_id for e in events])
-        args: list[float | int | str] = [
+        args: list[float | int | str | bytes] = [
             self.dedupe_ttl,
             self.user_ttl,
             RECENT_MAX,
             CATEGORY_HALF_LIFE,
+            COVISIT_BUCKET_SECS,
+            COVISIT_BUCKET_ITEMS,
+            COVISIT_KEEP_SECS,
             len(HALF_LIVES),
             *HALF_LIVES,
             *CATEGORY_WEIGHTS,
@@ -204,14 +221,25 @@ class FeatureStore:
         return ks, args
 
     def _item_call(
-        self, mode: str, events: Sequence[EventWrite], dedupe: bool
-    ) -> tuple[list[str], list[float | int | str]]:
+        self,
+        mode: str,
+        events: Sequence[EventWrite],
+        dedupe: bool,
+        partners: Sequence[list[bytes]] | None = None,
+    ) -> tuple[list[str], list[float | int | str | bytes]]:
         ks = keys.item_keys([(e.user_id, e.event_id) for e in events])
-        args: list[float | int | str] = [self.dedupe_ttl, len(HALF_LIVES), *HALF_LIVES]
+        args: list[float | int | str | bytes] = [
+            self.dedupe_ttl,
+            len(HALF_LIVES),
+            *HALF_LIVES,
+            COVISIT_NEIGHBOURS,
+            COVISIT_HALF_LIFE,
+        ]
         upsert = mode == "upsert"
-        for e in events:
+        for k, e in enumerate(events):
             # Only the catalogue sets item attributes; an event on an unknown item
             # creates a bare record, as features.state.ItemTable.ensure_item does.
+            pairs = partners[k] if partners is not None else []
             args += [
                 mode,
                 e.item_id,
@@ -220,6 +248,9 @@ class FeatureStore:
                 e.category if upsert else "",
                 e.price if upsert else 0.0,
                 1 if dedupe and e.event_id else 0,
+                covisit_bucket(e.ts) * COVISIT_BUCKET_SECS,
+                len(pairs),
+                *pairs,
             ]
         return ks, args
 
@@ -234,6 +265,10 @@ class FeatureStore:
         for k, e in enumerate(events):
             by_user.setdefault(e.user_id, []).append(k)
         applied = [0] * len(events)
+        # Co-visitation partners per event, from the user side; a duplicate comes
+        # back with its stored partners, so the item side (deduplicated on its own)
+        # still gets them when an earlier attempt was cut off between the two.
+        partners: list[list[bytes]] = [[] for _ in events]
         groups = list(by_user.items())
         for start in range(0, len(groups), USERS_PER_PIPELINE):
             chunk = groups[start : start + USERS_PER_PIPELINE]
@@ -242,12 +277,16 @@ class FeatureStore:
                 ks, args = self._user_call(user_id, [events[k] for k in positions], dedupe)
                 await self._user_script(keys=ks, args=args, client=pipe)
             results = await self._execute(pipe)
-            for (_, positions), flags in zip(chunk, results, strict=True):
-                for k, flag in zip(positions, flags, strict=True):
-                    applied[k] = int(flag)
+            for (_, positions), answers in zip(chunk, results, strict=True):
+                for k, answer in zip(positions, answers, strict=True):
+                    applied[k] = int(answer[0])
+                    # Sorted (bytes order = the pure side's str order): which
+                    # neighbour a full row keeps can depend on the order.
+                    partners[k] = sorted(answer[1:])
         for k in range(0, len(events), ITEM_CALL_MAX):
             pipe = self.writer.pipeline(transaction=False)
-            ks, args = self._item_call("event", events[k : k + ITEM_CALL_MAX], dedupe)
+            part = slice(k, k + ITEM_CALL_MAX)
+            ks, args = self._item_call("event", events[part], dedupe, partners[part])
             await self._item_script(keys=ks, args=args, client=pipe)
             await self._execute(pipe)
         return applied
@@ -268,27 +307,35 @@ class FeatureStore:
         ks, args = self._item_call("upsert", rows, False)
         await self._item_script(keys=ks, args=args)
 
-    async def item_version(self) -> tuple[str, int]:
-        """(epoch, version) of the item data: cheap to poll, changes with every write."""
-        epoch, version = await self.client.mget(keys.ITEM_EPOCH, keys.ITEM_VERSION)
-        return (epoch.decode() if isinstance(epoch, bytes) else ""), int(version or 0)
-
-    async def item_snapshot(self, known_items: int, known_categories: int) -> ItemSnapshot:
-        """All item rows plus ids and categories added since the given counts (consistent)."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.get(keys.ITEM_EPOCH)
-        pipe.get(keys.ITEM_VERSION)
-        pipe.lrange(keys.ITEM_IDS, known_items, -1)
-        pipe.lrange(keys.CATEGORIES, known_categories, -1)
-        pipe.get(keys.ITEM_STATE)
-        epoch, version, ids, cats, state = await pipe.execute()
-        raw = np.frombuffer(state or b"", dtype="<f8").reshape(-1, ITEM_WIDTH)
+    async def item_snapshot(
+        self,
+        known_items: int = 0,
+        known_categories: int = 0,
+        since_version: int = -1,
+        epoch: str = "",
+    ) -> ItemSnapshot:
+        """Ids and categories added since the given counts, and the item rows: all of
+        them, or (``since_version`` >= 0) only those changed after that version.
+        One atomic script call, so everything is from one version. When the keys'
+        epoch is not ``epoch`` (rebuilt since), everything is sent."""
+        args: list[int | str] = [
+            since_version,
+            known_items,
+            known_categories,
+            _ROW_BYTES,
+            DELTA_MAX_ROWS,
+            epoch,
+        ]
+        reply = await self._read_script(keys=keys.item_read_keys(), args=args)
+        read_epoch, version, ids, cats, mode, changed, rows = reply
+        raw = np.frombuffer(rows or b"", dtype="<f8").reshape(-1, ITEM_WIDTH).copy()
         return ItemSnapshot(
-            epoch=(epoch or b"").decode(),
-            version=int(version or 0),
+            epoch=read_epoch.decode(),
+            version=int(version),
             new_ids=[i.decode() for i in ids],
             new_categories=[c.decode() for c in cats],
-            raw=raw.copy(),
+            raw=raw,
+            changed=np.asarray([int(i) for i in changed], np.int64) if mode == b"delta" else None,
         )
 
     async def ping(self) -> bool:
@@ -302,11 +349,19 @@ class FeatureStore:
 def table_from_snapshot(snapshot: ItemSnapshot, previous: ItemTable | None) -> ItemTable:
     """An ItemTable over the snapshot rows, sharing the previous vocabulary when unchanged.
 
-    Vocabularies are copied, never mutated, when items are added: a request may
-    still hold the previous table.
+    Rows, and vocabularies when items are added, are copied, never mutated: a
+    request may still hold the previous table. A delta snapshot needs the
+    previous table it was read against.
     """
     if previous is None:
+        if snapshot.changed is not None:
+            raise ValueError("a delta snapshot needs the table it was read against")
         return ItemTable(snapshot.new_ids, snapshot.new_categories, snapshot.raw)
+    raw = snapshot.raw
+    if snapshot.changed is not None:
+        raw = np.zeros((previous.n + len(snapshot.new_ids), ITEM_WIDTH))
+        raw[: previous.n] = previous.raw
+        raw[snapshot.changed] = snapshot.raw
     index, category_index = previous.index, previous.category_index
     ids, cats = previous.ids, previous.categories
     if snapshot.new_ids:
@@ -318,4 +373,4 @@ def table_from_snapshot(snapshot: ItemSnapshot, previous: ItemTable | None) -> I
         category_index = dict(category_index)
         base = len(previous.categories)
         category_index.update((c, base + k) for k, c in enumerate(snapshot.new_categories))
-    return ItemTable(ids, cats, snapshot.raw, index=index, category_index=category_index)
+    return ItemTable(ids, cats, raw, index=index, category_index=category_index)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from pathlib import Path
@@ -13,9 +14,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
-from features.events import EVENT_NAMES
+from features.events import COVISIT_BUCKET_SECS, COVISIT_NEIGHBOURS, EVENT_NAMES
 from features.replay import Replay
 from features.schema import FEATURE_NAMES, build_matrix
+from features.state import COL_NBR
 from features.synthetic import SyntheticData
 from recsvc.app import create_app
 from recsvc.settings import Settings
@@ -139,15 +141,17 @@ async def test_parity_through_http_with_duplicates_and_shuffled_arrival(
         list(zip(catalogue.item_ids, catalogue.categories, catalogue.prices.tolist(), strict=True))
     )
     now = time.time()
-    users = [f"p{k}" for k in range(25)]
-    items = [*catalogue.item_ids[:60], "unlisted-1", "unlisted-2"]
+    # Sized so no item reaches COVISIT_NEIGHBOURS neighbours: below the cap the
+    # co-visitation lists are exact whatever the arrival order (asserted below).
+    users = [f"p{k}" for k in range(100)]
+    items = [*catalogue.item_ids[:280], "unlisted-1", "unlisted-2"]
     events = [
         _event(
             f"pe{k}",
             user=rng.choice(users),
             item=rng.choice(items),
             kind=rng.choice(EVENT_NAMES),
-            ts=round(now - rng.uniform(0, 20 * 3600), 3),
+            ts=round(now - rng.uniform(0, 22 * 3600), 3),
         )
         for k in range(1500)
     ]
@@ -170,7 +174,12 @@ async def test_parity_through_http_with_duplicates_and_shuffled_arrival(
         replay.apply(e["ts"], e["user_id"], e["item_id"], EVENT_NAMES.index(e["type"]))
     table = table_from_snapshot(await store.item_snapshot(0, 0), None)
     assert set(table.ids) == set(replay.items.ids)
+    neighbours = (replay.items.raw[:, COL_NBR : COL_NBR + COVISIT_NEIGHBOURS] > 0).sum(axis=1)
+    assert neighbours.max() < COVISIT_NEIGHBOURS, "test data must stay below the cap"
+    assert neighbours.sum() > 500, "too few co-visits to test anything"
     at = now + 30.0
+    covisit_col = FEATURE_NAMES.index("ui_covisit")
+    covisit_seen = 0
     for user in users:
         online = await store.fetch_user(user)
         offline = replay.users.get(user)
@@ -190,6 +199,8 @@ async def test_parity_through_http_with_duplicates_and_shuffled_arrival(
             dtype=np.float64,
         )
         np.testing.assert_allclose(online_m, offline_m, rtol=1e-9, atol=1e-9)
+        covisit_seen += int((online_m[:, covisit_col] > 0).sum())
+    assert covisit_seen > 0
 
 
 async def test_purchase_burst_reaches_the_popular_list_within_the_refresh_bound(
@@ -289,3 +300,45 @@ async def test_a_user_with_thousands_of_categories_loses_no_events(
     state = await store.fetch_user("wide")
     assert state is not None and state.n_events == 5000
     assert len(state.category_affinity) == 5000
+
+
+async def test_co_visited_items_become_candidates_and_features(client: Client) -> None:
+    """Two shoppers view x then y in one hour; a third views x and is offered y
+    from the co-visitation source, with a positive ui_covisit feature."""
+    x, y = "i17", "i230"
+    start = math.floor((time.time() - 10) / COVISIT_BUCKET_SECS) * COVISIT_BUCKET_SECS + 1
+    pairs = [
+        _event(f"cv-{u}-{k}", user=f"cv-{u}", item=item, ts=start + k)
+        for u in ("a", "b")
+        for k, item in enumerate((x, y))
+    ]
+    later = _event("cv-c-0", user="cv-c", item=x, ts=start + 5)
+    body = await (await client.post("/v1/events", json={"events": [*pairs, later]})).json()
+    assert body["accepted"] == 5
+    deadline = time.monotonic() + 3.0
+    offered = None
+    while time.monotonic() < deadline and offered is None:
+        resp = await client.post("/v1/recommendations", json={"user_id": "cv-c", "n": 100})
+        items = (await resp.json())["items"]
+        offered = next((i for i in items if i["item_id"] == y), None)
+        await asyncio.sleep(0.05)
+    assert offered is not None and offered["source"] == "covisit"
+    others = [f"i{k}" for k in range(280, 300)]
+    resp = await client.post("/v1/features", json={"user_ids": ["cv-c"], "item_ids": [y, *others]})
+    rows = {r["item_id"]: r["features"] for r in (await resp.json())["users"][0]["items"]}
+    assert rows[y]["ui_covisit"] > 0 and rows[y]["ui_covisit_last"] > 0
+    # A user with recent items and no co-visit for an item: 0, not missing.
+    assert all(rows[i]["ui_covisit"] is not None for i in others)
+    assert any(rows[i]["ui_covisit"] == 0.0 for i in others)
+
+
+async def test_context_is_accepted_and_unknown_context_fields_are_400(client: Client) -> None:
+    body = {"user_id": "u1", "context": {"device": "mobile", "page": "product"}}
+    resp = await client.post("/v1/recommendations", json=body)
+    assert resp.status == 200 and (await resp.json())["strategy"] == "model"
+    resp = await client.get("/v1/recommendations?user_id=u1&device=tablet&page=home")
+    assert resp.status == 200 and (await resp.json())["strategy"] == "model"
+    bad = {"user_id": "u1", "context": {"screen": "large"}}
+    resp = await client.post("/v1/recommendations", json=bad)
+    assert resp.status == 400
+    assert (await resp.json())["error"]["field"] == "context.screen"

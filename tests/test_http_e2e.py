@@ -36,7 +36,7 @@ async def test_known_user_gets_n_distinct_model_items(client: Client) -> None:
     scores = [i["score"] for i in body["items"]]
     assert scores == sorted(scores, reverse=True)
     assert [i["rank"] for i in body["items"]] == list(range(1, 11))
-    assert {i["source"] for i in body["items"]} <= {"recent", "category", "popular"}
+    assert {i["source"] for i in body["items"]} <= {"recent", "covisit", "category", "popular"}
     assert body["model"]["name"] == "ranker" and body["model"]["version"]
     assert body["request_id"] and body["user_id"] == "u1"
 

@@ -8,6 +8,7 @@ def test_user_keys_share_one_hash_tag() -> None:
         "{u:u42}:s",
         "{u:u42}:r",
         "{u:u42}:p",
+        "{u:u42}:v",
         "{u:u42}:e:e1",
         "{u:u42}:e:e2",
     ]
@@ -22,5 +23,17 @@ def test_item_keys_share_one_hash_tag() -> None:
         "{items}:cats",
         "{items}:ver",
         "{items}:epoch",
+        "{items}:dirty",
         "{items}:e:u1/e9",
+    ]
+
+
+def test_read_keys_are_the_item_slot() -> None:
+    assert keys.item_read_keys() == [
+        "{items}:epoch",
+        "{items}:ver",
+        "{items}:ids",
+        "{items}:cats",
+        "{items}:state",
+        "{items}:dirty",
     ]

@@ -7,8 +7,29 @@ import random
 import numpy as np
 import pytest
 
-from features.events import HALF_LIVES, RECENT_MAX, EventType, counter_index
-from features.state import COL_COUNTS, COL_FIRST_SEEN, ItemTable, UserState, apply_user_event
+from features import covisit
+from features.events import (
+    COVISIT_BUCKET_ITEMS,
+    COVISIT_BUCKET_SECS,
+    COVISIT_KEEP_SECS,
+    COVISIT_NEIGHBOURS,
+    HALF_LIVES,
+    RECENT_MAX,
+    EventType,
+    counter_index,
+)
+from features.replay import Replay
+from features.state import (
+    COL_COUNTS,
+    COL_FIRST_SEEN,
+    COL_NBR,
+    COL_NBR_SCORE,
+    ItemTable,
+    UserState,
+    apply_user_event,
+    covisit_bucket,
+)
+from tests.helpers import canonical, neighbour_counts
 
 T0 = 1_700_000_000.0
 
@@ -69,7 +90,7 @@ def test_item_state_does_not_depend_on_arrival_order() -> None:
             table.apply_event(table.upsert_item(item, cat, price), t, ts)
     for item in a.ids:
         ra, rb = a.raw[a.index[item]], b.raw[b.index[item]]
-        np.testing.assert_allclose(ra[COL_COUNTS:], rb[COL_COUNTS:], rtol=1e-9)
+        np.testing.assert_allclose(ra[COL_COUNTS:COL_NBR], rb[COL_COUNTS:COL_NBR], rtol=1e-9)
         assert ra[COL_FIRST_SEEN] == rb[COL_FIRST_SEEN]
 
 
@@ -90,3 +111,99 @@ def test_purchase_marks_item_purchased_and_sets_last_purchase() -> None:
     assert s.purchased == {"i9"}
     assert s.last_purchase_ts == T0
     assert s.price_sum / s.price_n == 12.0
+
+
+def _replay(events: list[tuple[float, str, str, int]]) -> Replay:
+    replay = Replay()
+    for e in events:
+        replay.apply(*e)
+    return replay
+
+
+def _browsing(n_users: int, seed: int) -> list[tuple[float, str, str, int]]:
+    rng = random.Random(seed)
+    return [
+        (T0 + rng.uniform(0, 30 * 3600), f"u{rng.randrange(n_users)}", f"i{rng.randrange(150)}", 0)
+        for _ in range(1000)
+    ]
+
+
+def test_co_visitation_does_not_depend_on_arrival_order() -> None:
+    """Within the keep window and below the caps, the neighbour lists (which
+    items, and their decayed counts) are the same for any arrival order."""
+    events = _browsing(100, seed=5)
+    in_order = _replay(sorted(events))
+    shuffled = events[:]
+    random.Random(6).shuffle(shuffled)
+    other = _replay(shuffled)
+    counts = neighbour_counts(in_order.items.raw)
+    assert counts.sum() > 300 and counts.max() < COVISIT_NEIGHBOURS
+    a = canonical(in_order.items.raw)
+    b = canonical(other.items.raw)
+    for item in in_order.items.ids:
+        ra, rb = a[in_order.items.index[item]], b[other.items.index[item]]
+        # Slots hold item indices, which differ between the two tables: compare ids.
+        ids_a = {in_order.items.ids[int(k) - 1] for k in ra[COL_NBR:COL_NBR_SCORE] if k}
+        ids_b = {other.items.ids[int(k) - 1] for k in rb[COL_NBR:COL_NBR_SCORE] if k}
+        assert ids_a == ids_b, item
+    for user in {e[1] for e in events}:
+        for table in (in_order, other):
+            assert table.users[user].visits  # buckets were recorded
+
+    # The scores, per (item, neighbour) by id.
+    def scores(r: Replay) -> dict[tuple[str, str], float]:
+        out = {}
+        for i, item in enumerate(r.items.ids):
+            idx, sc = covisit.neighbours(r.items, np.array([i]), T0 + 40 * 3600)
+            for k, v in zip(idx[0].tolist(), sc[0].tolist(), strict=True):
+                if k >= 0:
+                    out[(item, r.items.ids[k])] = v
+        return out
+
+    sa, sb = scores(in_order), scores(other)
+    assert sa.keys() == sb.keys()
+    for key, v in sa.items():
+        assert sb[key] == pytest.approx(v, rel=1e-9)
+
+
+def test_a_pair_counts_once_per_bucket_and_only_within_it() -> None:
+    s = UserState()
+    assert apply_user_event(s, EventType.VIEW, T0, "a", "", 0.0) == []
+    assert apply_user_event(s, EventType.VIEW, T0 + 1, "b", "", 0.0) == ["a"]
+    # The same items again in the bucket: no new pairs.
+    assert apply_user_event(s, EventType.CLICK, T0 + 2, "a", "", 0.0) == []
+    assert apply_user_event(s, EventType.VIEW, T0 + 3, "b", "", 0.0) == []
+    assert apply_user_event(s, EventType.VIEW, T0 + 4, "c", "", 0.0) == ["a", "b"]
+    # Another bucket starts empty.
+    later = (covisit_bucket(T0) + 1) * COVISIT_BUCKET_SECS
+    assert apply_user_event(s, EventType.VIEW, later, "a", "", 0.0) == []
+
+
+def test_a_full_bucket_stops_pairing_and_old_buckets_stop_pairing() -> None:
+    s = UserState()
+    start = covisit_bucket(T0) * COVISIT_BUCKET_SECS
+    for k in range(COVISIT_BUCKET_ITEMS):
+        assert len(apply_user_event(s, EventType.VIEW, start + k, f"i{k}", "", 0.0)) == k
+    assert apply_user_event(s, EventType.VIEW, start + 50, "one-too-many", "", 0.0) == []
+    # An event older than the keep window (behind the newest) pairs with nothing.
+    apply_user_event(s, EventType.VIEW, start + COVISIT_KEEP_SECS + 10, "new", "", 0.0)
+    assert apply_user_event(s, EventType.VIEW, start + 60, "late", "", 0.0) == []
+    assert min(s.visits) >= covisit_bucket(start + 10)
+
+
+def test_a_full_neighbour_row_keeps_its_strongest_neighbours() -> None:
+    table = ItemTable()
+    hub = table.ensure_item("hub")
+    others = [table.ensure_item(f"n{k}") for k in range(COVISIT_NEIGHBOURS + 10)]
+    strong = others[:5]
+    for rep in range(3):
+        table.add_pairs(hub, strong, T0 + rep)
+    table.add_pairs(hub, others[5:], T0 + 10)
+    idx, _ = covisit.neighbours(table, np.array([hub]), T0 + 10)
+    kept = set(idx[0].tolist())
+    assert set(strong) <= kept
+    assert len(kept) == COVISIT_NEIGHBOURS
+    # The pair counts are symmetric: each strong neighbour knows the hub 3 times.
+    back_idx, back = covisit.neighbours(table, np.array(strong), T0 + 10)
+    assert (back_idx[:, 0] == hub).all()
+    np.testing.assert_allclose(back[:, 0], 3.0, rtol=1e-4)  # decayed over seconds

@@ -10,13 +10,16 @@ import pytest
 from redis.asyncio import Redis
 
 from features.candidates import CandidateConfig, from_sources
+from features.events import COVISIT_BUCKET_SECS
 from features.popularity import PopularityIndex
 from features.replay import Replay
 from features.schema import build_matrix
 from features.synthetic import SyntheticData
+from recsvc import keys
 from recsvc.errors import StoreUnavailable
 from recsvc.settings import Settings
 from recsvc.store import EventWrite, FeatureStore, connect, table_from_snapshot
+from tests.helpers import canonical, neighbour_counts
 
 pytestmark = pytest.mark.asyncio
 
@@ -70,9 +73,10 @@ async def test_redis_and_pure_replay_give_identical_features(
     assert table.ids == replay.items.ids
     assert table.categories == replay.items.categories
     if order == "time":
-        np.testing.assert_array_equal(table.raw, replay.items.raw)
+        np.testing.assert_array_equal(canonical(table.raw), canonical(replay.items.raw))
     else:  # the same events in another order: equal up to float rounding
-        np.testing.assert_allclose(table.raw, replay.items.raw, rtol=1e-12)
+        np.testing.assert_allclose(canonical(table.raw), canonical(replay.items.raw), rtol=1e-12)
+    assert neighbour_counts(table.raw).sum() > 1000  # co-visitation was exercised
 
     now = max(w.ts for w in writes) + 60.0
     pop = PopularityIndex.build(table, now)
@@ -83,7 +87,7 @@ async def test_redis_and_pure_replay_give_identical_features(
         assert online is not None
         if order == "time":
             assert online == offline, user_id
-        cand = from_sources(offline, table, pop, CandidateConfig(), np.zeros(0, np.int64))
+        cand = from_sources(offline, table, pop, CandidateConfig(), np.zeros(0, np.int64), now)
         np.testing.assert_allclose(
             build_matrix(online, table, cand.index, now),
             build_matrix(offline, replay.items, cand.index, now),
@@ -126,3 +130,79 @@ async def test_dead_redis_raises_store_unavailable_and_opens_circuit(tmp_path: o
     assert reasons[-1] == "circuit_open"
     assert store.breaker.state == "open"
     await client.aclose()
+
+
+def _session_writes(n_users: int, seed: int, t0: float) -> list[EventWrite]:
+    """Users browsing small groups of items within an hour: many co-visits."""
+    rng = random.Random(seed)
+    out = []
+    for u in range(n_users):
+        group = rng.randrange(10)
+        for k in range(6):
+            item = f"g{group}-{rng.randrange(6)}"
+            ts = t0 + u * 600.0 + k * 30.0
+            out.append(EventWrite(f"s{u}", item, k % 2, ts, f"s{u}-{k}"))
+    return out
+
+
+async def test_co_visits_survive_an_item_side_call_that_never_ran(aredis: Redis) -> None:
+    """The user side applied (and recorded the event ids), the item side was lost:
+    a retry is a duplicate for the user, yet the item side gets every pair."""
+    store = FeatureStore(aredis, Settings(user_ttl_days=0))
+    writes = _session_writes(30, seed=3, t0=1_790_000_000.0)
+    assert all(await store.apply_events(writes))
+    item_keys = [k async for k in aredis.scan_iter(match=f"{keys.ITEM_TAG}:*")]
+    assert item_keys
+    await aredis.delete(*item_keys)  # as if no item-side call had happened
+    assert await store.apply_events(writes) == [0] * len(writes)
+
+    replay = Replay()
+    for w in writes:
+        replay.apply(w.ts, w.user_id, w.item_id, w.type)
+    table = table_from_snapshot(await store.item_snapshot(), None)
+    assert table.ids == replay.items.ids
+    assert neighbour_counts(table.raw).sum() > 50
+    np.testing.assert_array_equal(canonical(table.raw), canonical(replay.items.raw))
+    # And a third attempt changes nothing on either side.
+    assert await store.apply_events(writes) == [0] * len(writes)
+    again = table_from_snapshot(await store.item_snapshot(), None)
+    np.testing.assert_array_equal(again.raw, table.raw)
+
+
+async def test_a_delta_snapshot_patches_the_previous_table_exactly(aredis: Redis) -> None:
+    store = FeatureStore(aredis, Settings())
+    await store.upsert_items([(f"c{k}", f"cat{k % 3}", 1.0 + k) for k in range(50)])
+    writes = _session_writes(20, seed=5, t0=1_790_000_000.0)
+    await store.apply_events(writes[:60])
+    first = await store.item_snapshot()
+    assert first.changed is None
+    base = table_from_snapshot(first, None)
+    await store.apply_events(writes[60:])  # new items, new co-visits, new categories
+    await store.upsert_items([("c3", "cat-new", 9.5)])
+    delta = await store.item_snapshot(base.n, len(base.categories), first.version, first.epoch)
+    assert delta.changed is not None and 0 < len(delta.changed) < base.n
+    patched = table_from_snapshot(delta, base)
+    full = table_from_snapshot(await store.item_snapshot(), None)
+    assert patched.ids == full.ids and patched.categories == full.categories
+    np.testing.assert_array_equal(patched.raw, full.raw)
+    # The table a request may still hold is untouched.
+    np.testing.assert_array_equal(base.raw, table_from_snapshot(first, None).raw)
+    # Nothing changed since: an empty delta.
+    none = await store.item_snapshot(full.n, len(full.categories), delta.version, delta.epoch)
+    assert none.changed is not None and len(none.changed) == 0 and none.new_ids == []
+    # Another epoch (keys rebuilt): everything, from the first id.
+    rebuilt = await store.item_snapshot(full.n, len(full.categories), delta.version, "other")
+    assert rebuilt.changed is None and rebuilt.new_ids == full.ids
+
+
+async def test_a_users_co_visit_buckets_expire_and_stay_bounded(aredis: Redis) -> None:
+    store = FeatureStore(aredis, Settings())
+    t0 = 1_790_000_000.0
+    writes = [
+        EventWrite("walker", f"w{k}", 0, t0 + k * COVISIT_BUCKET_SECS, f"w{k}") for k in range(100)
+    ]
+    await store.apply_events(writes)
+    buckets = await aredis.zrange(keys.user_visits("walker"), 0, -1, withscores=True)
+    # One item per hour for 100 hours: only the last COVISIT_KEEP_SECS are kept.
+    assert 40 <= len(buckets) <= 49
+    assert await aredis.ttl(keys.user_visits("walker")) > 0

@@ -1,23 +1,29 @@
 -- Fold a batch of one user's events into their state; mirrors
 -- features.state.apply_user_event operation for operation, event by event.
--- Returns one 1 (applied) or 0 (duplicate event id) per event.
+-- Returns per event {1, partner...} (applied) or {0, partner...} (duplicate
+-- event id): the items the event forms co-visitation pairs with, which the
+-- item-side script applies. A duplicate returns the partners stored with its
+-- dedupe key, so a retry after a lost item-side call still carries its pairs.
 -- Reads and computes first, writes last (dedupe keys after the state), so a
 -- script error can never mark an event as seen without applying it.
--- KEYS: state hash, recent zset, purchased set, then one dedupe key per event
---       (all in the user's {u:<id>} slot)
--- ARGV: dedupe_ttl, user_ttl, recent_max, category_half_life, n_half_lives,
---       half_life..., category_weight x4, then per event:
---       type, ts, item, category, price, dedupe (1/0)
-local h, r, p = KEYS[1], KEYS[2], KEYS[3]
+-- KEYS: state hash, recent zset, purchased set, visits zset, then one dedupe
+--       key per event (all in the user's {u:<id>} slot)
+-- ARGV: dedupe_ttl, user_ttl, recent_max, category_half_life, bucket_secs,
+--       bucket_items, keep_secs, n_half_lives, half_life..., category_weight x4,
+--       then per event: type, ts, item, category, price, dedupe (1/0)
+local h, r, p, v = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local dedupe_ttl = tonumber(ARGV[1])
 local user_ttl = tonumber(ARGV[2])
 local recent_max = tonumber(ARGV[3])
 local cat_hl = tonumber(ARGV[4])
-local nh = tonumber(ARGV[5])
+local bucket_secs = tonumber(ARGV[5])
+local bucket_items = tonumber(ARGV[6])
+local keep_secs = tonumber(ARGV[7])
+local nh = tonumber(ARGV[8])
 local hls, cws = {}, {}
-for j = 1, nh do hls[j] = tonumber(ARGV[5 + j]) end
-for j = 0, 3 do cws[j] = tonumber(ARGV[6 + nh + j]) end
-local first_event = 10 + nh
+for j = 1, nh do hls[j] = tonumber(ARGV[8 + j]) end
+for j = 0, 3 do cws[j] = tonumber(ARGV[9 + nh + j]) end
+local first_event = 13 + nh
 local nc = 4 * nh
 
 local flat = redis.call('HGETALL', h)
@@ -36,6 +42,37 @@ local pn = tonumber(s['pn'] or '0')
 local counts = {}
 for k = 0, nc - 1 do counts[k] = tonumber(s['c' .. k] or '0') end
 
+-- Co-visitation buckets touched by this batch: loaded once, written at the end.
+-- Mirrors features.state.visit_partners.
+local buckets, visit_adds = {}, {}
+local function bucket_of(b)
+  local bk = buckets[b]
+  if bk == nil then
+    bk = {set = {}, list = {}}
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', v, b, b)) do
+      local item = string.sub(m, string.find(m, '|', 1, true) + 1)
+      bk.set[item] = true
+      bk.list[#bk.list + 1] = item
+    end
+    buckets[b] = bk
+  end
+  return bk
+end
+local function visit(item, ts)
+  local b = math.floor(ts / bucket_secs)
+  -- Buckets older than the newest event by keep_secs no longer pair (and are
+  -- trimmed), whenever the trim happens to run.
+  if b < math.floor((lt - keep_secs) / bucket_secs) then return {} end
+  local bk = bucket_of(b)
+  if bk.set[item] or #bk.list >= bucket_items then return {} end
+  local partners = {}
+  for j, other in ipairs(bk.list) do partners[j] = other end
+  bk.set[item] = true
+  bk.list[#bk.list + 1] = item
+  visit_adds[#visit_adds + 1] = {b, item}
+  return partners
+end
+
 local applied = {}
 local changed = false
 local ev = 0
@@ -48,12 +85,23 @@ for a = first_event, #ARGV, 6 do
   local item, cat = ARGV[a + 2], ARGV[a + 3]
   local price = tonumber(ARGV[a + 4])
   local fresh = true
+  local dk = nil
   if ARGV[a + 5] == '1' and dedupe_ttl > 0 then
-    local dk = KEYS[3 + ev]
-    fresh = not seen_now[dk] and redis.call('EXISTS', dk) == 0
-    if fresh then
-      seen_now[dk] = true
-      dedupe_keys[#dedupe_keys + 1] = dk
+    dk = KEYS[4 + ev]
+    local prior = seen_now[dk]
+    if prior == nil then
+      local value = redis.call('GET', dk)
+      if value then
+        -- Seen before: answer the partners stored with it ('1' then one per line).
+        prior = {}
+        for item in string.gmatch(value, '\n([^\n]+)') do prior[#prior + 1] = item end
+      end
+    end
+    if prior then
+      fresh = false
+      local out = {0}
+      for j, item in ipairs(prior) do out[j + 1] = item end
+      applied[ev] = out
     end
   end
   if fresh then
@@ -76,6 +124,11 @@ for a = first_event, #ARGV, 6 do
       aff[cat] = (aff[cat] or 0.0) + cws[t] * 2 ^ (-(ref - ts) / cat_hl)
     end
     if ts > lt then lt = ts end
+    local partners = visit(item, ts)
+    if dk then
+      seen_now[dk] = partners
+      dedupe_keys[#dedupe_keys + 1] = {dk, partners}
+    end
     if t == 3 then
       if ts > lp then lp = ts end
       purchases[#purchases + 1] = item
@@ -86,9 +139,9 @@ for a = first_event, #ARGV, 6 do
     end
     n = n + 1
     recent_adds[#recent_adds + 1] = {ts, item}
-    applied[ev] = 1
-  else
-    applied[ev] = 0
+    local out = {1}
+    for j, other in ipairs(partners) do out[j + 1] = other end
+    applied[ev] = out
   end
 end
 
@@ -114,7 +167,19 @@ if changed then
     redis.call('ZREMRANGEBYRANK', r, 0, -(recent_max + 1))
   end
   for _, item in ipairs(purchases) do redis.call('SADD', p, item) end
-  for _, dk in ipairs(dedupe_keys) do redis.call('SET', dk, '1', 'EX', dedupe_ttl) end
+  if #visit_adds > 0 then
+    for _, add in ipairs(visit_adds) do
+      redis.call('ZADD', v, add[1], string.format('%d|', add[1]) .. add[2])
+    end
+    local oldest = math.floor((lt - keep_secs) / bucket_secs)
+    redis.call('ZREMRANGEBYSCORE', v, '-inf', '(' .. string.format('%d', oldest))
+    redis.call('EXPIRE', v, math.ceil(keep_secs + bucket_secs))
+  end
+  for _, d in ipairs(dedupe_keys) do
+    local value = '1'
+    for _, item in ipairs(d[2]) do value = value .. '\n' .. item end
+    redis.call('SET', d[1], value, 'EX', dedupe_ttl)
+  end
   if user_ttl > 0 then
     redis.call('EXPIRE', h, user_ttl)
     redis.call('EXPIRE', r, user_ttl)

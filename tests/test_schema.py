@@ -1,0 +1,74 @@
+"""The feature set's declared names and its missing-value rules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from features.events import EventType
+from features.schema import DEVICES, FEATURE_NAMES, PAGES, Context, build_matrix
+from features.state import ItemTable, UserState, apply_user_event
+
+T0 = 1_790_000_000.0
+
+
+def _world() -> tuple[UserState, ItemTable, np.ndarray]:
+    table = ItemTable()
+    for k in range(4):
+        table.upsert_item(f"i{k}", "c1", 10.0 + k)
+    user = UserState()
+    apply_user_event(user, EventType.VIEW, T0, "i0", "c1", 10.0)
+    return user, table, np.arange(4)
+
+
+def test_the_issue_s_feature_groups_are_declared() -> None:
+    for name in (
+        "u_cnt_view_1h",
+        "u_cnt_purchase_7d",
+        "u_ctr",
+        "u_cvr",
+        "u_secs_since_last_event",
+        "u_secs_since_last_purchase",
+        "u_mean_price",
+        "u_n_categories",
+        "i_pop_click_1d",
+        "i_cvr",
+        "i_price",
+        "i_age_secs",
+        "ui_category_share",
+        "ui_log_price_ratio",
+        "ui_recent_position",
+        "ui_secs_since_item",
+        "ui_covisit",
+        "ui_covisit_last",
+        "ctx_hour_utc",
+        "ctx_device",
+        "ctx_page",
+    ):
+        assert name in FEATURE_NAMES, name
+    assert len(set(FEATURE_NAMES)) == len(FEATURE_NAMES)
+
+
+def test_context_codes_and_missing_context() -> None:
+    user, table, cand = _world()
+    col = {name: FEATURE_NAMES.index(name) for name in ("ctx_hour_utc", "ctx_device", "ctx_page")}
+    at = T0 - T0 % 86400 + 13 * 3600 + 59  # 13:00:59 UTC
+    plain = build_matrix(user, table, cand, at, dtype=np.float64)
+    assert (plain[:, col["ctx_hour_utc"]] == 13).all()
+    assert np.isnan(plain[:, col["ctx_device"]]).all() and np.isnan(plain[:, col["ctx_page"]]).all()
+    given = build_matrix(
+        user, table, cand, at, dtype=np.float64, context=Context(device="mobile", page="cart")
+    )
+    assert (given[:, col["ctx_device"]] == DEVICES.index("mobile")).all()
+    assert (given[:, col["ctx_page"]] == PAGES.index("cart")).all()
+    other = build_matrix(user, table, cand, at, dtype=np.float64, context=Context(device="tv"))
+    assert (other[:, col["ctx_device"]] == len(DEVICES)).all()
+
+
+def test_user_without_history_has_missing_not_zero_features() -> None:
+    _, table, cand = _world()
+    m = build_matrix(UserState(), table, cand, T0, dtype=np.float64)
+    for name in ("u_secs_since_last_event", "u_mean_price", "ui_covisit", "ui_recent_position"):
+        assert np.isnan(m[:, FEATURE_NAMES.index(name)]).all(), name
+    assert not math.isnan(m[0, FEATURE_NAMES.index("i_price")])
