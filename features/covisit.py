@@ -36,8 +36,10 @@ def aggregate(table: ItemTable, items: np.ndarray, now: float) -> tuple[np.ndarr
 
 def scores_for(
     table: ItemTable, items: np.ndarray, candidates: np.ndarray, now: float
-) -> np.ndarray:
-    """For each candidate, its summed co-visit counts with ``items``."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each candidate, its summed co-visit counts with all of ``items`` and with
+    the first of them (the user's newest), from one comparison matrix."""
     idx, scores = neighbours(table, items, now)
     match = candidates[:, None] == idx.ravel()[None, :]
-    return np.asarray(match @ scores.ravel())
+    first = idx.shape[1]
+    return np.asarray(match @ scores.ravel()), np.asarray(match[:, :first] @ scores[0])

@@ -145,8 +145,7 @@ def _user_item(x: FeatureInput) -> np.ndarray:
         since_item = np.where(hit, x.now - r_ts[first_hit], np.nan)
         known = r_idx[r_idx >= 0]
         if len(known):
-            covisit_all = covisit.scores_for(items, known, cand, x.now)
-            covisit_last = covisit.scores_for(items, known[:1], cand, x.now)
+            covisit_all, covisit_last = covisit.scores_for(items, known, cand, x.now)
     return np.column_stack(
         [aff, share, log_ratio, recent_pos, since_item, covisit_all, covisit_last]
     )
