@@ -19,6 +19,10 @@ import numpy as np
 from features.events import EventType
 from features.logs import Catalogue, EventLog
 
+# Bumped when the generator's output changes for the same config, so a data
+# directory written by an older version is not mistaken for the current one.
+GENERATOR_VERSION = 2
+
 
 @dataclass(frozen=True, slots=True)
 class SyntheticConfig:

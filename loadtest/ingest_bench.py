@@ -37,7 +37,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def ingest_rate(url: str, n_events: int, batch: int) -> float:
+async def ingest_rate(url: str, n_events: int, batch: int) -> tuple[float, float]:
+    """Events/s through HTTP, and Redis bytes per event of the two dedupe keys."""
     settings = Settings(port=_free_port())
     runner = web.AppRunner(create_app(settings, url), access_log=None)
     await runner.setup()
@@ -84,7 +85,15 @@ async def ingest_rate(url: str, n_events: int, batch: int) -> float:
     await runner.cleanup()
     if accepted != n_events:
         raise SystemExit(f"only {accepted} of {n_events} events accepted")
-    return n_events / elapsed
+    client = Redis.from_url(url)
+    dedupe = 0
+    sample = rng.choice(n_events, min(MEMORY_SAMPLE, n_events), replace=False)
+    for k in sample.tolist():
+        user = f"u{users[k]}"
+        for key in (keys.user_event_seen(user, f"b{k}"), keys.item_event_seen(user, f"b{k}")):
+            dedupe += int(await client.memory_usage(key, samples=0) or 0)
+    await client.aclose()
+    return n_events / elapsed, dedupe / len(sample)
 
 
 async def memory_per_entity(url: str, data_dir: Path) -> tuple[float, float, int, int]:
@@ -96,7 +105,12 @@ async def memory_per_entity(url: str, data_dir: Path) -> tuple[float, float, int
     users = [log.user_ids[u] for u in rng.choice(len(log.user_ids), MEMORY_SAMPLE, replace=False)]
     user_bytes = 0
     for u in users:
-        for key in (keys.user_state(u), keys.user_recent(u), keys.user_purchased(u)):
+        for key in (
+            keys.user_state(u),
+            keys.user_recent(u),
+            keys.user_purchased(u),
+            keys.user_visits(u),
+        ):
             user_bytes += int(await client.memory_usage(key) or 0)
     item_bytes = 0
     for key in (
@@ -105,6 +119,7 @@ async def memory_per_entity(url: str, data_dir: Path) -> tuple[float, float, int
         keys.ITEM_STATE,
         keys.CATEGORY_INDEX,
         keys.CATEGORIES,
+        keys.ITEM_DIRTY,
     ):
         item_bytes += int(await client.memory_usage(key, samples=0) or 0)
     n_items = int(await client.llen(keys.ITEM_IDS))
@@ -119,11 +134,12 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=Settings().data_dir)
     args = p.parse_args()
     with EmbeddedRedis() as server:
-        rate = asyncio.run(ingest_rate(server.url, args.events, args.batch))
+        rate, dedupe = asyncio.run(ingest_rate(server.url, args.events, args.batch))
     print(
         f"ingestion through POST /v1/events: {rate:,.0f} events/s "
         f"({args.events} events, batches of {args.batch}, {CLIENTS} concurrent clients)"
     )
+    print(f"dedupe keys (user + item side): {dedupe:,.0f} bytes per event id")
     if seed.synthetic_paths(args.data_dir)[0].is_file():
         with EmbeddedRedis() as server:
             per_user, per_item, n_users, n_items = asyncio.run(

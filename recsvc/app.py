@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from features.candidates import CandidateConfig
 from recsvc import appkeys
@@ -18,7 +19,7 @@ from recsvc.models import ModelRegistry
 from recsvc.recommend import Recommender
 from recsvc.routes import setup_routes
 from recsvc.settings import Settings
-from recsvc.store import FeatureStore, connect
+from recsvc.store import FeatureStore, IncompatibleStore, connect
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,16 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     client = connect(app[appkeys.REDIS_URL], settings)
     writer = connect(app[appkeys.REDIS_URL], settings, writes=True)
     app[appkeys.REDIS] = client
-    app[appkeys.STORE] = FeatureStore(client, settings, writer)
+    store = app[appkeys.STORE] = FeatureStore(client, settings, writer)
+    try:
+        async with asyncio.timeout(settings.redis_write_timeout_ms / 1000.0):
+            await store.check_format()
+    except IncompatibleStore:
+        await client.aclose()
+        await writer.aclose()
+        raise  # serving another format's data would be wrong answers, not errors
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("Redis unreachable at start (%s); serving the default strategy", exc)
     yield
     await client.aclose()
     await writer.aclose()

@@ -21,6 +21,7 @@ from features.trainer import TrainParams
 from recsvc import logs, models, seed, server, training
 from recsvc.embedded import EmbeddedRedis, EmbeddedRedisError
 from recsvc.settings import Settings, SettingsError, from_env
+from recsvc.store import FeatureStore, IncompatibleStore
 
 log = logging.getLogger("recsvc")
 
@@ -122,10 +123,24 @@ def _synthetic_config(args: argparse.Namespace) -> SyntheticConfig:
 
 
 async def _seed_if_empty(
-    url: str, settings: Settings, events: Path, items: Path | None, snapshot: bool = False
+    url: str,
+    settings: Settings,
+    events: Path,
+    items: Path | None,
+    snapshot: bool = False,
+    rebuild: bool = False,
 ) -> None:
+    """Seed an empty Redis. ``rebuild``: our own embedded data in an older storage
+    format is wiped and seeded again (never done to a Redis the user gave us)."""
     client = Redis.from_url(url)
     try:
+        try:
+            await FeatureStore(client, settings).check_format()
+        except IncompatibleStore as exc:
+            if not rebuild:
+                raise
+            print(f"{exc}\nRebuilding the demo data.", file=sys.stderr)
+            await client.flushdb()
         if await seed.is_seeded(client):
             print("Redis already holds item data; not seeding again.", file=sys.stderr)
             return
@@ -173,8 +188,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     events, items = seed.ensure_synthetic(settings.data_dir, _synthetic_config(args))
     with _redis(settings, embedded=True) as url:
-        asyncio.run(_seed_if_empty(url, settings, events, items, snapshot=not settings.redis_url))
-        if not models.versions(settings.models_path, settings.model_name):
+        own = not settings.redis_url
+        asyncio.run(_seed_if_empty(url, settings, events, items, snapshot=own, rebuild=own))
+        if models.load_latest(settings.models_path, settings.model_name) is None:
             data = DatasetConfig(
                 train_groups=args.train_groups,
                 candidates=CandidateConfig(cap=settings.candidate_cap),
@@ -239,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(args)
         logs.setup(settings.log_level)
         COMMANDS[args.command](args)
-    except (SettingsError, EmbeddedRedisError, LogFormatError) as exc:
+    except (SettingsError, EmbeddedRedisError, LogFormatError, IncompatibleStore) as exc:
         print(f"recsvc: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

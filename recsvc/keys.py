@@ -36,6 +36,8 @@ ITEM_VERSION = f"{ITEM_TAG}:ver"
 ITEM_EPOCH = f"{ITEM_TAG}:epoch"
 # Item index -> the version that last changed its row (incremental refresh).
 ITEM_DIRTY = f"{ITEM_TAG}:dirty"
+# The storage format this Redis holds (recsvc.store.STORAGE_FORMAT).
+FORMAT_KEY = f"{ITEM_TAG}:format"
 
 
 def item_event_seen(user_id: str, event_id: str) -> str:
@@ -54,6 +56,7 @@ def item_keys(events: list[tuple[str, str]]) -> list[str]:
         ITEM_VERSION,
         ITEM_EPOCH,
         ITEM_DIRTY,
+        FORMAT_KEY,
         *(item_event_seen(u, e) for u, e in events),
     ]
 
@@ -71,4 +74,4 @@ def user_keys(user_id: str, event_ids: list[str]) -> list[str]:
 
 def item_read_keys() -> list[str]:
     """KEYS of ``lua/item_read.lua``."""
-    return [ITEM_EPOCH, ITEM_VERSION, ITEM_IDS, CATEGORIES, ITEM_STATE, ITEM_DIRTY]
+    return [ITEM_EPOCH, ITEM_VERSION, ITEM_IDS, CATEGORIES, ITEM_STATE, ITEM_DIRTY, FORMAT_KEY]

@@ -19,7 +19,7 @@ from features.logs import (
     write_catalogue,
     write_events,
 )
-from features.synthetic import SyntheticConfig, generate
+from features.synthetic import GENERATOR_VERSION, SyntheticConfig, generate
 from recsvc import keys
 from recsvc.settings import Settings
 from recsvc.store import EventWrite, FeatureStore
@@ -43,7 +43,7 @@ class SeedSummary:
 
 
 def synthetic_paths(data_dir: Path) -> tuple[Path, Path]:
-    base = data_dir / "synthetic"
+    base = data_dir / "synthetic" / f"v{GENERATOR_VERSION}"
     return base / EVENTS_FILE, base / ITEMS_FILE
 
 
@@ -75,6 +75,7 @@ async def seed(
     """Apply the catalogue, then every event in time order, with a progress bar."""
     started = time.perf_counter()
     store = FeatureStore(client, settings)
+    await store.check_format()
     if catalogue is not None:
         rows = list(
             zip(catalogue.item_ids, catalogue.categories, catalogue.prices.tolist(), strict=True)

@@ -113,7 +113,10 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     ("candidate_cap", "most candidates scored per request"),
     ("default_n", "items returned when a request gives no n"),
     ("redis_timeout_ms", "deadline for the request-path Redis read"),
-    ("redis_connect_timeout_ms", "deadline for opening a Redis connection"),
+    (
+        "redis_connect_timeout_ms",
+        "deadline for opening a Redis connection to read (writes: the write timeout)",
+    ),
     ("redis_write_timeout_ms", "deadline for applying a batch of events"),
     ("redis_pool_size", "Redis connections per process"),
     ("redis_pool_wait_ms", "longest wait for a free pooled connection"),

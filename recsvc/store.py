@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,11 +53,35 @@ def connect(url: str, settings: Settings, writes: bool = False) -> Redis:
         timeout=wait_ms / 1000.0,
         # Deadlines are set per call (asyncio.timeout); this only catches a dead peer.
         socket_timeout=max(settings.redis_timeout_ms, settings.redis_write_timeout_ms) / 1000.0,
-        socket_connect_timeout=settings.redis_connect_timeout_ms / 1000.0,
+        # Writes may take their whole deadline to connect: a burst of events after
+        # a quiet spell opens many connections at once, and a busy event loop
+        # makes each handshake slow; failing those would lose a burst to 503s.
+        socket_connect_timeout=(
+            settings.redis_write_timeout_ms if writes else settings.redis_connect_timeout_ms
+        )
+        / 1000.0,
         retry=Retry(NoBackoff(), 0),
     )
     # from_pool: the client owns the pool, so aclose() also closes its connections.
     return Redis.from_pool(pool)
+
+
+# Version of the Redis layout (keys, packed rows, hash fields). 1: before
+# co-visitation (16-wide item rows, decimal user fields, no marker key);
+# 2: packed user state, item rows with neighbours, {items}:dirty.
+STORAGE_FORMAT = 2
+
+
+class IncompatibleStore(Exception):
+    """Redis holds recsvc data in another storage format."""
+
+    def __init__(self, found: int) -> None:
+        self.found = found
+        super().__init__(
+            f"Redis holds recsvc data in storage format {found}; this version reads "
+            f"format {STORAGE_FORMAT}. Load the data again into an empty Redis "
+            "(`recsvc seed`), or run the version that wrote it."
+        )
 
 
 # Entries per item-script call: bounds how long one call holds Redis.
@@ -134,25 +159,43 @@ class ItemSnapshot:
     changed: np.ndarray | None = None
 
 
+# The user state hash (see lua/user_event.lua): 'x' packed scalars and counters,
+# 'an' length-prefixed category names, 'av' their affinities as packed float64.
+_USER_SCALARS = struct.Struct(f"<{6 + N_COUNTERS}d")
+_NAME_LENGTH = struct.Struct("<I")
+
+
+def _names(blob: bytes) -> list[str]:
+    out, pos = [], 0
+    while pos < len(blob):
+        (length,) = _NAME_LENGTH.unpack_from(blob, pos)
+        pos += _NAME_LENGTH.size
+        out.append(blob[pos : pos + length].decode())
+        pos += length
+    return out
+
+
 def decode_user(
     state: dict[bytes, bytes], recent: list[tuple[bytes, float]], purchased: set[bytes]
 ) -> UserState | None:
     """UserState from the three user keys; None when the user has no state."""
-    if not state:
+    packed = state.get(b"x")
+    if not packed:
         return None
-    counts = [float(state.get(b"c%d" % k, b"0")) for k in range(N_COUNTERS)]
-    affinity = {k[2:].decode(): float(v) for k, v in state.items() if k.startswith(b"a:")}
+    n, ref, last, last_purchase, price_sum, price_n, *counts = _USER_SCALARS.unpack(packed)
+    names = _names(state.get(b"an", b""))
+    values = struct.unpack(f"<{len(names)}d", state.get(b"av", b""))
     return UserState(
-        ref=float(state.get(b"ref", b"0")),
+        ref=ref,
         counts=counts,
-        category_affinity=affinity,
+        category_affinity=dict(zip(names, values, strict=True)),
         recent={item.decode(): float(ts) for item, ts in recent},
         purchased={p.decode() for p in purchased},
-        last_ts=float(state.get(b"lt", b"0")),
-        last_purchase_ts=float(state.get(b"lp", b"0")),
-        price_sum=float(state.get(b"ps", b"0")),
-        price_n=int(state.get(b"pn", b"0")),
-        n_events=int(state.get(b"n", b"0")),
+        last_ts=last,
+        last_purchase_ts=last_purchase,
+        price_sum=price_sum,
+        price_n=int(price_n),
+        n_events=int(n),
     )
 
 
@@ -234,6 +277,7 @@ class FeatureStore:
             *HALF_LIVES,
             COVISIT_NEIGHBOURS,
             COVISIT_HALF_LIFE,
+            STORAGE_FORMAT,
         ]
         upsert = mode == "upsert"
         for k, e in enumerate(events):
@@ -325,6 +369,7 @@ class FeatureStore:
             _ROW_BYTES,
             DELTA_MAX_ROWS,
             epoch,
+            STORAGE_FORMAT,
         ]
         reply = await self._read_script(keys=keys.item_read_keys(), args=args)
         read_epoch, version, ids, cats, mode, changed, rows = reply
@@ -337,6 +382,19 @@ class FeatureStore:
             raw=raw,
             changed=np.asarray([int(i) for i in changed], np.int64) if mode == b"delta" else None,
         )
+
+    async def check_format(self) -> None:
+        """Claim an empty Redis for this storage format, or raise IncompatibleStore
+        when it holds data in another one."""
+        found = await self.writer.get(keys.FORMAT_KEY)
+        if found is None:
+            if await self.writer.exists(keys.ITEM_IDS):
+                raise IncompatibleStore(1)  # data from before the marker existed
+            await self.writer.set(keys.FORMAT_KEY, STORAGE_FORMAT, nx=True)
+            found = await self.writer.get(keys.FORMAT_KEY)
+        version = int(found or 0)
+        if version != STORAGE_FORMAT:
+            raise IncompatibleStore(version)
 
     async def ping(self) -> bool:
         try:

@@ -19,9 +19,10 @@ from features.replay import Replay
 from features.schema import FEATURE_NAMES, build_matrix
 from features.state import COL_NBR
 from features.synthetic import SyntheticData
+from recsvc import keys
 from recsvc.app import create_app
 from recsvc.settings import Settings
-from recsvc.store import FeatureStore, table_from_snapshot
+from recsvc.store import FeatureStore, IncompatibleStore, table_from_snapshot
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.asyncio
@@ -127,6 +128,19 @@ async def test_events_answer_503_when_redis_is_down(model_dir: Path) -> None:
         assert resp.status == 503
         assert resp.headers["Retry-After"] == "1"
         assert (await resp.json())["error"]["code"] == "feature_store_unavailable"
+
+
+async def test_the_service_refuses_to_start_on_another_storage_format(
+    aredis: Redis, redis_url: str, model_dir: Path
+) -> None:
+    await aredis.rpush(keys.ITEM_IDS, "item-from-format-1")
+    app = create_app(settings_for(model_dir), redis_url)
+    server = TestServer(app, host="127.0.0.1")
+    try:
+        with pytest.raises(IncompatibleStore):
+            await server.start_server()
+    finally:
+        await server.close()
 
 
 async def test_parity_through_http_with_duplicates_and_shuffled_arrival(

@@ -24,6 +24,7 @@ def test_item_keys_share_one_hash_tag() -> None:
         "{items}:ver",
         "{items}:epoch",
         "{items}:dirty",
+        "{items}:format",
         "{items}:e:u1/e9",
     ]
 
@@ -36,4 +37,5 @@ def test_read_keys_are_the_item_slot() -> None:
         "{items}:cats",
         "{items}:state",
         "{items}:dirty",
+        "{items}:format",
     ]

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from features.candidates import CandidateConfig, from_sources
 from features.events import COVISIT_BUCKET_SECS
@@ -18,7 +19,14 @@ from features.synthetic import SyntheticData
 from recsvc import keys
 from recsvc.errors import StoreUnavailable
 from recsvc.settings import Settings
-from recsvc.store import EventWrite, FeatureStore, connect, table_from_snapshot
+from recsvc.store import (
+    STORAGE_FORMAT,
+    EventWrite,
+    FeatureStore,
+    IncompatibleStore,
+    connect,
+    table_from_snapshot,
+)
 from tests.helpers import canonical, neighbour_counts
 
 pytestmark = pytest.mark.asyncio
@@ -206,3 +214,30 @@ async def test_a_users_co_visit_buckets_expire_and_stay_bounded(aredis: Redis) -
     # One item per hour for 100 hours: only the last COVISIT_KEEP_SECS are kept.
     assert 40 <= len(buckets) <= 49
     assert await aredis.ttl(keys.user_visits("walker")) > 0
+
+
+async def test_an_empty_redis_is_claimed_for_this_storage_format(aredis: Redis) -> None:
+    store = FeatureStore(aredis, Settings())
+    await store.check_format()
+    assert int(await aredis.get(keys.FORMAT_KEY)) == STORAGE_FORMAT
+    await store.check_format()  # and accepted from then on
+
+
+@pytest.mark.parametrize("marker", [None, b"7"])
+async def test_data_in_another_storage_format_is_refused(
+    aredis: Redis, marker: bytes | None
+) -> None:
+    """Item rows of another width would be misread, not fail: refuse at start, and
+    the item refresh refuses to read them too."""
+    await aredis.rpush(keys.ITEM_IDS, "old-item")
+    await aredis.set(keys.ITEM_STATE, b"\0" * 8 * 16)  # a format-1 row
+    if marker is not None:
+        await aredis.set(keys.FORMAT_KEY, marker)
+    store = FeatureStore(aredis, Settings())
+    with pytest.raises(IncompatibleStore) as info:
+        await store.check_format()
+    assert info.value.found == (7 if marker else 1)
+    assert "recsvc seed" in str(info.value)
+    if marker is not None:
+        with pytest.raises(ResponseError, match="storage format 7"):
+            await store.item_snapshot()

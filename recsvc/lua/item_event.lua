@@ -5,13 +5,13 @@
 -- 'event' mirrors features.state.ItemTable.apply_event and add_pairs; 'upsert'
 -- sets category and price. Returns one 1 (applied) or 0 (duplicate) per entry.
 -- KEYS: idx hash, ids list, state string, category idx hash, categories list,
---       version counter, epoch, dirty zset, then one dedupe key per entry
---       (all in {items})
+--       version counter, epoch, dirty zset, storage format, then one dedupe
+--       key per entry (all in {items})
 -- The epoch is set when the first item is created, so a reader notices that
 -- the item keys were deleted and rebuilt even if the version came back equal.
 -- The dirty zset scores each item index with the version that last changed it.
 -- ARGV: dedupe_ttl, n_half_lives, half_life..., neighbours, covisit_half_life,
---       then per entry: mode, item, type, ts, category, price, dedupe (1/0),
+--       storage format (set with the first item), then per entry: mode, item, type, ts, category, price, dedupe (1/0),
 --       pair_ts, n_partners, partner...
 local dedupe_ttl = tonumber(ARGV[1])
 local nh = tonumber(ARGV[2])
@@ -19,6 +19,7 @@ local hls = {}
 for j = 1, nh do hls[j] = tonumber(ARGV[2 + j]) end
 local nk = tonumber(ARGV[3 + nh])
 local nbr_hl = tonumber(ARGV[4 + nh])
+local storage_format = ARGV[5 + nh]
 -- row[1] ref, row[2] first seen, row[3] price, row[4] category,
 -- row[5 + k] counter k, row[nref] neighbour ref, row[nslot + j] neighbour j
 -- (item index + 1, 0 = empty), row[nscore + j] its decayed pair count
@@ -37,11 +38,15 @@ local function cat_id(c)
   return ci
 end
 
-local rows, order = {}, {}
+local rows, order, index_of = {}, {}, {}
 local function row_of(item, cat, price)
-  local i = redis.call('HGET', KEYS[1], item)
+  local i = index_of[item]
+  if i == nil then
+    i = redis.call('HGET', KEYS[1], item)
+    if i then i = tonumber(i) end
+  end
   if i then
-    i = tonumber(i)
+    index_of[item] = i
     if rows[i] == nil then
       local raw = redis.call('GETRANGE', KEYS[3], i * width * 8, (i + 1) * width * 8 - 1)
       local row = {struct.unpack(fmt, raw)}
@@ -53,9 +58,11 @@ local function row_of(item, cat, price)
   end
   i = redis.call('RPUSH', KEYS[2], item) - 1
   redis.call('HSET', KEYS[1], item, i)
+  index_of[item] = i
   if i == 0 then
     local now = redis.call('TIME')
     redis.call('SET', KEYS[7], now[1] .. '.' .. now[2])
+    redis.call('SET', KEYS[9], storage_format)
   end
   local row = {}
   for k = 1, width do row[k] = 0.0 end
@@ -76,22 +83,30 @@ local function add_neighbour(row, other, t)
   end
   local w = 2 ^ (-(ref - t) / nbr_hl)
   local key = other + 1
-  local hit, empty, weakest = nil, nil, 1
+  -- Slots fill from the front and are never emptied: the first empty slot
+  -- ends the search.
   for j = 1, nk do
     local slot = row[nslot + j]
-    if slot == key then hit = j break end
-    if slot == 0 and empty == nil then empty = j end
-    -- Weakest: lowest count, ties to the lowest key (not the slot position,
-    -- which depends on the order partners were listed in).
-    local sj, sw = row[nscore + j], row[nscore + weakest]
-    if sj < sw or (sj == sw and slot < row[nslot + weakest]) then weakest = j end
+    if slot == key then
+      row[nscore + j] = row[nscore + j] + w
+      row[nref] = ref
+      return
+    end
+    if slot == 0 then
+      row[nslot + j] = key
+      row[nscore + j] = w
+      row[nref] = ref
+      return
+    end
   end
-  if hit then
-    row[nscore + hit] = row[nscore + hit] + w
-  elseif empty then
-    row[nslot + empty] = key
-    row[nscore + empty] = w
-  elseif w > row[nscore + weakest] then
+  -- Full: the weakest is the lowest count, ties to the lowest key (not the
+  -- slot position, which depends on the order partners were listed in).
+  local weakest = 1
+  for j = 2, nk do
+    local sj, sw = row[nscore + j], row[nscore + weakest]
+    if sj < sw or (sj == sw and row[nslot + j] < row[nslot + weakest]) then weakest = j end
+  end
+  if w > row[nscore + weakest] then
     row[nslot + weakest] = key
     row[nscore + weakest] = w
   end
@@ -101,7 +116,7 @@ end
 local applied = {}
 local ev = 0
 local seen_now, dedupe_keys = {}, {}
-local a = 5 + nh
+local a = 6 + nh
 while a <= #ARGV do
   ev = ev + 1
   local mode, item = ARGV[a], ARGV[a + 1]
@@ -117,7 +132,7 @@ while a <= #ARGV do
   local fresh = true
   if mode == 'event' and dedupe and dedupe_ttl > 0 then
     -- Checked now, set after the rows are written: an error never loses an event.
-    local dk = KEYS[8 + ev]
+    local dk = KEYS[9 + ev]
     fresh = not seen_now[dk] and redis.call('EXISTS', dk) == 0
     if fresh then
       seen_now[dk] = true
@@ -158,10 +173,17 @@ while a <= #ARGV do
 end
 if #order > 0 then
   local version = redis.call('INCR', KEYS[6])
+  local dirty = {}
   for _, i in ipairs(order) do
     redis.call('SETRANGE', KEYS[3], i * width * 8, struct.pack(fmt, unpack(rows[i])))
-    redis.call('ZADD', KEYS[8], version, i)
+    dirty[#dirty + 1] = version
+    dirty[#dirty + 1] = i
+    if #dirty >= 400 then
+      redis.call('ZADD', KEYS[8], unpack(dirty))
+      dirty = {}
+    end
   end
+  if #dirty > 0 then redis.call('ZADD', KEYS[8], unpack(dirty)) end
 end
 for _, dk in ipairs(dedupe_keys) do redis.call('SET', dk, '1', 'EX', dedupe_ttl) end
 return applied

@@ -1,9 +1,11 @@
 -- Item rows changed since a reader's version, in one atomic read: a serving
 -- process copies only what changed instead of the whole table every refresh.
--- KEYS: epoch, version, ids list, categories list, state string, dirty zset
+-- KEYS: epoch, version, ids list, categories list, state string, dirty zset,
+--       storage format
 -- ARGV: since_version (-1: everything), known_items, known_categories,
 --       row_bytes, max_rows (more changed rows than this: send everything),
---       the reader's epoch (another epoch: the keys were rebuilt, send everything)
+--       the reader's epoch (another epoch: the keys were rebuilt, send everything),
+--       the reader's storage format (another one: an error, never misread rows)
 -- Returns {epoch, version, new ids, new categories, mode, indices, rows}
 -- where mode 'full' sends the whole state string as rows and no indices, and
 -- all ids and categories when the epoch changed.
@@ -11,6 +13,10 @@ local since = tonumber(ARGV[1])
 local known_items, known_cats = ARGV[2], ARGV[3]
 local row_bytes = tonumber(ARGV[4])
 local max_rows = tonumber(ARGV[5])
+local format = redis.call('GET', KEYS[7])
+if format and format ~= ARGV[7] then
+  return redis.error_reply('recsvc storage format ' .. format .. ', expected ' .. ARGV[7])
+end
 local epoch = redis.call('GET', KEYS[1]) or ''
 local version = redis.call('GET', KEYS[2]) or '0'
 if epoch ~= ARGV[6] then since, known_items, known_cats = -1, 0, 0 end
