@@ -3,8 +3,11 @@
 For a sample of labelled events, the features are taken from the state just
 before the event, over the candidates the service itself would have generated
 then (plus the labelled item). Training groups keep a sample of those as
-negatives plus a few uniform ones; evaluation groups keep them all, so the
-model and the baselines are compared on what serving would rank.
+negatives plus a few drawn by popularity and a few uniform ones (so the model
+also sees items serving would not propose); evaluation groups keep all the
+candidates, so the model and the baselines are compared on what serving would
+rank. Logs with exposures (what was shown) will group by exposure instead, once
+the service logs them.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ class DatasetConfig:
     train_groups: int = 20_000
     eval_groups: int = 4_000
     negatives: int = 24
-    uniform_negatives: int = 6
+    popular_negatives: int = 4
+    uniform_negatives: int = 4
     seed: int = 7
     candidates: CandidateConfig = field(default_factory=CandidateConfig)
 
@@ -90,6 +94,7 @@ def build(
     replay = Replay(catalogue)
     train, test = Groups(), Groups()
     pop: list[PopularityIndex | None] = [None]
+    pop_cum: list[np.ndarray] = [np.zeros(0)]
 
     def before(k: int, ts: float, user_id: str, item_id: str, event_type: int) -> None:
         is_test = wanted.get(k)
@@ -103,6 +108,7 @@ def build(
         index = pop[0]
         if index is None or ts - index.built_at > POPULARITY_REBUILD_SECS:
             index = pop[0] = PopularityIndex.build(replay.items, ts)
+            pop_cum[0] = np.cumsum(index.scores)
         table = replay.items
         positive = table.ensure_item(item_id)
         cand = from_sources(user, table, index, config.candidates, np.zeros(0, np.int64), ts).index
@@ -112,8 +118,13 @@ def build(
         if not is_test:
             k_neg = min(config.negatives, len(others))
             others = rng.choice(others, size=k_neg, replace=False) if k_neg else others
-            uniform = rng.integers(0, table.n, size=config.uniform_negatives)
-            others = np.concatenate([others, uniform[uniform != positive]])
+            extra = [rng.integers(0, table.n, size=config.uniform_negatives)]
+            cum = pop_cum[0]
+            if len(cum) and cum[-1] > 0:
+                draws = rng.random(config.popular_negatives) * cum[-1]
+                extra.append(np.searchsorted(cum, draws, side="right").clip(0, len(cum) - 1))
+            sampled = np.concatenate(extra)
+            others = np.concatenate([others, sampled[sampled != positive]])
         idx = np.concatenate([[positive], others]).astype(np.int64)
         labels = np.zeros(len(idx))
         labels[0] = GRADES[event_type]

@@ -52,6 +52,12 @@ COVISIT_HALF_LIFE = 7 * 86400.0
 COVISIT_KEEP_SECS = 2 * 86400.0
 
 
+# Ids of users, items and events: the API's rule, and the rule for logs we load
+# (an id the API refuses could never be asked about). No way to shape a key.
+ID_PATTERN = r"^[A-Za-z0-9_.:@\-]+$"
+MAX_ID_LENGTH = 128
+
+
 def counter_index(event_type: int, half_life_index: int) -> int:
     """Position of (type, half-life) in the flat counter vector."""
     return event_type * N_HALF_LIVES + half_life_index

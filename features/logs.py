@@ -1,19 +1,71 @@
-"""Event logs and catalogues in memory and on disk (the synthetic CSV layout).
+"""Event logs and catalogues in memory and on disk.
 
-``events.csv``: ``ts,user_id,item_id,type`` (ts in seconds, type a name from
-``EVENT_NAMES``), sorted by time. ``items.csv``: ``item_id,category,price``.
+Two event-log layouts are read, told apart by their header:
+
+- recsvc (what ``recsvc generate`` writes): ``ts,user_id,item_id,type``, ts in
+  seconds, type a name from ``EVENT_NAMES``;
+- RetailRocket ``events.csv``: ``timestamp,visitorid,event,itemid,transactionid``,
+  timestamp in milliseconds, event ``view``, ``addtocart`` or ``transaction``.
+
+Catalogues: ``item_id,category,price`` (recsvc) or ``itemid,categoryid[,price]``.
+Rows that cannot be used (wrong field count, bad number, an id the API would
+refuse, an unknown event name) are skipped and counted in a ReadReport, never
+fatal; a file that is not such a log at all raises LogFormatError.
 """
 
 from __future__ import annotations
 
-import csv
+import math
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from features.events import EVENT_BY_NAME, EVENT_NAMES
+from features.events import EVENT_BY_NAME, EVENT_NAMES, ID_PATTERN, MAX_ID_LENGTH, EventType
+
+RECSVC_EVENTS_HEADER = "ts,user_id,item_id,type"
+RETAILROCKET_EVENTS_HEADER = "timestamp,visitorid,event,itemid,transactionid"
+RETAILROCKET_EVENTS: dict[str, EventType] = {
+    "view": EventType.VIEW,
+    "addtocart": EventType.ADD_TO_CART,
+    "transaction": EventType.PURCHASE,
+}
+CATALOGUE_HEADERS = ("item_id,category,price", "itemid,categoryid", "itemid,categoryid,price")
+MAX_EXAMPLES = 5
+_ID = re.compile(ID_PATTERN)
+
+
+def valid_id(value: str) -> bool:
+    return len(value) <= MAX_ID_LENGTH and _ID.match(value) is not None
+
+
+@dataclass(slots=True)
+class ReadReport:
+    """What reading a file found: rows, what was skipped and why, a few examples."""
+
+    path: str
+    layout: str
+    rows: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def kept(self) -> int:
+        return self.rows - sum(self.skipped.values())
+
+    def skip(self, line_no: int, reason: str, line: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(f"line {line_no}: {reason}: {line[:80]!r}")
+
+    def summary(self) -> str:
+        text = f"{self.path}: {self.layout} layout, {self.rows} rows, {self.kept} used"
+        if self.skipped:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items()))
+            text += f", {sum(self.skipped.values())} skipped ({reasons})"
+        return text
 
 
 class LogFormatError(ValueError):
@@ -68,20 +120,63 @@ def write_catalogue(path: Path, catalogue: Catalogue) -> None:
             f.write(f"{item},{cat},{price:.2f}\n")
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of the non-blank lines; undecodable bytes become U+FFFD,
+    so a broken row is skipped as a bad row rather than failing the file."""
+    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+        for n, line in enumerate(f, start=1):
+            text = line.rstrip("\r\n")
+            if text.strip():
+                yield n, text
+
+
+def read_catalogue_report(path: Path) -> tuple[Catalogue, ReadReport]:
+    """A catalogue in either layout; the last row of an item wins."""
+    lines = _lines(path)
+    first = next(lines, (1, ""))[1].strip().lstrip("\ufeff")
+    if first not in CATALOGUE_HEADERS:
+        raise LogFormatError(
+            f"{path}: not an items file: the header is {first[:80]!r}; expected one of "
+            + ", ".join(repr(h) for h in CATALOGUE_HEADERS)
+        )
+    width = first.count(",") + 1
+    report = ReadReport(str(path), "recsvc" if first.startswith("item_id") else "retailrocket")
+    items: dict[str, tuple[str, float]] = {}
+    for n, line in lines:
+        report.rows += 1
+        parts = line.split(",")
+        if len(parts) != width:
+            report.skip(n, "field_count", line)
+            continue
+        item, category = parts[0], parts[1]
+        if not valid_id(item):
+            report.skip(n, "bad_id", line)
+            continue
+        if len(category) > MAX_ID_LENGTH:
+            report.skip(n, "bad_category", line)
+            continue
+        price = 0.0
+        if width == 3 and parts[2]:
+            try:
+                price = float(parts[2])
+            except ValueError:
+                price = -1.0
+            if not (math.isfinite(price) and price >= 0):
+                report.skip(n, "bad_price", line)
+                continue
+        items[item] = (category, price)
+    return (
+        Catalogue(
+            list(items),
+            [c for c, _ in items.values()],
+            np.asarray([p for _, p in items.values()], dtype=np.float64),
+        ),
+        report,
+    )
+
+
 def read_catalogue(path: Path) -> Catalogue:
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header != ["item_id", "category", "price"]:
-            raise LogFormatError(f"{path}: expected header item_id,category,price, got {header}")
-        ids, cats, prices = [], [], []
-        for n, row in enumerate(reader, start=2):
-            if len(row) != 3:
-                raise LogFormatError(f"{path}:{n}: expected 3 fields, got {len(row)}")
-            ids.append(row[0])
-            cats.append(row[1])
-            prices.append(float(row[2] or 0.0))
-    return Catalogue(ids, cats, np.asarray(prices))
+    return read_catalogue_report(path)[0]
 
 
 def write_events(path: Path, log: EventLog) -> None:
@@ -90,29 +185,64 @@ def write_events(path: Path, log: EventLog) -> None:
         f.writelines(f"{ts:.3f},{u},{i},{EVENT_NAMES[t]}\n" for ts, u, i, t in log.rows())
 
 
-def read_events(path: Path) -> EventLog:
-    """Read an events.csv written by ``write_events`` (sorted by time on load)."""
+def read_log(path: Path) -> tuple[EventLog, ReadReport]:
+    """An event log in either layout, sorted by time, and what was skipped."""
+    lines = _lines(path)
+    header = next(lines, (1, ""))[1].strip().lstrip("\ufeff")
+    if header == RECSVC_EVENTS_HEADER:
+        report = ReadReport(str(path), "recsvc")
+        ts_col, user_col, type_col, item_col, width, scale = 0, 1, 3, 2, 4, 1.0
+        names: dict[str, EventType] = dict(EVENT_BY_NAME)
+    elif header == RETAILROCKET_EVENTS_HEADER:
+        report = ReadReport(str(path), "retailrocket")
+        ts_col, user_col, type_col, item_col, width, scale = 0, 1, 2, 3, 5, 1000.0
+        names = dict(RETAILROCKET_EVENTS)
+    else:
+        raise LogFormatError(
+            f"{path}: not an event log: the header is {header[:80]!r}; expected "
+            f"{RECSVC_EVENTS_HEADER!r} (recsvc) or {RETAILROCKET_EVENTS_HEADER!r} (RetailRocket)"
+        )
     users: dict[str, int] = {}
     items: dict[str, int] = {}
     ts: list[float] = []
     u_col: list[int] = []
     i_col: list[int] = []
     t_col: list[int] = []
-    with path.open(newline="") as f:
-        header = f.readline().strip()
-        if header != "ts,user_id,item_id,type":
-            raise LogFormatError(f"{path}: expected header ts,user_id,item_id,type, got {header!r}")
-        for n, line in enumerate(f, start=2):
-            parts = line.rstrip("\n").split(",")
-            if len(parts) != 4 or parts[3] not in EVENT_BY_NAME:
-                raise LogFormatError(f"{path}:{n}: not an event row: {line.strip()!r}")
-            ts.append(float(parts[0]))
-            u_col.append(users.setdefault(parts[1], len(users)))
-            i_col.append(items.setdefault(parts[2], len(items)))
-            t_col.append(EVENT_BY_NAME[parts[3]])
+    for n, line in lines:
+        report.rows += 1
+        parts = line.split(",")
+        if len(parts) != width:
+            report.skip(n, "field_count", line)
+            continue
+        kind = names.get(parts[type_col])
+        if kind is None:
+            report.skip(n, f"unknown_event:{parts[type_col][:20]}", line)
+            continue
+        try:
+            t = float(parts[ts_col]) / scale
+        except ValueError:
+            t = math.nan
+        if not (math.isfinite(t) and t > 0):
+            report.skip(n, "bad_timestamp", line)
+            continue
+        user, item = parts[user_col], parts[item_col]
+        u, i = users.get(user), items.get(item)
+        if (u is None and not valid_id(user)) or (i is None and not valid_id(item)):
+            report.skip(n, "bad_id", line)
+            continue
+        if u is None:
+            u = users[user] = len(users)
+        if i is None:
+            i = items[item] = len(items)
+        ts.append(t)
+        u_col.append(u)
+        i_col.append(i)
+        t_col.append(kind)
+    if not ts:
+        raise LogFormatError(f"no usable events in {report.summary()}")
     ts_arr = np.asarray(ts, dtype=np.float64)
     order = np.argsort(ts_arr, kind="stable")
-    return EventLog(
+    log = EventLog(
         ts=ts_arr[order],
         user=np.asarray(u_col, dtype=np.int32)[order],
         item=np.asarray(i_col, dtype=np.int32)[order],
@@ -120,3 +250,9 @@ def read_events(path: Path) -> EventLog:
         user_ids=list(users),
         item_ids=list(items),
     )
+    return log, report
+
+
+def read_events(path: Path) -> EventLog:
+    """An event log in either layout (see ``read_log`` for what was skipped)."""
+    return read_log(path)[0]

@@ -11,10 +11,9 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from features.events import ID_PATTERN, MAX_ID_LENGTH
 from recsvc.errors import InvalidRequest
 
-ID_PATTERN = r"^[A-Za-z0-9_.:@\-]+$"
-MAX_ID_LENGTH = 128
 MAX_N = 100
 MAX_CANDIDATES = 1000
 

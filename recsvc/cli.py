@@ -15,11 +15,12 @@ from redis.asyncio import Redis
 
 from features.candidates import CandidateConfig
 from features.dataset import DatasetConfig
-from features.logs import LogFormatError
+from features.logs import Catalogue, EventLog, LogFormatError, read_catalogue_report, read_log
 from features.synthetic import SyntheticConfig
 from features.trainer import TrainParams
 from recsvc import logs, models, seed, server, training
 from recsvc.embedded import EmbeddedRedis, EmbeddedRedisError
+from recsvc.errors import ModelRejected
 from recsvc.settings import Settings, SettingsError, from_env
 from recsvc.store import FeatureStore, IncompatibleStore
 
@@ -70,17 +71,36 @@ def parser() -> argparse.ArgumentParser:
         help="start a private redis-server when no Redis URL is set",
     )
 
-    sd = sub.add_parser("seed", help="load the synthetic shop (or a log) into Redis")
+    sd = sub.add_parser("seed", help="load the synthetic shop into an empty Redis")
     _common(sd)
     _synthetic(sd)
-    sd.add_argument("--events-file", type=Path, help="events.csv to load instead")
-    sd.add_argument("--items-file", type=Path, help="items.csv to load with it")
     sd.add_argument("--embedded", action="store_true")
+
+    imp = sub.add_parser(
+        "import", help="load an event log (recsvc or RetailRocket layout) into Redis"
+    )
+    _common(imp)
+    imp.add_argument("--events", type=Path, required=True, help="events CSV")
+    imp.add_argument(
+        "--items", type=Path, help="items CSV: item_id,category,price or itemid,categoryid[,price]"
+    )
+    imp.add_argument(
+        "--append",
+        action="store_true",
+        help="add to a Redis that already holds data (importing a log twice counts it twice)",
+    )
+    imp.add_argument("--embedded", action="store_true", help="into the data dir's own Redis")
+
+    md = sub.add_parser("models", help="the model registry")
+    md_sub = md.add_subparsers(dest="models_command", required=True)
+    _common(md_sub.add_parser("list", help="every version under the model directory"))
 
     tr = sub.add_parser("train", help="train a ranker from an event log")
     _common(tr)
-    tr.add_argument("--events", type=Path, help="events.csv (default: the synthetic log)")
-    tr.add_argument("--items", type=Path, help="items.csv")
+    tr.add_argument(
+        "--events", type=Path, help="events CSV, recsvc or RetailRocket layout (default: synthetic)"
+    )
+    tr.add_argument("--items", type=Path, help="items CSV")
     tr.add_argument("--name", help="model name (default RECSVC_MODEL_NAME)")
     _training(tr)
     tr.add_argument("--seed", type=int, default=TrainParams().seed)
@@ -168,8 +188,19 @@ def _train(
     params: TrainParams,
 ) -> None:
     outcome = training.train_files(
-        events, items, settings.models_path, name, data, params, progress=sys.stderr.isatty()
+        events,
+        items,
+        settings.models_path,
+        name,
+        data,
+        params,
+        progress=sys.stderr.isatty(),
+        keep=settings.model_keep_versions,
     )
+    for report in outcome.reports:
+        print(report.summary(), file=sys.stderr)
+        for example in report.examples:
+            print(f"  {example}", file=sys.stderr)
     print(f"model {outcome.path} trained in {outcome.seconds:.1f}s", file=sys.stderr)
     print(training.metrics_table(outcome.metrics), file=sys.stderr)
 
@@ -209,12 +240,77 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_seed(args: argparse.Namespace) -> None:
     settings = _settings(args)
-    if args.events_file:
-        events, items = args.events_file, args.items_file
-    else:
-        events, items = seed.ensure_synthetic(settings.data_dir, _synthetic_config(args))
+    events, items = seed.ensure_synthetic(settings.data_dir, _synthetic_config(args))
     with _redis(settings, embedded=args.embedded) as url:
         asyncio.run(_seed_if_empty(url, settings, events, items))
+
+
+async def _import(
+    url: str, settings: Settings, catalogue: Catalogue | None, log_: EventLog, append: bool
+) -> seed.SeedSummary:
+    client = Redis.from_url(url)
+    try:
+        await FeatureStore(client, settings).check_format()
+        if await seed.is_seeded(client) and not append:
+            raise SettingsError(
+                "Redis already holds item data; importing the same log twice would count "
+                "its events twice. Use --append to add a different log."
+            )
+        return await seed.seed(client, settings, catalogue, log_, progress=sys.stderr.isatty())
+    finally:
+        await client.aclose()
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    catalogue = None
+    if args.items:
+        catalogue, items_report = read_catalogue_report(args.items)
+        print(items_report.summary(), file=sys.stderr)
+    event_log, report = read_log(args.events)
+    print(report.summary(), file=sys.stderr)
+    with _redis(settings, embedded=args.embedded) as url:
+        done = asyncio.run(_import(url, settings, catalogue, event_log, args.append))
+    print(
+        f"imported {done.events} events of {done.users} users ({done.items} items in Redis) "
+        f"in {done.seconds:.1f}s: {done.events / max(done.seconds, 1e-9):,.0f} events/s; "
+        f"skipped {report.rows - report.kept} rows",
+        file=sys.stderr,
+    )
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    root = settings.models_path
+    rows = [("name", "version", "created (UTC)", "ndcg@10", "popularity", "status")]
+    for name in models.names(root):
+        for k, path in enumerate(models.versions(root, name)):
+            try:
+                meta = models.load(path).meta
+                status = "serving" if k == 0 else "ok"
+            except ModelRejected as exc:
+                meta, status = models.read_meta(path), f"refused: {exc.args[0].split(': ', 1)[-1]}"
+            metrics = meta.get("metrics", {})
+            rows.append(
+                (
+                    name,
+                    path.name,
+                    str(meta.get("created_at", ""))[:19],
+                    _fmt(metrics.get("ndcg_at_10")),
+                    _fmt(metrics.get("baseline_popularity_ndcg_at_10")),
+                    status,
+                )
+            )
+    if len(rows) == 1:
+        print(f"no models under {root}", file=sys.stderr)
+        return
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + r[-1])
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -244,6 +340,8 @@ COMMANDS = {
     "demo": cmd_demo,
     "serve": cmd_serve,
     "seed": cmd_seed,
+    "import": cmd_import,
+    "models": cmd_models,
     "train": cmd_train,
     "generate": cmd_generate,
 }
@@ -255,7 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(args)
         logs.setup(settings.log_level)
         COMMANDS[args.command](args)
-    except (SettingsError, EmbeddedRedisError, LogFormatError, IncompatibleStore) as exc:
+    except (
+        SettingsError,
+        EmbeddedRedisError,
+        LogFormatError,
+        IncompatibleStore,
+        FileNotFoundError,
+    ) as exc:
         print(f"recsvc: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 RecsvcError
 ├── InvalidRequest            bad client input (names the field)
+├── Unauthorized              an admin route without the right bearer token
 ├── Overloaded                too many requests in flight
 ├── StoreUnavailable          Redis error, timeout or open circuit
 └── ModelError
@@ -21,6 +22,10 @@ class InvalidRequest(RecsvcError):
         self.message = message
         self.field = field
         self.code = code
+
+
+class Unauthorized(RecsvcError):
+    """Missing or wrong bearer token (the message never echoes what was sent)."""
 
 
 class Overloaded(RecsvcError):

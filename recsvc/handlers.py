@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import os
 from typing import Any
 
@@ -18,7 +19,8 @@ from recsvc.api import (
     decode_events,
     decode_json,
 )
-from recsvc.errors import InvalidRequest
+from recsvc.errors import InvalidRequest, Unauthorized
+from recsvc.models import LoadedModel
 from recsvc.online import feature_values, user_feature_values
 from recsvc.recommend import Query
 
@@ -123,3 +125,53 @@ async def readyz(request: web.Request) -> web.Response:
         "model": {"name": model.name, "version": model.version} if model else None,
     }
     return json_response(body, status=503 if status == "not_ready" else 200)
+
+
+def _require_admin(request: web.Request) -> None:
+    """Bearer token, compared in constant time; neither logged nor echoed."""
+    token = request.app[appkeys.SETTINGS].admin_token
+    sent = request.headers.get("Authorization", "")
+    scheme, _, credential = sent.partition(" ")
+    if not (
+        token
+        and scheme.lower() == "bearer"
+        and hmac.compare_digest(credential.strip().encode(), token.encode())
+    ):
+        raise Unauthorized()
+
+
+def _model_entry(model: LoadedModel) -> dict[str, Any]:
+    metrics = model.meta.get("metrics", {})
+    return {
+        "name": model.name,
+        "version": model.version,
+        "created_at": model.meta.get("created_at"),
+        "schema_hash": model.meta.get("schema_hash"),
+        "ndcg_at_10": metrics.get("ndcg_at_10"),
+    }
+
+
+async def admin_models_get(request: web.Request) -> web.Response:
+    """The models loaded now, and the versions refused (with why)."""
+    _require_admin(request)
+    registry = request.app[appkeys.MODELS]
+    return json_response(
+        {
+            "default": registry.default,
+            "models": [_model_entry(m) for _, m in sorted(registry.models.items())],
+            "refused": [
+                {"name": name, "version": version, "reason": reason}
+                for (name, version), reason in sorted(registry.refused.items())
+            ],
+        }
+    )
+
+
+async def admin_models_reload(request: web.Request) -> web.Response:
+    """Load every newer model version now. 200 when each model serves its newest
+    version; 409 when a newest version was refused (the previous one keeps serving,
+    and the answer says why)."""
+    _require_admin(request)
+    outcomes = await request.app[appkeys.MODELS].reload()
+    refused = any(o.status == "refused" for o in outcomes)
+    return json_response({"models": [o.body() for o in outcomes]}, status=409 if refused else 200)

@@ -44,7 +44,7 @@ class Ingestor:
             # Older than the dedupe window: a retry could no longer be recognised.
             raise InvalidRequest(
                 f"ts {ts} is older than the {self.store.dedupe_ttl} s deduplication window "
-                "(load history with `recsvc seed`)",
+                "(load history with `recsvc import`)",
                 field="ts",
             )
         ts = min(ts, now)  # tolerated clock skew must not put state in the future

@@ -9,24 +9,31 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from recsvc.errors import InvalidRequest, Overloaded, RecsvcError, StoreUnavailable
+from recsvc.errors import InvalidRequest, Overloaded, RecsvcError, StoreUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Domain error class -> (status, code, message for the client, Retry-After or None).
+# Domain error class -> (status, code, message for the client, response headers).
 # Subclasses match their nearest entry; InvalidRequest brings its own code,
 # message and field. Everything else is a 500 with no detail.
-ERROR_TABLE: dict[type[RecsvcError], tuple[int, str, str, str | None]] = {
+_RETRY = {"Retry-After": "1"}
+ERROR_TABLE: dict[type[RecsvcError], tuple[int, str, str, dict[str, str] | None]] = {
     InvalidRequest: (400, "invalid_request", "", None),
-    Overloaded: (503, "overloaded", "too many requests in flight", "1"),
+    Unauthorized: (
+        401,
+        "unauthorized",
+        "a valid bearer token is required",
+        {"WWW-Authenticate": 'Bearer realm="recsvc-admin"'},
+    ),
+    Overloaded: (503, "overloaded", "too many requests in flight", _RETRY),
     # Recommendations fall back instead; writes and feature reads get here.
     # Event ids make a retried write safe.
     StoreUnavailable: (
         503,
         "feature_store_unavailable",
         "the feature store is unavailable; retry",
-        "1",
+        _RETRY,
     ),
 }
 HTTP_CODES = {
@@ -53,7 +60,7 @@ def error_response(
     )
 
 
-def _lookup(exc: RecsvcError) -> tuple[int, str, str, str | None]:
+def _lookup(exc: RecsvcError) -> tuple[int, str, str, dict[str, str] | None]:
     for cls in type(exc).__mro__:
         if cls in ERROR_TABLE:
             return ERROR_TABLE[cls]
@@ -66,13 +73,12 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except RecsvcError as exc:
-        status, code, message, retry_after = _lookup(exc)
-        headers = {"Retry-After": retry_after} if retry_after else None
+        status, code, message, headers = _lookup(exc)
         if isinstance(exc, InvalidRequest):
             return error_response(status, exc.code, exc.message, exc.field)
         if isinstance(exc, StoreUnavailable):
             log.warning("feature store unavailable: %s", exc.reason, exc_info=exc.__cause__)
-        elif status >= 500 and retry_after is None:
+        elif status >= 500 and headers is None:
             log.error("unmapped domain error", exc_info=exc)
         return error_response(status, code, message, headers=headers)
     except web.HTTPException as exc:

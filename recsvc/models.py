@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,8 +55,14 @@ def versions(model_dir: Path, name: str) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def save(model_dir: Path, name: str, booster: lgb.Booster, meta: dict[str, Any]) -> Path:
-    """Write a new version atomically and prune versions beyond KEEP_VERSIONS."""
+def save(
+    model_dir: Path,
+    name: str,
+    booster: lgb.Booster,
+    meta: dict[str, Any],
+    keep: int = KEEP_VERSIONS,
+) -> Path:
+    """Write a new version atomically and prune the versions beyond the newest ``keep``."""
     root = model_dir / name
     root.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC)
@@ -76,9 +81,18 @@ def save(model_dir: Path, name: str, booster: lgb.Booster, meta: dict[str, Any])
     (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
     final = root / version
     tmp.rename(final)
-    for old in versions(model_dir, name)[KEEP_VERSIONS:]:
+    for old in versions(model_dir, name)[max(keep, 1) :]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A version's meta.json as a dict ({} when unreadable)."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def load(path: Path) -> LoadedModel:
@@ -116,42 +130,100 @@ def load_latest(model_dir: Path, name: str) -> LoadedModel | None:
     return None
 
 
-class ModelRegistry:
-    """The model currently serving, swapped in whole when a newer good version appears."""
+def names(model_dir: Path) -> list[str]:
+    """Model names with at least one complete version, sorted."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(p.name for p in model_dir.iterdir() if p.is_dir() and versions(model_dir, p.name))
 
-    def __init__(self, model_dir: Path, name: str) -> None:
+
+@dataclass(frozen=True, slots=True)
+class ReloadOutcome:
+    """What a reload did for one model name."""
+
+    name: str
+    status: str  # loaded | unchanged | refused | absent
+    version: str | None  # the version serving after the reload
+    previous: str | None = None
+    refused_version: str | None = None
+    reason: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class ModelRegistry:
+    """Every model name under MODEL_DIR, each serving its newest acceptable version.
+
+    A newer version replaces the serving one in a single assignment once it has
+    loaded (in a worker thread), so requests never wait and never see half a
+    swap. A version that is refused is remembered with its reason and not tried
+    again; the previous version keeps serving. ``default`` serves requests that
+    name no model.
+    """
+
+    def __init__(self, model_dir: Path, default: str) -> None:
         self.model_dir = model_dir
-        self.name = name
-        self.current: LoadedModel | None = None
-        self.refused: set[str] = set()
-        self.checked_at = 0.0
+        self.default = default
+        self.models: dict[str, LoadedModel] = {}
+        self.refused: dict[tuple[str, str], str] = {}
+        self._lock = asyncio.Lock()
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self.models.get(self.default)
+
+    def get(self, name: str) -> LoadedModel | None:
+        return self.models.get(name)
 
     def load_now(self) -> None:
-        self.current = load_latest(self.model_dir, self.name)
-        self.checked_at = time.monotonic()
+        """Blocking first load (at start, before serving)."""
+        for name in names(self.model_dir):
+            for path in versions(self.model_dir, name):
+                try:
+                    self.models[name] = load(path)
+                    break
+                except ModelRejected as exc:
+                    self.refused[(name, path.name)] = str(exc)
+                    log.warning("model refused: %s", exc)
 
     async def poll(self, interval: float) -> None:
-        """Look for newer versions until cancelled; keep the current model on any failure."""
+        """Look for newer versions until cancelled; keep the current models on any failure."""
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.check()
+                await self.reload()
             except Exception:  # the poller must outlive any bad file on disk
-                log.exception("model poll failed; keeping the current model")
+                log.exception("model poll failed; keeping the current models")
 
-    async def check(self) -> None:
-        """Load the newest version if it is newer than the current one and acceptable."""
-        newest = versions(self.model_dir, self.name)
-        if not newest:
-            return
+    async def reload(self) -> list[ReloadOutcome]:
+        """Load the newest version of every model name when it is newer than the one
+        serving; one reload at a time (the poller and the admin route share this)."""
+        async with self._lock:
+            found = names(self.model_dir)
+            outcomes = [await self._reload_one(name) for name in found]
+            for name in sorted(set(self.models) - set(found)):
+                # Removed from disk: keep serving what is loaded, and say so.
+                model = self.models[name]
+                outcomes.append(ReloadOutcome(name, "absent", model.version, model.version))
+            return outcomes
+
+    async def _reload_one(self, name: str) -> ReloadOutcome:
+        current = self.models.get(name)
+        version = current.version if current else None
+        newest = versions(self.model_dir, name)
         top = newest[0]
-        if (self.current and top.name <= self.current.version) or top.name in self.refused:
-            return
-        try:
-            model = await asyncio.to_thread(load, top)
-        except ModelRejected as exc:
-            self.refused.add(top.name)
-            log.warning("new model version refused, keeping the current one: %s", exc)
-            return
-        self.current = model
-        log.info("model loaded", extra={"model": model.name, "version": model.version})
+        if version is not None and top.name <= version:
+            return ReloadOutcome(name, "unchanged", version, version)
+        reason = self.refused.get((name, top.name))
+        if reason is None:
+            try:
+                model = await asyncio.to_thread(load, top)
+            except ModelRejected as exc:
+                reason = self.refused[(name, top.name)] = str(exc)
+                log.warning("model version refused, keeping the current one: %s", exc)
+            else:
+                self.models[name] = model
+                log.info("model loaded", extra={"model": name, "version": model.version})
+                return ReloadOutcome(name, "loaded", model.version, version)
+        return ReloadOutcome(name, "refused", version, version, top.name, reason)

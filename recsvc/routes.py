@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from recsvc import handlers
+from recsvc import appkeys, handlers
 
 
 def setup_routes(app: web.Application) -> None:
@@ -15,3 +15,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/features", handlers.features_post)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    if app[appkeys.SETTINGS].admin_token:  # off without a token: 404, not 401
+        app.router.add_get("/admin/models", handlers.admin_models_get)
+        app.router.add_post("/admin/models/reload", handlers.admin_models_reload)

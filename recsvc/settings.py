@@ -32,6 +32,9 @@ class Settings:
     model_dir: Path | None = None
     model_name: str = "ranker"
     model_poll_secs: float = 10.0
+    model_keep_versions: int = 5
+    # Empty: admin routes are off. Never printed (repr) or logged.
+    admin_token: str = dataclasses.field(default="", repr=False)
     candidate_cap: int = 200
     default_n: int = 10
     # Request-path Redis deadline: well inside the 35 ms p99 target, so a slow
@@ -76,6 +79,8 @@ class Settings:
             ("breaker_reset_secs", self.breaker_reset_secs > 0),
             ("item_refresh_secs", self.item_refresh_secs > 0),
             ("model_poll_secs", self.model_poll_secs > 0),
+            ("model_keep_versions", self.model_keep_versions >= 1),
+            ("admin_token", not self.admin_token or len(self.admin_token) >= 16),
             # Events as old as the dedupe window must still find their
             # co-visitation bucket, which users keep for COVISIT_KEEP_SECS.
             (
@@ -94,8 +99,12 @@ class Settings:
         ]
         for name, ok in checks:
             if not ok:
-                raise SettingsError(f"{env_name(name)}={getattr(self, name)!r} is not allowed")
+                shown = "<hidden>" if name in SECRETS else repr(getattr(self, name))
+                raise SettingsError(f"{env_name(name)}={shown} is not allowed")
 
+
+# Never shown in messages or logs.
+SECRETS = frozenset({"admin_token"})
 
 # (field, description) — the README table is generated from this and the defaults.
 SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
@@ -110,6 +119,11 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     ("model_dir", "model registry root; empty = <data_dir>/models"),
     ("model_name", "model served by default"),
     ("model_poll_secs", "how often to look for a newer model version"),
+    ("model_keep_versions", "versions kept per model name when training writes a new one"),
+    (
+        "admin_token",
+        "bearer token for /admin routes (at least 16 characters); empty = admin routes off",
+    ),
     ("candidate_cap", "most candidates scored per request"),
     ("default_n", "items returned when a request gives no n"),
     ("redis_timeout_ms", "deadline for the request-path Redis read"),

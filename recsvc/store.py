@@ -80,7 +80,7 @@ class IncompatibleStore(Exception):
         super().__init__(
             f"Redis holds recsvc data in storage format {found}; this version reads "
             f"format {STORAGE_FORMAT}. Load the data again into an empty Redis "
-            "(`recsvc seed`), or run the version that wrote it."
+            "(`recsvc import` or `recsvc seed`), or run the version that wrote it."
         )
 
 

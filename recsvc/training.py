@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from features.dataset import DatasetConfig, build
-from features.logs import read_catalogue, read_events
+from features.logs import ReadReport, read_catalogue_report, read_log
 from features.trainer import TrainParams, train
 from recsvc import models
 
@@ -21,6 +21,7 @@ class TrainOutcome:
     path: Path
     metrics: dict[str, float]
     seconds: float
+    reports: list[ReadReport]
 
 
 def train_files(
@@ -31,10 +32,16 @@ def train_files(
     data_config: DatasetConfig,
     params: TrainParams,
     progress: bool = True,
+    keep: int = models.KEEP_VERSIONS,
 ) -> TrainOutcome:
     started = time.perf_counter()
-    catalogue = read_catalogue(items_path) if items_path else None
-    log = read_events(events_path)
+    reports = []
+    catalogue = None
+    if items_path:
+        catalogue, items_report = read_catalogue_report(items_path)
+        reports.append(items_report)
+    log, events_report = read_log(events_path)
+    reports.append(events_report)
     with tqdm(
         total=len(log), unit="ev", desc="replay", disable=not progress, mininterval=0.5
     ) as bar:
@@ -50,6 +57,10 @@ def train_files(
         "data": {
             "events_file": str(events_path),
             "items_file": str(items_path) if items_path else None,
+            "files": [
+                {"path": r.path, "layout": r.layout, "rows": r.rows, "skipped": r.skipped}
+                for r in reports
+            ],
             "events": data.n_events,
             "users": data.n_users,
             "items": data.n_items,
@@ -58,8 +69,8 @@ def train_files(
             "split_ts": data.split_ts,
         },
     }
-    path = models.save(model_dir, name, result.booster, meta)
-    return TrainOutcome(path, result.metrics, time.perf_counter() - started)
+    path = models.save(model_dir, name, result.booster, meta, keep=keep)
+    return TrainOutcome(path, result.metrics, time.perf_counter() - started, reports)
 
 
 def metrics_table(metrics: dict[str, float]) -> str:

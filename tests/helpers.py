@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from features.events import COVISIT_NEIGHBOURS
 from features.state import COL_NBR, COL_NBR_SCORE
+from features.synthetic import SyntheticData
 
 
 def canonical(raw: np.ndarray) -> np.ndarray:
@@ -25,3 +28,39 @@ def canonical(raw: np.ndarray) -> np.ndarray:
 def neighbour_counts(raw: np.ndarray) -> np.ndarray:
     """Filled co-visitation slots per item row."""
     return np.asarray((raw[:, COL_NBR : COL_NBR + COVISIT_NEIGHBOURS] > 0).sum(axis=1))
+
+
+RR_EVENT = {0: "view", 2: "addtocart", 3: "transaction"}  # RetailRocket has no clicks
+BAD_RR_ROWS = (
+    "not,a,row",  # field_count
+    "1433221332117,257597,wishlist,355908,",  # unknown_event:wishlist
+    "yesterday,257597,view,355908,",  # bad_timestamp
+    "1433221332117,,view,355908,",  # bad_id (empty visitor)
+    "1433221332117,bad visitor,view,355908,",  # bad_id (space)
+)
+
+
+def write_retailrocket(events_path: Path, items_path: Path, data: SyntheticData, limit: int) -> int:
+    """The synthetic log in the RetailRocket layout (ms timestamps, numeric ids, no
+    clicks), unsorted as the real file is, with BAD_RR_ROWS mixed in. Returns the
+    number of good rows."""
+    good = []
+    for k, (ts, user, item, kind) in enumerate(data.events.rows()):
+        if kind in RR_EVENT:
+            tid = str(k) if kind == 3 else ""
+            good.append(f"{int(ts * 1000)},{user[1:]},{RR_EVENT[kind]},{item[1:]},{tid}")
+        if len(good) >= limit:
+            break
+    rows = good[::-1]  # newest first: the reader must sort
+    for k, bad in enumerate(BAD_RR_ROWS):
+        rows.insert(1 + k * 97, bad)
+    events_path.write_text("timestamp,visitorid,event,itemid,transactionid\n" + "\n".join(rows))
+    cat = data.catalogue
+    lines = [
+        f"{item[1:]},{category[1:]},{price:.2f}"
+        for item, category, price in zip(
+            cat.item_ids, cat.categories, cat.prices.tolist(), strict=True
+        )
+    ]
+    items_path.write_text("itemid,categoryid,price\n" + "\n".join([*lines, "x y,3,1.0"]) + "\n")
+    return len(good)

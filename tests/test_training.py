@@ -106,9 +106,20 @@ async def test_registry_poll_keeps_serving_through_bad_versions(
     bad = root / "ranker" / "99990101T000000000"
     bad.mkdir()
     (bad / "meta.json").write_text("[]")
-    await registry.check()
+    [outcome] = await registry.reload()
+    assert (outcome.status, outcome.version, outcome.refused_version) == (
+        "refused",
+        good.name,
+        bad.name,
+    )
+    assert outcome.reason is not None and "not a JSON object" in outcome.reason
     assert registry.current.version == good.name
+    [again] = await registry.reload()  # remembered: not loaded again, still reported
+    assert again.status == "refused" and again.reason == outcome.reason
     newer = root / "ranker" / "99990102T000000000"
     shutil.copytree(good, newer)
-    await registry.check()
+    [loaded] = await registry.reload()
+    assert (loaded.status, loaded.version, loaded.previous) == ("loaded", newer.name, good.name)
     assert registry.current.version == newer.name
+    [same] = await registry.reload()
+    assert same.status == "unchanged"
