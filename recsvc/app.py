@@ -11,7 +11,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from features.candidates import CandidateConfig
-from recsvc import appkeys
+from recsvc import appkeys, scoring
 from recsvc.ingest import Ingestor
 from recsvc.itemcache import ItemCache
 from recsvc.middleware import errors, inflight_limit
@@ -66,14 +66,22 @@ async def _items_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _models_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
-    registry = ModelRegistry(settings.models_path, settings.model_name)
+    compiler = None
+    if settings.scorer == "compiled":
+        if scoring.available():
+            compiler = scoring.Compiler(settings.data_dir / "cache" / "scorers")
+        else:
+            log.warning("lleaves is not installed; the native LightGBM scorer serves")
+    registry = ModelRegistry(settings.models_path, settings.model_name, compiler)
     await asyncio.to_thread(registry.load_now)
     if registry.current is None:
         log.warning("no usable model in %s; serving the default strategy", settings.models_path)
+    registry.start_compiles()
     app[appkeys.MODELS] = registry
     task = asyncio.create_task(registry.poll(settings.model_poll_secs))
     yield
     await _cancel(task)
+    await registry.close()
 
 
 async def _recommender_ctx(app: web.Application) -> AsyncIterator[None]:

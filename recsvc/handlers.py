@@ -122,7 +122,11 @@ async def readyz(request: web.Request) -> web.Response:
         "status": status,
         "checks": checks,
         "item_data_age_secs": round(age, 3) if age is not None else None,
-        "model": {"name": model.name, "version": model.version} if model else None,
+        "model": (
+            {"name": model.name, "version": model.version, "scorer": model.scorer.name}
+            if model
+            else None
+        ),
     }
     return json_response(body, status=503 if status == "not_ready" else 200)
 
@@ -147,6 +151,7 @@ def _model_entry(model: LoadedModel) -> dict[str, Any]:
         "version": model.version,
         "created_at": model.meta.get("created_at"),
         "schema_hash": model.meta.get("schema_hash"),
+        "scorer": model.scorer.name,
         "ndcg_at_10": metrics.get("ndcg_at_10"),
     }
 

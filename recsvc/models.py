@@ -22,6 +22,7 @@ import numpy as np
 
 from features.schema import FEATURE_NAMES, SCHEMA_HASH
 from recsvc.errors import ModelRejected
+from recsvc.scoring import TOLERANCE, Compiler, NativeScorer, Scorer, mismatch
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.txt"
@@ -30,16 +31,28 @@ META_FILE = "meta.json"
 KEEP_VERSIONS = 5
 
 
-@dataclass(frozen=True, slots=True)
+SAMPLE_FILE = "sample.npy"  # held-out feature rows: checks a compiled scorer
+
+
 class LoadedModel:
-    name: str
-    version: str
-    booster: lgb.Booster
-    meta: dict[str, Any]
+    """One loaded version. ``scorer`` starts native and may be swapped (one
+    assignment) for verified compiled code; requests call ``predict``."""
+
+    __slots__ = ("booster", "meta", "name", "path", "scorer", "version")
+
+    def __init__(
+        self, name: str, version: str, booster: lgb.Booster, meta: dict[str, Any], path: Path
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.booster = booster
+        self.meta = meta
+        self.path = path
+        self.scorer: Scorer = NativeScorer(booster)
 
     def predict(self, matrix: np.ndarray) -> np.ndarray:
-        """Raw scores for a float32 feature matrix, in one call on one thread."""
-        return np.asarray(self.booster.predict(matrix, num_threads=1))
+        """Raw scores for a float32 feature matrix, on this thread."""
+        return self.scorer.predict(matrix)
 
 
 def versions(model_dir: Path, name: str) -> list[Path]:
@@ -61,8 +74,12 @@ def save(
     booster: lgb.Booster,
     meta: dict[str, Any],
     keep: int = KEEP_VERSIONS,
+    sample: np.ndarray | None = None,
 ) -> Path:
-    """Write a new version atomically and prune the versions beyond the newest ``keep``."""
+    """Write a new version atomically and prune the versions beyond the newest ``keep``.
+
+    ``sample``: real feature rows (float32) kept with the version, on which a
+    compiled scorer must reproduce the native scores before it may serve."""
     root = model_dir / name
     root.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC)
@@ -70,6 +87,8 @@ def save(
     tmp = root / f".tmp-{version}-{os.getpid()}"
     tmp.mkdir()
     booster.save_model(str(tmp / MODEL_FILE))
+    if sample is not None:
+        np.save(tmp / SAMPLE_FILE, np.asarray(sample, dtype=np.float32))
     full_meta = {
         "name": name,
         "version": version,
@@ -115,9 +134,7 @@ def load(path: Path) -> LoadedModel:
         raise ModelRejected(f"{path}: unreadable {MODEL_FILE}: {exc}") from exc
     if booster.feature_name() != list(FEATURE_NAMES):
         raise ModelRejected(f"{path}: {MODEL_FILE} feature names differ from {META_FILE}")
-    return LoadedModel(
-        name=meta.get("name", path.parent.name), version=path.name, booster=booster, meta=meta
-    )
+    return LoadedModel(meta.get("name", path.parent.name), path.name, booster, meta, path)
 
 
 def load_latest(model_dir: Path, name: str) -> LoadedModel | None:
@@ -162,12 +179,64 @@ class ModelRegistry:
     name no model.
     """
 
-    def __init__(self, model_dir: Path, default: str) -> None:
+    def __init__(self, model_dir: Path, default: str, compiler: Compiler | None = None) -> None:
         self.model_dir = model_dir
         self.default = default
+        self.compiler = compiler
         self.models: dict[str, LoadedModel] = {}
         self.refused: dict[tuple[str, str], str] = {}
         self._lock = asyncio.Lock()
+        self._compiles: set[asyncio.Task[None]] = set()
+
+    def start_compiles(self) -> None:
+        """Compile every loaded model in the background (call on the event loop)."""
+        for model in self.models.values():
+            self._compile_later(model)
+
+    def _compile_later(self, model: LoadedModel) -> None:
+        if self.compiler is None:
+            return
+        task = asyncio.create_task(self._compile(self.compiler, model))
+        self._compiles.add(task)
+        task.add_done_callback(self._compiles.discard)
+
+    async def _compile(self, compiler: Compiler, model: LoadedModel) -> None:
+        """Swap in compiled code once it reproduces the native scores; else keep native."""
+        sample_path = model.path / SAMPLE_FILE
+        if not sample_path.is_file():
+            log.warning(
+                "no %s to verify compiled code; the native scorer serves",
+                SAMPLE_FILE,
+                extra={"model": model.name, "version": model.version},
+            )
+            return
+        try:
+            compiled = await compiler.compiled(model.path / MODEL_FILE)
+            sample = await asyncio.to_thread(np.load, sample_path)
+            native = NativeScorer(model.booster)
+            diff = await asyncio.to_thread(mismatch, native, compiled, sample)
+        except Exception:  # any failure: native keeps serving
+            log.exception("compiling the model failed; the native scorer serves")
+            return
+        if diff > TOLERANCE:
+            log.error(
+                "compiled scores differ from native by %.3g; the native scorer serves",
+                diff,
+                extra={"model": model.name, "version": model.version},
+            )
+            return
+        model.scorer = compiled
+        log.info(
+            "compiled scorer serving",
+            extra={"model": model.name, "version": model.version, "max_diff": diff},
+        )
+
+    async def close(self) -> None:
+        for task in list(self._compiles):
+            task.cancel()
+        await asyncio.gather(*self._compiles, return_exceptions=True)
+        if self.compiler is not None:
+            await asyncio.to_thread(self.compiler.close)
 
     @property
     def current(self) -> LoadedModel | None:
@@ -224,6 +293,7 @@ class ModelRegistry:
                 log.warning("model version refused, keeping the current one: %s", exc)
             else:
                 self.models[name] = model
+                self._compile_later(model)
                 log.info("model loaded", extra={"model": name, "version": model.version})
                 return ReloadOutcome(name, "loaded", model.version, version)
         return ReloadOutcome(name, "refused", version, version, top.name, reason)

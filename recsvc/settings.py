@@ -33,6 +33,8 @@ class Settings:
     model_name: str = "ranker"
     model_poll_secs: float = 10.0
     model_keep_versions: int = 5
+    # compiled: lleaves machine code once verified (native serves meanwhile).
+    scorer: str = "compiled"
     # Empty: admin routes are off. Never printed (repr) or logged.
     admin_token: str = dataclasses.field(default="", repr=False)
     candidate_cap: int = 200
@@ -80,6 +82,7 @@ class Settings:
             ("item_refresh_secs", self.item_refresh_secs > 0),
             ("model_poll_secs", self.model_poll_secs > 0),
             ("model_keep_versions", self.model_keep_versions >= 1),
+            ("scorer", self.scorer in {"compiled", "native"}),
             ("admin_token", not self.admin_token or len(self.admin_token) >= 16),
             # Events as old as the dedupe window must still find their
             # co-visitation bucket, which users keep for COVISIT_KEEP_SECS.
@@ -120,6 +123,11 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     ("model_name", "model served by default"),
     ("model_poll_secs", "how often to look for a newer model version"),
     ("model_keep_versions", "versions kept per model name when training writes a new one"),
+    (
+        "scorer",
+        "compiled (lleaves machine code, verified against native, cached in "
+        "<data_dir>/cache) or native (LightGBM)",
+    ),
     (
         "admin_token",
         "bearer token for /admin routes (at least 16 characters); empty = admin routes off",

@@ -69,7 +69,8 @@ def train_files(
             "split_ts": data.split_ts,
         },
     }
-    path = models.save(model_dir, name, result.booster, meta, keep=keep)
+    held_out = data.test.matrix() if data.test.sizes else data.train.matrix()
+    path = models.save(model_dir, name, result.booster, meta, keep=keep, sample=held_out[:512])
     return TrainOutcome(path, result.metrics, time.perf_counter() - started, reports)
 
 

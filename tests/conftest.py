@@ -87,9 +87,15 @@ def model_dir(small_files: DataFiles, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def settings_for(model_dir: Path, **overrides: object) -> Settings:
-    return Settings(model_dir=model_dir, model_poll_secs=0.2, item_refresh_secs=0.2).replace(
-        **overrides
-    )
+    """Test settings: fast polling, data (and the scorer cache) next to the models,
+    the native scorer unless a test asks for the compiled one (tests/test_scoring.py)."""
+    return Settings(
+        model_dir=model_dir,
+        data_dir=model_dir.parent / "data",
+        model_poll_secs=0.2,
+        item_refresh_secs=0.2,
+        scorer="native",
+    ).replace(**overrides)
 
 
 @pytest_asyncio.fixture

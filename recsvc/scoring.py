@@ -1,0 +1,135 @@
+"""Scorers for a loaded model: native LightGBM, or the same trees compiled to
+machine code by lleaves (LLVM), about 15x faster for 200 candidates.
+
+A compiled scorer replaces the native one only after it has been built and
+checked: the compile runs in a separate process (it is CPU-bound Python and
+would hold the GIL), writes an object file to a cache keyed by the model file,
+the lleaves/llvmlite versions and the host CPU, and the result must match
+native predictions to 1e-6 on the model's own held-out feature rows
+(``sample.npy``, written at training). Until then, and whenever anything about
+it fails, the native scorer serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import platform
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from importlib import metadata
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightgbm as lgb
+import numpy as np
+
+log = logging.getLogger(__name__)
+# Largest |compiled - native| accepted on the verification rows.
+TOLERANCE = 1e-6
+
+
+class Scorer(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def predict(self, matrix: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True, slots=True)
+class NativeScorer:
+    booster: lgb.Booster
+    name: str = "native"
+
+    def predict(self, matrix: np.ndarray) -> np.ndarray:
+        """Raw scores, one call on one thread."""
+        return np.asarray(self.booster.predict(matrix, num_threads=1))
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledScorer:
+    model: Any  # lleaves.Model (untyped library)
+    name: str = "lleaves"
+
+    def predict(self, matrix: np.ndarray) -> np.ndarray:
+        """Raw scores; lleaves drops the GIL while its code runs."""
+        return np.asarray(self.model.predict(matrix, n_jobs=1))
+
+
+def available() -> bool:
+    try:
+        import lleaves  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cache_key(model_file: Path) -> str:
+    """Object code depends on the trees, the compiler versions and the CPU."""
+    import llvmlite.binding as llvm
+
+    h = hashlib.sha256(model_file.read_bytes())
+    for part in (
+        metadata.version("lleaves"),
+        metadata.version("llvmlite"),
+        platform.machine(),
+        llvm.get_host_cpu_name(),
+        llvm.get_host_cpu_features().flatten(),
+    ):
+        h.update(b"\0" + part.encode())
+    return h.hexdigest()[:32]
+
+
+def compile_to_cache(model_file: str, cache: str) -> None:
+    """Compile a model to an object file (runs in a child process); atomic rename."""
+    import lleaves
+
+    tmp = f"{cache}.tmp{os.getpid()}"
+    model = lleaves.Model(model_file=model_file)
+    model.compile(cache=tmp, raw_score=True)
+    os.replace(tmp, cache)
+
+
+def load_compiled(model_file: Path, cache: Path) -> CompiledScorer:
+    """Load compiled code from the cache (no compilation: fast)."""
+    import lleaves
+
+    model = lleaves.Model(model_file=str(model_file))
+    model.compile(cache=str(cache), raw_score=True)
+    return CompiledScorer(model)
+
+
+def mismatch(native: Scorer, compiled: Scorer, sample: np.ndarray) -> float:
+    """Largest absolute difference between two scorers on the same rows."""
+    return float(np.max(np.abs(native.predict(sample) - compiled.predict(sample)), initial=0.0))
+
+
+class Compiler:
+    """Builds and caches compiled scorers off the event loop, one compile at a time."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = asyncio.Lock()
+
+    async def compiled(self, model_file: Path) -> CompiledScorer:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        cache = self.cache_dir / f"{await asyncio.to_thread(cache_key, model_file)}.o"
+        async with self._lock:
+            if not cache.exists():
+                if self._pool is None:
+                    # spawn: a clean interpreter, nothing inherited from the server.
+                    self._pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(
+                    self._pool, compile_to_cache, str(model_file), str(cache)
+                )
+        return await asyncio.to_thread(load_compiled, model_file, cache)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
