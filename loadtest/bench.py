@@ -1,12 +1,15 @@
-"""In-process recommendation benchmark: the orchestration without HTTP, real Redis and model.
+"""In-process recommendation benchmark: every stage of a request without the network.
 
-Uses the demo's data directory (run `recsvc demo` once first): the synthetic
-log is loaded into a private redis-server (from the demo's snapshot when it
-has one) and the demo's newest model scores. Prints per-stage and total
-latency over N requests for random known users. Not a test: numbers vary with
-the machine; compare medians and ratios measured in one run.
+Uses the demo's data directory (run `recsvc demo` once first): the demo's Redis
+snapshot (or its synthetic log) goes into a private redis-server and the demo's
+newest model scores. For 50, 200 and 500 candidates (from the real sources,
+padded with popular items to exactly that many) and for each scorer, it times
+the stages a request goes through — validate (msgspec decode of the JSON
+body), redis, candidates, matrix, score, serialise (orjson) — and the CPU time
+of this process per request. Not a test: numbers vary with the machine;
+compare medians and ratios measured in one run.
 
-    .venv/bin/python loadtest/bench.py [--data-dir recsvc-data] [--requests 2000]
+    .venv/bin/python loadtest/bench.py [--data-dir recsvc-data] [--requests 1000]
 """
 
 from __future__ import annotations
@@ -14,32 +17,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import statistics
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
+import orjson
 from redis.asyncio import Redis
 
 from features.candidates import CandidateConfig
 from recsvc import seed
+from recsvc.api import RecommendRequest, decode_json
 from recsvc.embedded import EmbeddedRedis
 from recsvc.itemcache import ItemCache
 from recsvc.models import ModelRegistry
 from recsvc.recommend import Query, Recommender
+from recsvc.scoring import Compiler, available
 from recsvc.settings import Settings
 from recsvc.store import FeatureStore, connect
 
-WARMUP = 200
+WARMUP = 100
+SIZES = (50, 200, 500)
+STAGES = ("validate", "redis", "candidates", "matrix", "score", "serialise")
 
 
-def _pct(values: list[float], q: float) -> float:
+def _ms(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000.0
 
 
-async def run(url: str, settings: Settings, requests: int, n: int, explicit: int) -> None:
+async def _load(url: str, settings: Settings) -> None:
     loader = Redis.from_url(url)
     if not await seed.is_seeded(loader):
         events, items = seed.synthetic_paths(settings.data_dir)
@@ -48,65 +55,91 @@ async def run(url: str, settings: Settings, requests: int, n: int, explicit: int
         await seed.seed(loader, settings, catalogue, log, progress=False)
     await loader.aclose()
 
+
+async def _measure(
+    rec: Recommender, users: list[str], n: int
+) -> tuple[dict[str, list[float]], list[float], float, int]:
+    stages: dict[str, list[float]] = {s: [] for s in STAGES}
+    totals: list[float] = []
+    cpu = 0.0
+    served = 0
+    for k, user in enumerate(users):
+        body = orjson.dumps({"user_id": user, "n": n})
+        c0, t0 = time.process_time(), time.perf_counter()
+        req = decode_json(body, RecommendRequest)
+        t1 = time.perf_counter()
+        q = Query(request_id=uuid.uuid4().hex, user_id=req.user_id, n=req.n or n)
+        result = await rec.recommend(q)
+        t2 = time.perf_counter()
+        orjson.dumps(result.body())
+        t3, c1 = time.perf_counter(), time.process_time()
+        if k < WARMUP or result.strategy != "model":
+            continue
+        served += 1
+        timer = result.timer.stages
+        for name, secs in (
+            ("validate", t1 - t0),
+            ("redis", timer["redis"]),
+            ("candidates", timer["candidates"]),
+            ("matrix", timer["features"]),
+            ("score", timer["score"]),
+            ("serialise", t3 - t2),
+        ):
+            stages[name].append(secs)
+        totals.append(t3 - t0)
+        cpu += c1 - c0
+    return stages, totals, cpu / max(served, 1) * 1000.0, served
+
+
+async def run(url: str, settings: Settings, requests: int, n: int, scorers: list[str]) -> None:
+    await _load(url, settings)
     client = connect(url, settings)
     store = FeatureStore(client, settings)
     items = ItemCache(store)
     await items.refresh()
     registry = ModelRegistry(settings.models_path, settings.model_name)
     registry.load_now()
-    if registry.current is None:
+    model = registry.current
+    if model is None:
         raise SystemExit(f"no model in {settings.models_path}: run `recsvc demo` first")
-    rec = Recommender(store, items, registry, CandidateConfig(cap=settings.candidate_cap))
-    rng = np.random.default_rng(0)
-    users = [f"u{u}" for u in rng.integers(0, 20_000, size=requests + WARMUP)]
-    ids = items.view.table.ids
-    totals: list[float] = []
-    stages: dict[str, list[float]] = {}
-    n_cands: list[int] = []
-    strategies: dict[str, int] = {}
-    for k, user in enumerate(users):
-        cands = None
-        if explicit:
-            cands = [ids[i] for i in rng.choice(len(ids), size=explicit, replace=False)]
-        q = Query(request_id=uuid.uuid4().hex, user_id=user, n=n, candidates=cands)
-        t0 = time.perf_counter()
-        result = await rec.recommend(q)
-        elapsed = time.perf_counter() - t0
-        if k < WARMUP:
-            continue
-        totals.append(elapsed)
-        strategies[result.strategy] = strategies.get(result.strategy, 0) + 1
-        for stage, secs in result.timer.stages.items():
-            stages.setdefault(stage, []).append(secs)
-        if result.strategy == "model":
-            n_cands.append(len(cands) if cands else settings.candidate_cap)
-    await client.aclose()
-
+    native = model.scorer
+    compiled = None
+    if "lleaves" in scorers:
+        if not available():
+            raise SystemExit("lleaves is not installed")
+        compiler = Compiler(Path(tempfile.mkdtemp(prefix="recsvc-bench-cache-")))
+        compiled = await compiler.compiled(model.path / "model.txt")
+        compiler.close()
+    trees = model.booster.num_trees()
     print(
-        f"model {registry.current.version}, {requests} requests, n={n}, "
-        f"candidates={'explicit ' + str(explicit) if explicit else 'from sources (cap 200)'}"
+        f"model {model.name} {model.version}: {trees} trees, "
+        f"{model.booster.num_feature()} features; {requests} requests per row, n={n}"
     )
-    print(f"strategies: {strategies}")
-    print(f"{'stage':<12}{'median ms':>10}{'p95 ms':>9}{'p99 ms':>9}")
-    for stage, values in stages.items():
-        print(
-            f"{stage:<12}{_pct(values, 50):>10.3f}{_pct(values, 95):>9.3f}{_pct(values, 99):>9.3f}"
-        )
-    print(f"{'total':<12}{_pct(totals, 50):>10.3f}{_pct(totals, 95):>9.3f}{_pct(totals, 99):>9.3f}")
-    print(f"median total: {statistics.median(totals) * 1000:.3f} ms")
+    header = "".join(f"{s:>11}" for s in STAGES)
+    print(f"{'scorer':<9}{'cands':>6}{header}{'total p50':>11}{'total p99':>11}{'CPU ms':>8}")
+    rng = np.random.default_rng(0)
+    for scorer in scorers:
+        model.scorer = compiled if scorer == "lleaves" and compiled is not None else native
+        for size in SIZES:
+            config = CandidateConfig(cap=size, popular=size)
+            rec = Recommender(store, items, registry, config)
+            users = [f"u{u}" for u in rng.integers(0, 20_000, size=requests + WARMUP)]
+            stages, totals, cpu, served = await _measure(rec, users, n)
+            cells = "".join(f"{_ms(stages[s], 50):>11.3f}" for s in STAGES)
+            print(
+                f"{model.scorer.name:<9}{size:>6}{cells}"
+                f"{_ms(totals, 50):>11.3f}{_ms(totals, 99):>11.3f}{cpu:>8.3f}"
+                + ("" if served == requests else f"  ({served} served by the model)")
+            )
+    await client.aclose()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", type=Path, default=Settings().data_dir)
-    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--n", type=int, default=10)
-    p.add_argument(
-        "--explicit-candidates",
-        type=int,
-        default=0,
-        help="send this many random candidates instead of generating them",
-    )
+    p.add_argument("--scorers", default="native,lleaves", help="comma list: native, lleaves")
     args = p.parse_args()
     settings = Settings(data_dir=args.data_dir)
     snapshot = args.data_dir / "redis" / "dump.rdb"
@@ -115,7 +148,7 @@ def main() -> None:
         if snapshot.is_file():
             shutil.copy(snapshot, tmp / "dump.rdb")
         with EmbeddedRedis(tmp) as server:
-            asyncio.run(run(server.url, settings, args.requests, args.n, args.explicit_candidates))
+            asyncio.run(run(server.url, settings, args.requests, args.n, args.scorers.split(",")))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

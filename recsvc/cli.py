@@ -37,6 +37,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _serving(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="overrides RECSVC_HOST")
     p.add_argument("--port", type=int, help="overrides RECSVC_PORT")
+    p.add_argument("--workers", type=int, help="overrides RECSVC_WORKERS")
 
 
 def _synthetic(p: argparse.ArgumentParser) -> None:
@@ -120,6 +121,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         log_level=getattr(args, "log_level", None),
         host=getattr(args, "host", None),
         port=getattr(args, "port", None),
+        workers=getattr(args, "workers", None),
     )
 
 
@@ -229,13 +231,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
             params = TrainParams(num_trees=args.trees)
             _train(settings, events, items, settings.model_name, data, params)
         print(f"ready after {time.perf_counter() - started:.1f}s", file=sys.stderr)
-        server.run(settings, url, on_ready=_announce)
+        server.run(settings, url, on_ready=_announce, workers=settings.workers)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     settings = _settings(args)
     with _redis(settings, embedded=args.embedded) as url:
-        server.run(settings, url, on_ready=_announce)
+        server.run(settings, url, on_ready=_announce, workers=settings.workers)
 
 
 def cmd_seed(args: argparse.Namespace) -> None:

@@ -22,7 +22,14 @@ import numpy as np
 
 from features.schema import FEATURE_NAMES, SCHEMA_HASH
 from recsvc.errors import ModelRejected
-from recsvc.scoring import TOLERANCE, Compiler, NativeScorer, Scorer, mismatch
+from recsvc.scoring import (
+    TOLERANCE,
+    Compiler,
+    NativeScorer,
+    Scorer,
+    boundary_rows,
+    mismatch,
+)
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.txt"
@@ -203,18 +210,13 @@ class ModelRegistry:
     async def _compile(self, compiler: Compiler, model: LoadedModel) -> None:
         """Swap in compiled code once it reproduces the native scores; else keep native."""
         sample_path = model.path / SAMPLE_FILE
-        if not sample_path.is_file():
-            log.warning(
-                "no %s to verify compiled code; the native scorer serves",
-                SAMPLE_FILE,
-                extra={"model": model.name, "version": model.version},
-            )
-            return
         try:
             compiled = await compiler.compiled(model.path / MODEL_FILE)
-            sample = await asyncio.to_thread(np.load, sample_path)
+            checks = [await asyncio.to_thread(boundary_rows, model.booster)]
+            if sample_path.is_file():  # real held-out rows (versions from older code lack them)
+                checks.append(await asyncio.to_thread(np.load, sample_path))
             native = NativeScorer(model.booster)
-            diff = await asyncio.to_thread(mismatch, native, compiled, sample)
+            diff = max([await asyncio.to_thread(mismatch, native, compiled, m) for m in checks])
         except Exception:  # any failure: native keeps serving
             log.exception("compiling the model failed; the native scorer serves")
             return

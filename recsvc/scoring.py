@@ -6,8 +6,9 @@ checked: the compile runs in a separate process (it is CPU-bound Python and
 would hold the GIL), writes an object file to a cache keyed by the model file,
 the lleaves/llvmlite versions and the host CPU, and the result must match
 native predictions to 1e-6 on the model's own held-out feature rows
-(``sample.npy``, written at training). Until then, and whenever anything about
-it fails, the native scorer serves.
+(``sample.npy``, written at training) and on rows built from the trees' split
+thresholds. Until then, and whenever anything about it fails, the native
+scorer serves.
 """
 
 from __future__ import annotations
@@ -100,6 +101,36 @@ def load_compiled(model_file: Path, cache: Path) -> CompiledScorer:
     model = lleaves.Model(model_file=str(model_file))
     model.compile(cache=str(cache), raw_score=True)
     return CompiledScorer(model)
+
+
+def boundary_rows(booster: lgb.Booster, rows: int = 1024, seed: int = 0) -> np.ndarray:
+    """Feature rows made of the model's own split thresholds, the floats just either
+    side of them, and NaN: every comparison a tree makes is exercised at its edge.
+    Used to verify compiled code for versions saved without real sample rows."""
+    rng = np.random.default_rng(seed)
+    n_features = booster.num_feature()
+    values: list[list[float]] = [[np.nan, 0.0] for _ in range(n_features)]
+
+    def walk(node: dict[str, Any]) -> None:
+        if "split_feature" not in node:
+            return
+        t = node["threshold"]
+        if isinstance(t, int | float):
+            t32 = float(np.float32(t))
+            values[node["split_feature"]] += [
+                t32,
+                float(np.nextafter(np.float32(t), np.float32(np.inf))),
+                float(np.nextafter(np.float32(t), np.float32(-np.inf))),
+            ]
+        walk(node["left_child"])
+        walk(node["right_child"])
+
+    for tree in booster.dump_model()["tree_info"]:
+        walk(tree["tree_structure"])
+    out = np.empty((rows, n_features), dtype=np.float32)
+    for f, options in enumerate(values):
+        out[:, f] = rng.choice(np.asarray(options, dtype=np.float32), size=rows)
+    return out
 
 
 def mismatch(native: Scorer, compiled: Scorer, sample: np.ndarray) -> float:

@@ -1,23 +1,36 @@
-"""Run the app on uvloop until SIGINT/SIGTERM, then drain and close."""
+"""Run the app on uvloop until SIGINT/SIGTERM, then drain and close; optionally as
+N worker processes sharing one port (SO_REUSEPORT: the kernel spreads connections)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import multiprocessing
 import signal
+import socket
+import time
 from collections.abc import Callable
+from types import FrameType
 
 import uvloop
 from aiohttp import web
 
+from recsvc import logs
 from recsvc.app import create_app
 from recsvc.settings import Settings
 
+log = logging.getLogger(__name__)
 # In-flight requests get this long to finish after a stop signal.
 SHUTDOWN_GRACE_SECS = 10.0
+# How long the parent waits for workers to listen, and to exit after a stop.
+WORKER_START_SECS = 120.0
 
 
 async def serve_until_stopped(
-    settings: Settings, redis_url: str, on_ready: Callable[[str], None] | None = None
+    settings: Settings,
+    redis_url: str,
+    on_ready: Callable[[str], None] | None = None,
+    reuse_port: bool = False,
 ) -> None:
     app = create_app(settings, redis_url)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECS)
@@ -27,7 +40,9 @@ async def serve_until_stopped(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+        site = web.TCPSite(
+            runner, settings.host, settings.port, backlog=1024, reuse_port=reuse_port or None
+        )
         await site.start()
         if on_ready is not None:
             on_ready(f"http://{settings.host}:{settings.port}")
@@ -36,5 +51,80 @@ async def serve_until_stopped(
         await runner.cleanup()
 
 
-def run(settings: Settings, redis_url: str, on_ready: Callable[[str], None] | None = None) -> None:
-    uvloop.run(serve_until_stopped(settings, redis_url, on_ready))
+def _worker(settings: Settings, redis_url: str) -> None:
+    """One worker process: its own event loop, Redis pools, models (loaded after
+    the process starts, LightGBM on one thread) and item cache."""
+    logs.setup(settings.log_level)
+    uvloop.run(serve_until_stopped(settings, redis_url, reuse_port=True))
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def run_workers(
+    settings: Settings,
+    redis_url: str,
+    workers: int,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Start ``workers`` processes on one port and supervise them: a stop signal is
+    passed on to every worker; if one dies, the others are stopped and this raises
+    (a supervisor such as systemd or Kubernetes restarts the whole service)."""
+    ctx = multiprocessing.get_context("spawn")  # nothing inherited but the arguments
+    procs = [
+        ctx.Process(target=_worker, args=(settings, redis_url), name=f"recsvc-worker-{k}")
+        for k in range(workers)
+    ]
+    stopping = False
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for p in procs:
+            p.start()
+        started = time.monotonic()
+        announced = False
+        while not stopping:
+            if not announced and _listening(settings.host, settings.port):
+                announced = True
+                log.info("workers started", extra={"workers": workers, "port": settings.port})
+                if on_ready is not None:
+                    on_ready(f"http://{settings.host}:{settings.port}")
+            dead = [p for p in procs if not p.is_alive()]
+            if dead:
+                raise RuntimeError(f"worker {dead[0].name} exited with code {dead[0].exitcode}")
+            if not announced and time.monotonic() - started > WORKER_START_SECS:
+                raise RuntimeError(f"workers did not listen within {WORKER_START_SECS:.0f} s")
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: the worker drains and closes
+        deadline = time.monotonic() + SHUTDOWN_GRACE_SECS + 5.0
+        for p in procs:
+            p.join(max(deadline - time.monotonic(), 0.1))
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(
+    settings: Settings,
+    redis_url: str,
+    on_ready: Callable[[str], None] | None = None,
+    workers: int = 1,
+) -> None:
+    if workers > 1:
+        run_workers(settings, redis_url, workers, on_ready)
+    else:
+        uvloop.run(serve_until_stopped(settings, redis_url, on_ready))

@@ -24,6 +24,7 @@ class SettingsError(ValueError):
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
+    workers: int = 1
     # Empty: `recsvc demo` / `serve --embedded` start a private redis-server.
     redis_url: str = ""
     redis_server_bin: str = ""
@@ -80,6 +81,7 @@ class Settings:
             ("breaker_failures", self.breaker_failures >= 1),
             ("breaker_reset_secs", self.breaker_reset_secs > 0),
             ("item_refresh_secs", self.item_refresh_secs > 0),
+            ("workers", 1 <= self.workers <= 64),
             ("model_poll_secs", self.model_poll_secs > 0),
             ("model_keep_versions", self.model_keep_versions >= 1),
             ("scorer", self.scorer in {"compiled", "native"}),
@@ -113,6 +115,7 @@ SECRETS = frozenset({"admin_token"})
 SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     ("host", "address to listen on"),
     ("port", "port to listen on"),
+    ("workers", "server processes sharing the port (SO_REUSEPORT); about one per core"),
     ("redis_url", "Redis or Redis Cluster URL; empty = embedded redis-server (demo)"),
     (
         "redis_server_bin",

@@ -20,7 +20,7 @@ from features.schema import build_matrix
 from features.synthetic import SyntheticData
 from recsvc import models
 from recsvc.app import create_app
-from recsvc.scoring import Compiler, NativeScorer, mismatch
+from recsvc.scoring import Compiler, NativeScorer, boundary_rows, mismatch
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.asyncio
@@ -49,7 +49,11 @@ async def test_compiled_scores_equal_native_on_real_feature_matrices(
     compiler = Compiler(tmp_path / "cache")
     try:
         compiled = await compiler.compiled(version / models.MODEL_FILE)
-        matrices = [np.load(version / models.SAMPLE_FILE), *_real_matrices(small_data, 40)]
+        matrices = [
+            np.load(version / models.SAMPLE_FILE),
+            boundary_rows(booster),
+            *_real_matrices(small_data, 40),
+        ]
         assert sum(len(m) for m in matrices) > 2000
         assert any(np.isnan(m).any() for m in matrices)
         for m in matrices:
