@@ -19,7 +19,11 @@ TOP_K = 500
 
 def decayed_counts(table: ItemTable, rows: np.ndarray | slice, now: float) -> np.ndarray:
     """Item counters decayed to ``now``: shape (len(rows), N_TYPES, N_HALF_LIVES)."""
-    raw = table.raw[rows]
+    return decay_rows(table.raw[rows], now)
+
+
+def decay_rows(raw: np.ndarray, now: float) -> np.ndarray:
+    """``decayed_counts`` for item rows already gathered."""
     dt = np.maximum(now - raw[:, COL_REF], 0.0)
     factors = np.exp2(-dt[:, None] / np.asarray(HALF_LIVES)[None, :])
     counts = raw[:, COL_COUNTS:COL_NBR_REF].reshape(-1, N_TYPES, N_HALF_LIVES)

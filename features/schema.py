@@ -23,7 +23,7 @@ from features.events import (
     HALF_LIVES,
     N_HALF_LIVES,
 )
-from features.popularity import decayed_counts
+from features.popularity import decay_rows
 from features.state import COL_CATEGORY, COL_FIRST_SEEN, COL_PRICE, ItemTable, UserState
 
 SCHEMA_VERSION = 2
@@ -62,6 +62,12 @@ class FeatureInput:
     candidates: np.ndarray
     now: float
     context: Context = NO_CONTEXT
+    # The candidates' item rows, gathered once for every family.
+    rows: np.ndarray | None = None
+
+    @property
+    def item_rows(self) -> np.ndarray:
+        return self.rows if self.rows is not None else self.items.raw[self.candidates]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +102,8 @@ def _user_activity(x: FeatureInput) -> np.ndarray:
 
 
 def _item_popularity(x: FeatureInput) -> np.ndarray:
-    counts = decayed_counts(x.items, x.candidates, x.now)
-    rows = x.items.raw[x.candidates]
+    rows = x.item_rows
+    counts = decay_rows(rows, x.now)
     price = rows[:, COL_PRICE]
     first = rows[:, COL_FIRST_SEEN]
     cvr = _rate(counts[:, 3, _WEEK], counts[:, 0, _WEEK], CVR_PRIOR, CVR_STRENGTH)
@@ -114,7 +120,7 @@ def _item_popularity(x: FeatureInput) -> np.ndarray:
 def _user_item(x: FeatureInput) -> np.ndarray:
     u, items, cand = x.user, x.items, x.candidates
     n = len(cand)
-    rows = items.raw[cand]
+    rows = x.item_rows
     # Affinity per category index; the extra last slot answers NO_CATEGORY (-1).
     affinity = np.zeros(len(items.categories) + 1)
     if u.category_affinity:
@@ -236,7 +242,14 @@ def build_matrix(
 ) -> np.ndarray:
     """Feature matrix (len(candidates), len(FEATURE_NAMES)): float32 for the ranker,
     float64 where values are compared exactly (parity tests)."""
-    x = FeatureInput(user=user, items=items, candidates=candidates, now=now, context=context)
+    x = FeatureInput(
+        user=user,
+        items=items,
+        candidates=candidates,
+        now=now,
+        context=context,
+        rows=items.raw[candidates],
+    )
     out = np.empty((len(candidates), len(FEATURE_NAMES)), dtype=dtype)
     col = 0
     for family in FAMILIES:
