@@ -88,13 +88,16 @@ def model_dir(small_files: DataFiles, tmp_path_factory: pytest.TempPathFactory) 
 
 def settings_for(model_dir: Path, **overrides: object) -> Settings:
     """Test settings: fast polling, data (and the scorer cache) next to the models,
-    the native scorer unless a test asks for the compiled one (tests/test_scoring.py)."""
+    the native scorer unless a test asks for the compiled one (tests/test_scoring.py),
+    and a read deadline that a hiccup of this shared machine does not trip (the
+    fallback tests use a dead Redis, which fails at once)."""
     return Settings(
         model_dir=model_dir,
         data_dir=model_dir.parent / "data",
         model_poll_secs=0.2,
         item_refresh_secs=0.2,
         scorer="native",
+        redis_timeout_ms=1000.0,
     ).replace(**overrides)
 
 

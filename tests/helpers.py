@@ -9,6 +9,13 @@ import numpy as np
 from features.events import COVISIT_NEIGHBOURS
 from features.state import COL_NBR, COL_NBR_SCORE
 from features.synthetic import SyntheticData
+from recsvc.settings import Settings
+
+
+def store_settings(**overrides: object) -> Settings:
+    """Settings for tests that read Redis directly: the production read deadline
+    (20 ms) would turn a hiccup of this shared machine into a failed read."""
+    return Settings(redis_timeout_ms=2000.0).replace(**overrides)
 
 
 def canonical(raw: np.ndarray) -> np.ndarray:

@@ -21,9 +21,9 @@ from features.state import COL_NBR
 from features.synthetic import SyntheticData
 from recsvc import keys
 from recsvc.app import create_app
-from recsvc.settings import Settings
 from recsvc.store import FeatureStore, IncompatibleStore, table_from_snapshot
 from tests.conftest import settings_for
+from tests.helpers import store_settings
 
 pytestmark = pytest.mark.asyncio
 Client = TestClient[Any, Any]
@@ -150,7 +150,7 @@ async def test_parity_through_http_with_duplicates_and_shuffled_arrival(
     the same unique events through the pure state: the same feature matrices."""
     rng = random.Random(9)
     catalogue = small_data.catalogue
-    store = FeatureStore(aredis, Settings())
+    store = FeatureStore(aredis, store_settings())
     await store.upsert_items(
         list(zip(catalogue.item_ids, catalogue.categories, catalogue.prices.tolist(), strict=True))
     )
@@ -279,7 +279,7 @@ async def test_one_event_id_for_two_users_counts_for_both(client: Client, seeded
         ]
     }
     assert (await (await client.post("/v1/events", json=body)).json())["accepted"] == 2
-    after = (await FeatureStore(seeded, Settings()).item_snapshot(0, 0)).raw
+    after = (await FeatureStore(seeded, store_settings()).item_snapshot(0, 0)).raw
     row = int(await seeded.hget("{items}:idx", "solo-item"))
     clicks_7d = 4 + 1 * 3 + 2  # COL_COUNTS + click row + 7-day half-life
     assert after[row, clicks_7d] == pytest.approx(2.0)
@@ -297,7 +297,7 @@ async def test_a_user_with_thousands_of_categories_loses_no_events(
     aredis: Redis, redis_url: str, model_dir: Path
 ) -> None:
     """A huge state must not make the script fail after marking events as seen."""
-    store = FeatureStore(aredis, Settings())
+    store = FeatureStore(aredis, store_settings())
     await store.upsert_items([(f"k{c}", f"cat{c}", 1.0) for c in range(5000)])
     app = create_app(settings_for(model_dir), redis_url)
     async with TestClient(TestServer(app, host="127.0.0.1")) as c:

@@ -8,15 +8,15 @@ import pytest
 from redis.asyncio import Redis
 
 from recsvc.itemcache import ItemCache
-from recsvc.settings import Settings
 from recsvc.store import EventWrite, FeatureStore
+from tests.helpers import store_settings
 
 pytestmark = pytest.mark.asyncio
 T0 = time.time()
 
 
 async def test_cache_picks_up_new_items_and_events(aredis: Redis) -> None:
-    store = FeatureStore(aredis, Settings())
+    store = FeatureStore(aredis, store_settings())
     await store.upsert_items([("a", "c1", 5.0), ("b", "c2", 7.0)])
     cache = ItemCache(store)
     await cache.refresh()
@@ -31,7 +31,7 @@ async def test_cache_picks_up_new_items_and_events(aredis: Redis) -> None:
 
 
 async def test_cache_reloads_after_the_item_keys_are_rebuilt(aredis: Redis) -> None:
-    store = FeatureStore(aredis, Settings())
+    store = FeatureStore(aredis, store_settings())
     await store.upsert_items([(f"old{k}", "c1", 1.0) for k in range(5)])
     cache = ItemCache(store)
     await cache.refresh()

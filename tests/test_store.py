@@ -27,7 +27,7 @@ from recsvc.store import (
     connect,
     table_from_snapshot,
 )
-from tests.helpers import canonical, neighbour_counts
+from tests.helpers import canonical, neighbour_counts, store_settings
 
 pytestmark = pytest.mark.asyncio
 
@@ -56,7 +56,7 @@ async def test_redis_and_pure_replay_give_identical_features(
     catalogue does not have. Writers pass the item table's attributes (none for
     an unknown item), which is what the replay uses.
     """
-    store = FeatureStore(aredis, Settings(user_ttl_days=0))
+    store = FeatureStore(aredis, store_settings(user_ttl_days=0))
     writes = _writes(small_data, 6000)
     strangers = [
         EventWrite(f"u{k}", f"new-item-{k % 7}", k % 4, writes[k * 50].ts + 0.5, f"x{k}")
@@ -104,7 +104,7 @@ async def test_redis_and_pure_replay_give_identical_features(
 
 
 async def test_event_ids_apply_once_even_concurrently(aredis: Redis) -> None:
-    store = FeatureStore(aredis, Settings())
+    store = FeatureStore(aredis, store_settings())
     e = EventWrite("u1", "i1", 1, 1_700_000_000.0, "same-id", "c1", 5.0)
     results = await asyncio.gather(*(store.apply_events([e]) for _ in range(8)))
     assert sorted(r[0] for r in results) == [0] * 7 + [1]
@@ -115,7 +115,7 @@ async def test_event_ids_apply_once_even_concurrently(aredis: Redis) -> None:
 
 
 async def test_batch_reports_duplicates_per_event(aredis: Redis) -> None:
-    store = FeatureStore(aredis, Settings())
+    store = FeatureStore(aredis, store_settings())
     a = EventWrite("u1", "i1", 0, 1_700_000_000.0, "a")
     b = EventWrite("u2", "i2", 0, 1_700_000_001.0, "b")
     assert await store.apply_events([a]) == [1]
@@ -123,7 +123,7 @@ async def test_batch_reports_duplicates_per_event(aredis: Redis) -> None:
 
 
 async def test_unknown_user_reads_as_none(aredis: Redis) -> None:
-    assert await FeatureStore(aredis, Settings()).fetch_user("nobody") is None
+    assert await FeatureStore(aredis, store_settings()).fetch_user("nobody") is None
 
 
 async def test_dead_redis_raises_store_unavailable_and_opens_circuit(tmp_path: object) -> None:
@@ -156,7 +156,7 @@ def _session_writes(n_users: int, seed: int, t0: float) -> list[EventWrite]:
 async def test_co_visits_survive_an_item_side_call_that_never_ran(aredis: Redis) -> None:
     """The user side applied (and recorded the event ids), the item side was lost:
     a retry is a duplicate for the user, yet the item side gets every pair."""
-    store = FeatureStore(aredis, Settings(user_ttl_days=0))
+    store = FeatureStore(aredis, store_settings(user_ttl_days=0))
     writes = _session_writes(30, seed=3, t0=1_790_000_000.0)
     assert all(await store.apply_events(writes))
     item_keys = [k async for k in aredis.scan_iter(match=f"{keys.ITEM_TAG}:*")]
@@ -178,7 +178,7 @@ async def test_co_visits_survive_an_item_side_call_that_never_ran(aredis: Redis)
 
 
 async def test_a_delta_snapshot_patches_the_previous_table_exactly(aredis: Redis) -> None:
-    store = FeatureStore(aredis, Settings())
+    store = FeatureStore(aredis, store_settings())
     await store.upsert_items([(f"c{k}", f"cat{k % 3}", 1.0 + k) for k in range(50)])
     writes = _session_writes(20, seed=5, t0=1_790_000_000.0)
     await store.apply_events(writes[:60])
@@ -204,7 +204,7 @@ async def test_a_delta_snapshot_patches_the_previous_table_exactly(aredis: Redis
 
 
 async def test_a_users_co_visit_buckets_expire_and_stay_bounded(aredis: Redis) -> None:
-    store = FeatureStore(aredis, Settings())
+    store = FeatureStore(aredis, store_settings())
     t0 = 1_790_000_000.0
     writes = [
         EventWrite("walker", f"w{k}", 0, t0 + k * COVISIT_BUCKET_SECS, f"w{k}") for k in range(100)
@@ -217,7 +217,7 @@ async def test_a_users_co_visit_buckets_expire_and_stay_bounded(aredis: Redis) -
 
 
 async def test_an_empty_redis_is_claimed_for_this_storage_format(aredis: Redis) -> None:
-    store = FeatureStore(aredis, Settings())
+    store = FeatureStore(aredis, store_settings())
     await store.check_format()
     assert int(await aredis.get(keys.FORMAT_KEY)) == STORAGE_FORMAT
     await store.check_format()  # and accepted from then on
@@ -233,7 +233,7 @@ async def test_data_in_another_storage_format_is_refused(
     await aredis.set(keys.ITEM_STATE, b"\0" * 8 * 16)  # a format-1 row
     if marker is not None:
         await aredis.set(keys.FORMAT_KEY, marker)
-    store = FeatureStore(aredis, Settings())
+    store = FeatureStore(aredis, store_settings())
     with pytest.raises(IncompatibleStore) as info:
         await store.check_format()
     assert info.value.found == (7 if marker else 1)
