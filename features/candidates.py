@@ -24,6 +24,8 @@ class CandidateConfig:
     popular: int = 100
     recent: int = 20
     covisit: int = 60
+    # Which generated sources run (an A/B variant may pick a subset).
+    sources: tuple[str, ...] = ("recent", "covisit", "category", "popular")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,19 +84,23 @@ def from_sources(
     categories, then global popular."""
     parts: list[np.ndarray] = []
     sources: list[int] = []
+    use = config.sources
     recent_ids = [item for item, _ in user.recent_newest_first()[: config.recent]]
-    if recent_ids:
+    if recent_ids and ("recent" in use or "covisit" in use):
         recent = ids_to_index(table, recent_ids)
-        parts.append(recent)
-        sources.append(SOURCE_RECENT)
-        if config.covisit and len(recent):
+        if "recent" in use:
+            parts.append(recent)
+            sources.append(SOURCE_RECENT)
+        if "covisit" in use and config.covisit and len(recent):
             parts.append(covisit.aggregate(table, recent, now)[0][: config.covisit])
             sources.append(SOURCE_COVISIT)
-    for c in top_categories(user, table, config.top_categories):
-        parts.append(popularity.for_category(c)[: config.per_category])
-        sources.append(SOURCE_CATEGORY)
-    parts.append(popularity.top[: config.popular])
-    sources.append(SOURCE_POPULAR)
+    if "category" in use:
+        for c in top_categories(user, table, config.top_categories):
+            parts.append(popularity.for_category(c)[: config.per_category])
+            sources.append(SOURCE_CATEGORY)
+    if "popular" in use:
+        parts.append(popularity.top[: config.popular])
+        sources.append(SOURCE_POPULAR)
     banned = _banned(user, table, exclude)
     return _assemble(parts, sources, banned, config.cap)
 

@@ -48,9 +48,29 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Latent:
+    """What the generator knows and a model must learn: each user's category tastes
+    and price level, each item's category and price (a simulator's ground truth)."""
+
+    taste: np.ndarray  # (users, categories), rows sum to 1
+    user_log_price: np.ndarray
+    price_tolerance: np.ndarray
+    item_category: np.ndarray
+    item_log_price: np.ndarray
+
+    def match(self, user: int, items: np.ndarray) -> np.ndarray:
+        """How well items fit a user (0..1), as the generator's funnel uses it."""
+        gap = self.item_log_price[items] - self.user_log_price[user]
+        fit = np.exp(-0.5 * (gap / self.price_tolerance[user]) ** 2)
+        taste = self.taste[user, self.item_category[items]] / self.taste.max()
+        return np.asarray(fit * (0.4 + 0.6 * taste))
+
+
+@dataclass(frozen=True, slots=True)
 class SyntheticData:
     catalogue: Catalogue
     events: EventLog
+    latent: Latent | None = None
 
 
 def _pick_rows(cum: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -180,4 +200,5 @@ def generate(config: SyntheticConfig, end_ts: float) -> SyntheticData:
         user_ids=[f"u{u}" for u in range(n_u)],
         item_ids=catalogue.item_ids,
     )
-    return SyntheticData(catalogue=catalogue, events=events)
+    latent = Latent(taste, user_log_price, price_tolerance, item_cat, item_log_price)
+    return SyntheticData(catalogue=catalogue, events=events, latent=latent)

@@ -101,6 +101,8 @@ class RecommendRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ) = None
     exclude: Annotated[list[Id], msgspec.Meta(max_length=MAX_CANDIDATES)] = []
     context: Context | None = None
+    # Force variants (experiment -> variant) where the experiment allows it.
+    flags: Annotated[dict[Label, Label], msgspec.Meta(max_length=20)] | None = None
 
 
 T = TypeVar("T")
@@ -137,3 +139,22 @@ def convert_query(params: dict[str, Any], kind: type[T]) -> T:
     except msgspec.ValidationError as exc:
         message = str(exc)
         raise InvalidRequest(message, field=_field_of(message)) from None
+
+
+def parse_flags_header(value: str) -> dict[str, str]:
+    """``X-Recsvc-Flags: exp=variant,exp2=variant``; InvalidRequest names the header."""
+    flags: dict[str, str] = {}
+    for part in value.split(","):
+        if not part.strip():
+            continue
+        name, sep, variant = part.partition("=")
+        name, variant = name.strip(), variant.strip()
+        if not sep or not name or not variant or len(name) > 64 or len(variant) > 64:
+            raise InvalidRequest(
+                "X-Recsvc-Flags must be experiment=variant pairs separated by commas",
+                field="header:X-Recsvc-Flags",
+            )
+        flags[name] = variant
+    if len(flags) > 20:
+        raise InvalidRequest("at most 20 flags", field="header:X-Recsvc-Flags")
+    return flags

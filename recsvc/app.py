@@ -12,6 +12,8 @@ from redis.exceptions import RedisError
 
 from features.candidates import CandidateConfig
 from recsvc import appkeys, scoring
+from recsvc.experiments import ExperimentsHolder
+from recsvc.exposures import ExposureLog
 from recsvc.ingest import Ingestor
 from recsvc.itemcache import ItemCache
 from recsvc.middleware import errors, inflight_limit
@@ -84,9 +86,26 @@ async def _models_ctx(app: web.Application) -> AsyncIterator[None]:
     await registry.close()
 
 
+async def _experiments_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[appkeys.SETTINGS]
+    registry = app[appkeys.MODELS]
+    holder = ExperimentsHolder(settings.experiments, lambda: set(registry.models))
+    holder.load_now()  # a bad file at start stops the service, with the reason
+    app[appkeys.EXPERIMENTS] = holder
+    exposures = ExposureLog(app[appkeys.STORE].writer, settings.exposure_stream_max)
+    app[appkeys.EXPOSURES] = exposures
+    stop = asyncio.Event()
+    writer = asyncio.create_task(exposures.run(stop))
+    poller = asyncio.create_task(holder.poll(settings.model_poll_secs))
+    yield
+    await _cancel(poller)
+    stop.set()  # flush what is queued (bounded), then stop
+    await writer
+
+
 async def _recommender_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
-    app[appkeys.INGESTOR] = Ingestor(app[appkeys.STORE], app[appkeys.ITEMS])
+    app[appkeys.INGESTOR] = Ingestor(app[appkeys.STORE], app[appkeys.ITEMS], app[appkeys.EXPOSURES])
     app[appkeys.RECOMMENDER] = Recommender(
         app[appkeys.STORE],
         app[appkeys.ITEMS],
@@ -104,6 +123,8 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     )
     app[appkeys.SETTINGS] = settings
     app[appkeys.REDIS_URL] = redis_url
-    app.cleanup_ctx.extend([_redis_ctx, _items_ctx, _models_ctx, _recommender_ctx])
+    app.cleanup_ctx.extend(
+        [_redis_ctx, _items_ctx, _models_ctx, _experiments_ctx, _recommender_ctx]
+    )
     setup_routes(app)
     return app

@@ -5,6 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 from redis.asyncio import Redis
 
+from recsvc.experiments import ExperimentsHolder
+from recsvc.exposures import ExposureLog
 from recsvc.ingest import Ingestor
 from recsvc.itemcache import ItemCache
 from recsvc.models import ModelRegistry
@@ -20,3 +22,5 @@ ITEMS = web.AppKey("items", ItemCache)
 MODELS = web.AppKey("models", ModelRegistry)
 RECOMMENDER = web.AppKey("recommender", Recommender)
 INGESTOR = web.AppKey("ingestor", Ingestor)
+EXPERIMENTS = web.AppKey("experiments", ExperimentsHolder)
+EXPOSURES = web.AppKey("exposures", ExposureLog)

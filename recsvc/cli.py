@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
 
 from features.candidates import CandidateConfig
 from features.dataset import DatasetConfig
 from features.logs import Catalogue, EventLog, LogFormatError, read_catalogue_report, read_log
+from features.state import COL_PRICE
 from features.synthetic import SyntheticConfig
 from features.trainer import TrainParams
-from recsvc import logs, models, seed, server, training
+from recsvc import abreport, experiments, logs, models, seed, server, simulate, training
 from recsvc.embedded import EmbeddedRedis, EmbeddedRedisError
 from recsvc.errors import ModelRejected
 from recsvc.settings import Settings, SettingsError, from_env
@@ -95,6 +98,24 @@ def parser() -> argparse.ArgumentParser:
     md = sub.add_parser("models", help="the model registry")
     md_sub = md.add_subparsers(dest="models_command", required=True)
     _common(md_sub.add_parser("list", help="every version under the model directory"))
+
+    ab = sub.add_parser("ab-report", help="experiment results from the exposure log")
+    _common(ab)
+    ab.add_argument("--experiment", help="only this experiment")
+    ab.add_argument("--since", type=float, default=0.0, help="seconds since epoch")
+    ab.add_argument("--json", action="store_true", help="machine-readable output")
+    ab.add_argument("--embedded", action="store_true", help="the data dir's own Redis")
+
+    sim = sub.add_parser(
+        "simulate", help="synthetic shoppers (known tastes) against a running service"
+    )
+    _common(sim)
+    sim.add_argument("--host", default="http://127.0.0.1:8080", help="loopback only")
+    sim.add_argument("--users", type=int, default=2000, help="shoppers (demo users u0..)")
+    sim.add_argument("--duration", type=float, default=60.0, help="seconds at most")
+    sim.add_argument("--requests", type=int, default=20_000, help="recommendations at most")
+    sim.add_argument("--concurrency", type=int, default=8)
+    sim.add_argument("--seed", type=int, default=1)
 
     tr = sub.add_parser("train", help="train a ranker from an event log")
     _common(tr)
@@ -281,6 +302,58 @@ def cmd_import(args: argparse.Namespace) -> None:
     )
 
 
+async def _ab_report(url: str, settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    config = None
+    if settings.experiments is not None:
+        # Weights for the ratio check; models need not be loaded to read a report.
+        config = experiments.parse(
+            settings.experiments.read_text(), str(settings.experiments), None
+        )
+    client = Redis.from_url(url)
+    try:
+        snap = await FeatureStore(client, settings).item_snapshot()
+        prices = {
+            item: float(price)
+            for item, price in zip(snap.new_ids, snap.raw[:, COL_PRICE].tolist(), strict=False)
+            if price > 0
+        }
+        return await abreport.report(client, config, args.experiment, args.since, prices)
+    finally:
+        await client.aclose()
+
+
+def cmd_ab_report(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    with _redis(settings, embedded=args.embedded) as url:
+        result = asyncio.run(_ab_report(url, settings, args))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(abreport.format_report(result))
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    try:
+        done = asyncio.run(
+            simulate.simulate(
+                args.host,
+                args.users,
+                args.duration,
+                args.requests,
+                SyntheticConfig(),
+                concurrency=args.concurrency,
+                seed=args.seed,
+            )
+        )
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    print(
+        f"simulated {done.requests} recommendations, {done.clicks} clicks, "
+        f"{done.purchases} purchases in {done.seconds:.1f}s ({done.errors} errors)",
+        file=sys.stderr,
+    )
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     settings = _settings(args)
     root = settings.models_path
@@ -344,6 +417,8 @@ COMMANDS = {
     "seed": cmd_seed,
     "import": cmd_import,
     "models": cmd_models,
+    "ab-report": cmd_ab_report,
+    "simulate": cmd_simulate,
     "train": cmd_train,
     "generate": cmd_generate,
 }
@@ -361,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         LogFormatError,
         IncompatibleStore,
         FileNotFoundError,
+        experiments.ExperimentsError,
     ) as exc:
         print(f"recsvc: {exc}", file=sys.stderr)
         return 2

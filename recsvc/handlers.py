@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hmac
 import os
+from dataclasses import replace
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from features.candidates import CandidateConfig
 from features.schema import NO_CONTEXT, Context
 from recsvc import appkeys
 from recsvc.api import (
@@ -18,11 +20,13 @@ from recsvc.api import (
     convert_query,
     decode_events,
     decode_json,
+    parse_flags_header,
 )
 from recsvc.errors import InvalidRequest, Unauthorized
 from recsvc.models import LoadedModel
 from recsvc.online import feature_values, user_feature_values
 from recsvc.recommend import Query
+from recsvc.settings import Settings
 
 
 def json_response(
@@ -37,8 +41,30 @@ def _request_id() -> str:
     return os.urandom(8).hex()
 
 
+def _flags(request: web.Request, body_flags: dict[str, str] | None) -> dict[str, str]:
+    """Forced variants from the body and the X-Recsvc-Flags header (body wins)."""
+    header = request.headers.get("X-Recsvc-Flags")
+    flags = parse_flags_header(header) if header else {}
+    return flags | (body_flags or {})
+
+
+def _candidate_config(settings: Settings, parameters: dict[str, Any]) -> CandidateConfig | None:
+    if "sources" not in parameters and "cap" not in parameters:
+        return None
+    base = CandidateConfig(cap=settings.candidate_cap)
+    return replace(
+        base,
+        cap=parameters.get("cap", base.cap),
+        sources=parameters.get("sources", base.sources),
+    )
+
+
 async def _serve(request: web.Request, req: RecommendRequest) -> web.Response:
     settings = request.app[appkeys.SETTINGS]
+    assignment = request.app[appkeys.EXPERIMENTS].current.assign(
+        req.user_id, _flags(request, req.flags)
+    )
+    params = assignment.parameters
     query = Query(
         request_id=_request_id(),
         user_id=req.user_id,
@@ -47,10 +73,31 @@ async def _serve(request: web.Request, req: RecommendRequest) -> web.Response:
         exclude=req.exclude,
         category=req.context.category if req.context else None,
         context=Context(req.context.device, req.context.page) if req.context else NO_CONTEXT,
+        model=params.get("model"),
+        strategy=params.get("strategy", "model"),
+        candidate_config=_candidate_config(settings, params),
+        experiments=assignment.variants,
+        forced=assignment.forced,
     )
     result = await request.app[appkeys.RECOMMENDER].recommend(query)
     result.timer.mark("serialise")
+    if assignment.variants:
+        request.app[appkeys.EXPOSURES].exposure(
+            result.request_id,
+            result.user_id,
+            assignment.variants,
+            assignment.forced,
+            [i["item_id"] for i in result.items],
+            result.strategy,
+        )
     return json_response(result.body(), headers={"Server-Timing": result.timer.header()})
+
+
+async def experiments_get(request: web.Request) -> web.Response:
+    """The user's variants, without making a recommendation."""
+    ref = convert_query({"user_id": request.match_info["user_id"]}, UserRef)
+    assignment = request.app[appkeys.EXPERIMENTS].current.assign(ref.user_id)
+    return json_response({"user_id": ref.user_id, "experiments": assignment.variants})
 
 
 async def recommend_post(request: web.Request) -> web.Response:
@@ -180,3 +227,11 @@ async def admin_models_reload(request: web.Request) -> web.Response:
     outcomes = await request.app[appkeys.MODELS].reload()
     refused = any(o.status == "refused" for o in outcomes)
     return json_response({"models": [o.body() for o in outcomes]}, status=409 if refused else 200)
+
+
+async def admin_experiments_reload(request: web.Request) -> web.Response:
+    """Load the experiments file again: 200 when it serves, 409 with the reason when
+    refused (the old experiments keep serving)."""
+    _require_admin(request)
+    ok, message = request.app[appkeys.EXPERIMENTS].reload()
+    return json_response({"loaded": ok, "message": message}, status=200 if ok else 409)

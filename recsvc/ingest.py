@@ -10,6 +10,7 @@ from features.events import EVENT_BY_NAME
 from features.state import COL_CATEGORY, COL_PRICE
 from recsvc.api import EventIn
 from recsvc.errors import InvalidRequest
+from recsvc.exposures import ExposureLog
 from recsvc.itemcache import ItemCache
 from recsvc.store import EventWrite, FeatureStore
 
@@ -30,9 +31,12 @@ class IngestResult:
 class Ingestor:
     """Applies validated events through the store's atomic, deduplicating scripts."""
 
-    def __init__(self, store: FeatureStore, items: ItemCache) -> None:
+    def __init__(
+        self, store: FeatureStore, items: ItemCache, exposures: ExposureLog | None = None
+    ) -> None:
         self.store = store
         self.items = items
+        self.exposures = exposures
 
     def _write(self, e: EventIn, now: float) -> EventWrite:
         ts = now if e.ts is None else e.ts
@@ -66,15 +70,23 @@ class Ingestor:
         now = time.time()
         result = IngestResult()
         writes: list[EventWrite] = []
+        sources: list[EventIn] = []
         for k, e in enumerate(events):
             try:
                 if isinstance(e, InvalidRequest):
                     raise e
                 writes.append(self._write(e, now))
+                sources.append(e)
             except InvalidRequest as err:
                 result.rejected.append({"index": k, "error": err.message, "field": err.field})
         if writes:
             applied = await self.store.apply_events(writes)
             result.accepted = sum(applied)
             result.duplicates = len(applied) - result.accepted
+            if self.exposures is not None:
+                # Attribute applied events to the recommendation they came from
+                # (duplicates are not counted twice).
+                for flag, w, e in zip(applied, writes, sources, strict=True):
+                    if flag and e.request_id:
+                        self.exposures.outcome(e.request_id, w.user_id, w.item_id, e.type, w.ts)
         return result

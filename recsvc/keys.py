@@ -75,3 +75,8 @@ def user_keys(user_id: str, event_ids: list[str]) -> list[str]:
 def item_read_keys() -> list[str]:
     """KEYS of ``lua/item_read.lua``."""
     return [ITEM_EPOCH, ITEM_VERSION, ITEM_IDS, CATEGORIES, ITEM_STATE, ITEM_DIRTY, FORMAT_KEY]
+
+
+# Experiment exposures and the outcomes attributed to them (capped streams).
+EXPOSURES = "{ab}:exposures"
+OUTCOMES = "{ab}:outcomes"

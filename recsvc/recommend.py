@@ -43,6 +43,12 @@ class Query:
     exclude: list[str] = field(default_factory=list)
     category: str | None = None
     context: Context = NO_CONTEXT
+    # A/B: what the user's variants select (None = the default configuration).
+    model: str | None = None
+    strategy: str = "model"
+    candidate_config: CandidateConfig | None = None
+    experiments: dict[str, str] = field(default_factory=dict)
+    forced: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -54,16 +60,22 @@ class Result:
     fallback_reason: str | None
     model: dict[str, str] | None
     timer: StageTimer
+    experiments: dict[str, str] = field(default_factory=dict)
+    forced: frozenset[str] = frozenset()
 
     def body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "request_id": self.request_id,
             "user_id": self.user_id,
             "items": self.items,
             "strategy": self.strategy,
             "fallback_reason": self.fallback_reason,
             "model": self.model,
+            "experiments": self.experiments,
         }
+        if self.forced:
+            body["forced"] = sorted(self.forced)  # left out of experiment analysis
+        return body
 
 
 def _items(
@@ -100,6 +112,11 @@ class Recommender:
         self.config = config
 
     async def recommend(self, q: Query) -> Result:
+        result = await self._recommend(q)
+        result.experiments, result.forced = q.experiments, q.forced
+        return result
+
+    async def _recommend(self, q: Query) -> Result:
         timer = StageTimer()
         try:
             user = await self.store.fetch_user(q.user_id)
@@ -110,7 +127,9 @@ class Recommender:
         timer.mark("redis")
         if user is None:
             return self._fallback(q, None, UNKNOWN_USER, timer)
-        model = self.models.current
+        if q.strategy == "popular":  # chosen by an experiment: not a fallback
+            return self._fallback(q, user, None, timer, strategy="popular")
+        model = self.models.get(q.model) if q.model else self.models.current
         if model is None:
             return self._fallback(q, user, MODEL_UNAVAILABLE, timer)
         # From here on nothing awaits: one consistent item view for the request.
@@ -137,9 +156,17 @@ class Recommender:
         exclude = cands.ids_to_index(view.table, q.exclude)
         if q.candidates is not None:
             return cands.from_request(user, view.table, q.candidates, exclude, len(q.candidates))
-        return cands.from_sources(user, view.table, view.popularity, self.config, exclude, now)
+        config = q.candidate_config or self.config
+        return cands.from_sources(user, view.table, view.popularity, config, exclude, now)
 
-    def _fallback(self, q: Query, user: UserState | None, reason: str, timer: StageTimer) -> Result:
+    def _fallback(
+        self,
+        q: Query,
+        user: UserState | None,
+        reason: str | None,
+        timer: StageTimer,
+        strategy: str = "fallback",
+    ) -> Result:
         """Default strategy: the most popular items (of the context category first when given).
 
         When the caller gave candidates, the default orders those by popularity.
@@ -164,7 +191,7 @@ class Recommender:
             sources += ["popular"] * (len(pool) - len(sources))
         timer.mark("fallback")
         items = _items(table, pool, popularity.scores[pool], sources)
-        return Result(q.request_id, q.user_id, items, "fallback", reason, None, timer)
+        return Result(q.request_id, q.user_id, items, strategy, reason, None, timer)
 
 
 def _unique(pool: np.ndarray) -> np.ndarray:

@@ -34,6 +34,9 @@ class Settings:
     model_name: str = "ranker"
     model_poll_secs: float = 10.0
     model_keep_versions: int = 5
+    # Empty: no experiments (everyone gets the default configuration).
+    experiments: Path | None = None
+    exposure_stream_max: int = 1_000_000
     # compiled: lleaves machine code once verified (native serves meanwhile).
     scorer: str = "compiled"
     # Empty: admin routes are off. Never printed (repr) or logged.
@@ -84,6 +87,7 @@ class Settings:
             ("workers", 1 <= self.workers <= 64),
             ("model_poll_secs", self.model_poll_secs > 0),
             ("model_keep_versions", self.model_keep_versions >= 1),
+            ("exposure_stream_max", self.exposure_stream_max >= 1000),
             ("scorer", self.scorer in {"compiled", "native"}),
             ("admin_token", not self.admin_token or len(self.admin_token) >= 16),
             # Events as old as the dedupe window must still find their
@@ -126,6 +130,11 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     ("model_name", "model served by default"),
     ("model_poll_secs", "how often to look for a newer model version"),
     ("model_keep_versions", "versions kept per model name when training writes a new one"),
+    (
+        "experiments",
+        "A/B experiments TOML (reloaded when it changes, or by POST /admin/experiments/reload)",
+    ),
+    ("exposure_stream_max", "entries kept in each experiment log stream (approximate cap)"),
     (
         "scorer",
         "compiled (lleaves machine code, verified against native, cached in "

@@ -1,0 +1,306 @@
+"""A/B experiments: the TOML file, stable assignment, and what a variant selects.
+
+Assignment is a pure function of (salt, user id): MurmurHash3 (x86, 32 bit, the
+hash the Unleash SDKs use) of ``"<salt>:<user id>"`` decides whether the user is
+in the experiment's traffic (seed 0) and, independently, which variant (seed
+86028157, Unleash's variant seed), each as a bucket in 0..9999. Nothing on this
+path touches Redis or the clock, so every process, and every restart, agrees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from features.candidates import SOURCES
+
+log = logging.getLogger(__name__)
+BUCKETS = 10_000
+TRAFFIC_SEED = 0
+VARIANT_SEED = 86028157
+STRATEGIES = ("model", "popular")
+GENERATED_SOURCES = tuple(s for s in SOURCES if s != "request")
+_M = 0xFFFFFFFF
+
+
+class ExperimentsError(ValueError):
+    """An experiments file that must not serve; the message names the experiment."""
+
+
+def murmur3_32(data: bytes, seed: int = 0) -> int:
+    """MurmurHash3 x86_32 (Austin Appleby's reference), unsigned."""
+    c1, c2 = 0xCC9E2D51, 0x1B873593
+    h = seed & _M
+    n = len(data)
+    end = n - n % 4
+    for i in range(0, end, 4):
+        k = int.from_bytes(data[i : i + 4], "little")
+        k = (k * c1) & _M
+        k = ((k << 15) | (k >> 17)) & _M
+        k = (k * c2) & _M
+        h ^= k
+        h = ((h << 13) | (h >> 19)) & _M
+        h = (h * 5 + 0xE6546B64) & _M
+    tail = data[end:]
+    k = 0
+    if len(tail) == 3:
+        k ^= tail[2] << 16
+    if len(tail) >= 2:
+        k ^= tail[1] << 8
+    if tail:
+        k ^= tail[0]
+        k = (k * c1) & _M
+        k = ((k << 15) | (k >> 17)) & _M
+        k = (k * c2) & _M
+        h ^= k
+    h ^= n
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M
+    h ^= h >> 16
+    return h
+
+
+def bucket(salt: str, user_id: str, seed: int) -> int:
+    return murmur3_32(f"{salt}:{user_id}".encode(), seed) % BUCKETS
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    name: str
+    weight: float
+    model: str | None = None
+    strategy: str | None = None
+    sources: tuple[str, ...] | None = None
+    cap: int | None = None
+
+    def parameters(self) -> dict[str, Any]:
+        """What this variant sets (unset parameters keep the default configuration)."""
+        values: dict[str, Any] = {"model": self.model, "strategy": self.strategy}
+        values |= {"sources": self.sources, "cap": self.cap}
+        return {k: v for k, v in values.items() if v is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    name: str
+    salt: str
+    enabled: bool
+    traffic: float
+    allow_override: bool
+    variants: tuple[Variant, ...]
+
+    def in_traffic(self, user_id: str) -> bool:
+        return bucket(self.salt, user_id, TRAFFIC_SEED) < round(self.traffic * BUCKETS)
+
+    def variant_for(self, user_id: str) -> Variant:
+        """The variant by cumulative weight over the user's variant bucket."""
+        b = bucket(self.salt, user_id, VARIANT_SEED)
+        total = sum(v.weight for v in self.variants)
+        edge = 0.0
+        for v in self.variants:
+            edge += v.weight
+            if b < edge / total * BUCKETS:
+                return v
+        return self.variants[-1]
+
+    def variant(self, name: str) -> Variant | None:
+        return next((v for v in self.variants if v.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """A user's variants (experiment -> variant), which were forced, and the merged
+    parameters they select."""
+
+    variants: dict[str, str] = field(default_factory=dict)
+    forced: frozenset[str] = frozenset()
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Experiments:
+    experiments: tuple[Experiment, ...] = ()
+    source: str = ""
+
+    def assign(self, user_id: str, flags: dict[str, str] | None = None) -> Assignment:
+        """Variants for a user; ``flags`` (experiment -> variant) are honoured only where
+        the experiment allows overrides and names an existing variant."""
+        variants: dict[str, str] = {}
+        forced: set[str] = set()
+        parameters: dict[str, Any] = {}
+        for exp in self.experiments:
+            if not exp.enabled:
+                continue
+            wanted = (flags or {}).get(exp.name)
+            chosen = exp.variant(wanted) if wanted and exp.allow_override else None
+            if chosen is not None:
+                forced.add(exp.name)
+            elif exp.in_traffic(user_id):
+                chosen = exp.variant_for(user_id)
+            else:
+                continue
+            variants[exp.name] = chosen.name
+            parameters |= chosen.parameters()
+        return Assignment(variants, frozenset(forced), parameters)
+
+
+def _variant(exp: str, raw: dict[str, Any]) -> Variant:
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise ExperimentsError(f"experiment {exp!r}: a variant has no name")
+    weight = raw.get("weight")
+    if not isinstance(weight, int | float) or isinstance(weight, bool) or weight <= 0:
+        raise ExperimentsError(f"experiment {exp!r}, variant {name!r}: weight must be > 0")
+    strategy = raw.get("strategy")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ExperimentsError(
+            f"experiment {exp!r}, variant {name!r}: unknown strategy {strategy!r} "
+            f"(one of {', '.join(STRATEGIES)})"
+        )
+    sources = raw.get("sources")
+    if sources is not None:
+        if (
+            not isinstance(sources, list)
+            or not sources
+            or not set(sources) <= set(GENERATED_SOURCES)
+        ):
+            raise ExperimentsError(
+                f"experiment {exp!r}, variant {name!r}: sources must be a non-empty list of "
+                f"{', '.join(GENERATED_SOURCES)}"
+            )
+        sources = tuple(sources)
+    cap = raw.get("cap")
+    if cap is not None and (
+        not isinstance(cap, int) or isinstance(cap, bool) or not 1 <= cap <= 1000
+    ):
+        raise ExperimentsError(f"experiment {exp!r}, variant {name!r}: cap must be 1..1000")
+    model = raw.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ExperimentsError(f"experiment {exp!r}, variant {name!r}: model must be a name")
+    unknown = set(raw) - {"name", "weight", "model", "strategy", "sources", "cap"}
+    if unknown:
+        raise ExperimentsError(
+            f"experiment {exp!r}, variant {name!r}: unknown keys {', '.join(sorted(unknown))}"
+        )
+    return Variant(name, float(weight), model, strategy, sources, cap)
+
+
+def parse(text: str, source: str, models: set[str] | None) -> Experiments:
+    """Validate an experiments file; ExperimentsError names what is wrong and where.
+    ``models``: the model names that can serve (None: do not check, e.g. for a report)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ExperimentsError(f"{source}: not valid TOML: {exc}") from None
+    unknown_top = set(doc) - {"experiment"}
+    if unknown_top:
+        raise ExperimentsError(f"{source}: unknown tables {', '.join(sorted(unknown_top))}")
+    out: list[Experiment] = []
+    for raw in doc.get("experiment", []):
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise ExperimentsError(f"{source}: an experiment has no name")
+        if any(e.name == name for e in out):
+            raise ExperimentsError(f"experiment {name!r} is defined twice")
+        salt = raw.get("salt", name)
+        traffic = raw.get("traffic", 1.0)
+        if not isinstance(traffic, int | float) or not 0 <= traffic <= 1:
+            raise ExperimentsError(f"experiment {name!r}: traffic must be within 0..1")
+        variants = tuple(_variant(name, v) for v in raw.get("variant", []))
+        if not variants:
+            raise ExperimentsError(f"experiment {name!r}: no variants")
+        if len({v.name for v in variants}) != len(variants):
+            raise ExperimentsError(f"experiment {name!r}: two variants share a name")
+        for v in variants:
+            if v.model is not None and models is not None and v.model not in models:
+                raise ExperimentsError(
+                    f"experiment {name!r}, variant {v.name!r}: unknown model {v.model!r} "
+                    f"(loaded: {', '.join(sorted(models or ())) or 'none'})"
+                )
+        unknown = set(raw) - {"name", "salt", "enabled", "traffic", "allow_override", "variant"}
+        if unknown:
+            raise ExperimentsError(
+                f"experiment {name!r}: unknown keys {', '.join(sorted(unknown))}"
+            )
+        out.append(
+            Experiment(
+                name=name,
+                salt=str(salt),
+                enabled=bool(raw.get("enabled", True)),
+                traffic=float(traffic),
+                allow_override=bool(raw.get("allow_override", False)),
+                variants=variants,
+            )
+        )
+    # Two live experiments must not both set a parameter: their traffic overlaps.
+    owner: dict[str, str] = {}
+    for exp in out:
+        if not exp.enabled:
+            continue
+        for param in sorted({p for v in exp.variants for p in v.parameters()}):
+            if param in owner:
+                raise ExperimentsError(
+                    f"experiments {owner[param]!r} and {exp.name!r} both set {param!r} "
+                    "for the same users"
+                )
+            owner[param] = exp.name
+    return Experiments(tuple(out), source)
+
+
+def load(path: Path, models: set[str]) -> Experiments:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ExperimentsError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse(text, str(path), models)
+
+
+class ExperimentsHolder:
+    """The experiments serving now; a reload swaps in a new, validated set, or keeps
+    the old one and says why."""
+
+    def __init__(self, path: Path | None, models: Callable[[], set[str]]) -> None:
+        self.path = path
+        self.models = models
+        self.current = Experiments()
+        self._mtime: float | None = None
+
+    def load_now(self) -> None:
+        """At start: a bad file stops the service (nothing has served from it yet)."""
+        if self.path is not None:
+            self._mtime = self.path.stat().st_mtime if self.path.exists() else None
+            self.current = load(self.path, self.models())
+
+    def reload(self) -> tuple[bool, str]:
+        if self.path is None:
+            return False, "no experiments file is configured (RECSVC_EXPERIMENTS)"
+        try:
+            self._mtime = self.path.stat().st_mtime if self.path.exists() else None
+            fresh = load(self.path, self.models())
+        except ExperimentsError as exc:
+            log.warning("experiments reload refused, the old ones keep serving: %s", exc)
+            return False, str(exc)
+        self.current = fresh
+        names = [e.name for e in fresh.experiments]
+        log.info("experiments loaded", extra={"experiments": names})
+        return True, f"{len(names)} experiments: {', '.join(names) or 'none'}"
+
+    async def poll(self, interval: float) -> None:
+        """Reload when the file changes (its mtime), until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.path is None:
+                continue
+            try:
+                mtime = self.path.stat().st_mtime
+            except OSError:
+                continue
+            if mtime != self._mtime:
+                self.reload()
