@@ -130,6 +130,19 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield n, text
 
 
+def _rows(
+    lines: Iterator[tuple[int, str]], width: int, report: ReadReport
+) -> Iterator[tuple[int, str, list[str]]]:
+    """Data rows split into fields; rows with another field count are skipped."""
+    for n, line in lines:
+        report.rows += 1
+        parts = line.split(",")
+        if len(parts) != width:
+            report.skip(n, "field_count", line)
+            continue
+        yield n, line, parts
+
+
 def read_catalogue_report(path: Path) -> tuple[Catalogue, ReadReport]:
     """A catalogue in either layout; the last row of an item wins."""
     lines = _lines(path)
@@ -142,12 +155,7 @@ def read_catalogue_report(path: Path) -> tuple[Catalogue, ReadReport]:
     width = first.count(",") + 1
     report = ReadReport(str(path), "recsvc" if first.startswith("item_id") else "retailrocket")
     items: dict[str, tuple[str, float]] = {}
-    for n, line in lines:
-        report.rows += 1
-        parts = line.split(",")
-        if len(parts) != width:
-            report.skip(n, "field_count", line)
-            continue
+    for n, line, parts in _rows(lines, width, report):
         item, category = parts[0], parts[1]
         if not valid_id(item):
             report.skip(n, "bad_id", line)
@@ -208,12 +216,7 @@ def read_log(path: Path) -> tuple[EventLog, ReadReport]:
     u_col: list[int] = []
     i_col: list[int] = []
     t_col: list[int] = []
-    for n, line in lines:
-        report.rows += 1
-        parts = line.split(",")
-        if len(parts) != width:
-            report.skip(n, "field_count", line)
-            continue
+    for n, line, parts in _rows(lines, width, report):
         kind = names.get(parts[type_col])
         if kind is None:
             report.skip(n, f"unknown_event:{parts[type_col][:20]}", line)
