@@ -437,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         IncompatibleStore,
         FileNotFoundError,
         experiments.ExperimentsError,
+        server.WorkerError,
     ) as exc:
         print(f"recsvc: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -18,7 +19,9 @@ from aiohttp import web
 
 from recsvc import logs
 from recsvc.app import create_app
+from recsvc.experiments import ExperimentsError
 from recsvc.settings import Settings
+from recsvc.store import IncompatibleStore
 
 log = logging.getLogger(__name__)
 # In-flight requests get this long to finish after a stop signal.
@@ -57,11 +60,19 @@ async def serve_until_stopped(
         await runner.cleanup()
 
 
+class WorkerError(RuntimeError):
+    """A worker process died or never listened; the service stops."""
+
+
 def _worker(settings: Settings, redis_url: str) -> None:
     """One worker process: its own event loop, Redis pools, models (loaded after
     the process starts, LightGBM on one thread) and item cache."""
     logs.setup(settings.log_level)
-    uvloop.run(serve_until_stopped(settings, redis_url, reuse_port=True))
+    try:
+        uvloop.run(serve_until_stopped(settings, redis_url, reuse_port=True))
+    except (ExperimentsError, IncompatibleStore) as exc:  # a start-up refusal, not a crash
+        print(f"recsvc worker: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def _listening(host: str, port: int) -> bool:
@@ -106,9 +117,11 @@ def run_workers(
                     on_ready(f"http://{settings.host}:{settings.port}")
             dead = [p for p in procs if not p.is_alive()]
             if dead:
-                raise RuntimeError(f"worker {dead[0].name} exited with code {dead[0].exitcode}")
+                raise WorkerError(
+                    f"worker {dead[0].name} exited with code {dead[0].exitcode} (see its log above)"
+                )
             if not announced and time.monotonic() - started > WORKER_START_SECS:
-                raise RuntimeError(f"workers did not listen within {WORKER_START_SECS:.0f} s")
+                raise WorkerError(f"workers did not listen within {WORKER_START_SECS:.0f} s")
             time.sleep(0.2)
     finally:
         for p in procs:

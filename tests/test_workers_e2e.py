@@ -1,0 +1,83 @@
+"""`recsvc serve --workers 2`: two processes on one port serve, and a stop signal
+stops them all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from tests.test_cli_e2e import _free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_two_workers_share_the_port_and_stop_together(
+    seeded: Redis, redis_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSVC_")}
+    env["RECSVC_SCORER"] = "native"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            *("-m", "recsvc", "serve", "--workers", "2", "--port", str(port)),
+            *("--redis-url", redis_url, "--model-dir", str(model_dir)),
+            *("--data-dir", str(tmp_path)),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        body = None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/recommendations",
+                    data=json.dumps({"user_id": "u1"}).encode(),
+                    headers={"content-type": "application/json"},
+                )
+                with urllib.request.urlopen(req, timeout=2) as resp:
+                    body = json.loads(resp.read())
+                    break
+            except OSError:
+                time.sleep(0.3)
+        assert body is not None and body["strategy"] == "model"
+        workers = _children(proc.pid)
+        assert len(workers) >= 2  # two workers (plus, possibly, multiprocessing's tracker)
+        for _ in range(40):  # every request answered, whichever worker took it
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    assert code == 0
+    for _ in range(50):  # a worker exits before the parent; helpers just after it
+        alive = [pid for pid in workers if _running(pid)]
+        if not alive:
+            break
+        time.sleep(0.1)
+    assert not alive, [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in alive]
