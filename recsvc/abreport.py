@@ -3,7 +3,8 @@
 Per variant: users, exposures, clicks (exposures with a click on a shown item),
 CTR, purchases, conversion (exposures with a purchase of a shown item),
 revenue when prices are known, and the relative lift of CTR and conversion
-against control with 95% intervals; plus a sample-ratio-mismatch check of the
+against control with 95% intervals (delta method over users, the unit of
+randomisation); plus a sample-ratio-mismatch check of the
 users per variant against the configured weights. Forced (flagged) exposures
 are left out.
 """
@@ -18,7 +19,7 @@ import orjson
 from redis.asyncio import Redis
 
 from recsvc import keys
-from recsvc.abstats import relative_lift, srm_pvalue
+from recsvc.abstats import ratio_lift, srm_pvalue
 from recsvc.experiments import Experiments
 
 SRM_ALARM = 0.001
@@ -85,17 +86,24 @@ def build(
         order = [v.name for v in exp.variants] if exp else sorted(per_exp[name])
         order += sorted(set(per_exp[name]) - set(order))
         stats = []
+        per_user: dict[str, dict[str, list[int]]] = {}
         for variant in order:
             rows = per_exp[name].get(variant, [])
             clicks = purchases = 0
             revenue = 0.0
+            users: dict[str, list[int]] = per_user.setdefault(variant, {})
             for e in rows:
                 shown = set(orjson.loads(e["items"]))
                 got = done.get(e["request_id"], {})
-                clicks += bool(got.get("click", set()) & shown)
+                clicked = bool(got.get("click", set()) & shown)
                 bought = got.get("purchase", set()) & shown
+                clicks += clicked
                 purchases += bool(bought)
                 revenue += sum((prices or {}).get(i, 0.0) for i in bought)
+                counts = users.setdefault(e["user_id"], [0, 0, 0])
+                counts[0] += 1
+                counts[1] += clicked
+                counts[2] += bool(bought)
             stats.append(
                 VariantStats(
                     variant=variant,
@@ -107,8 +115,11 @@ def build(
                 )
             )
         control = next((s for s in stats if s.variant == "control"), stats[0] if stats else None)
-        weights = [v.weight for v in exp.variants] if exp else [1.0] * len(stats)
-        p = srm_pvalue([s.users for s in stats], weights[: len(stats)])
+        configured = {v.name: v.weight for v in exp.variants} if exp else {}
+        # A variant no longer in the file (renamed or removed) counts with the mean weight.
+        mean_weight = sum(configured.values()) / len(configured) if configured else 1.0
+        weights = [configured.get(s.variant, mean_weight) for s in stats]
+        p = srm_pvalue([s.users for s in stats], weights)
         variants = []
         for s in stats:
             entry: dict[str, Any] = {
@@ -122,11 +133,17 @@ def build(
                 "revenue": s.revenue,
             }
             if control is not None and s is not control:
-                entry["ctr_lift"] = relative_lift(
-                    s.clicks, s.exposures, control.clicks, control.exposures
+                mine = per_user[s.variant].values()
+                base = per_user[control.variant].values()
+
+                def column(rows: Any, k: int) -> list[float]:
+                    return [float(c[k]) for c in rows]
+
+                entry["ctr_lift"] = ratio_lift(
+                    column(mine, 1), column(mine, 0), column(base, 1), column(base, 0)
                 )
-                entry["conversion_lift"] = relative_lift(
-                    s.purchases, s.exposures, control.purchases, control.exposures
+                entry["conversion_lift"] = ratio_lift(
+                    column(mine, 2), column(mine, 0), column(base, 2), column(base, 0)
                 )
             variants.append(entry)
         sections.append(

@@ -78,3 +78,38 @@ def relative_lift(k1: int, n1: int, k0: int, n0: int) -> tuple[float, float, flo
         math.exp(log_ratio - Z95 * se) - 1,
         math.exp(log_ratio + Z95 * se) - 1,
     )
+
+
+def _ratio(num: list[float], den: list[float]) -> tuple[float, float] | None:
+    """Σnum/Σden over users and the delta-method variance of that ratio."""
+    n = len(num)
+    if n < 2:
+        return None
+    mx, my = sum(den) / n, sum(num) / n
+    if mx <= 0 or my <= 0:
+        return None
+    r = my / mx
+    vx = sum((x - mx) ** 2 for x in den) / (n - 1)
+    vy = sum((y - my) ** 2 for y in num) / (n - 1)
+    cxy = sum((x - mx) * (y - my) for x, y in zip(den, num, strict=True)) / (n - 1)
+    return r, max(vy - 2 * r * cxy + r * r * vx, 0.0) / (n * mx * mx)
+
+
+def ratio_lift(
+    num1: list[float], den1: list[float], num0: list[float], den0: list[float]
+) -> tuple[float, float, float] | None:
+    """Relative lift of Σnum/Σden (e.g. clicks per exposure) of group 1 over group 0,
+    with a 95% interval. Users are the unit of randomisation, so the variance is the
+    delta method's over users: a user's repeated requests are not independent trials,
+    and treating them as such would make the interval too narrow."""
+    a, b = _ratio(num1, den1), _ratio(num0, den0)
+    if a is None or b is None:
+        return None
+    (r1, v1), (r0, v0) = a, b
+    se = math.sqrt(v1 / (r1 * r1) + v0 / (r0 * r0))
+    log_ratio = math.log(r1 / r0)
+    return (
+        r1 / r0 - 1,
+        math.exp(log_ratio - Z95 * se) - 1,
+        math.exp(log_ratio + Z95 * se) - 1,
+    )

@@ -169,6 +169,7 @@ def _variant(exp: str, raw: dict[str, Any]) -> Variant:
         if (
             not isinstance(sources, list)
             or not sources
+            or not all(isinstance(x, str) for x in sources)
             or not set(sources) <= set(GENERATED_SOURCES)
         ):
             raise ExperimentsError(
@@ -196,9 +197,30 @@ def parse(text: str, source: str, models: set[str] | None) -> Experiments:
     """Validate an experiments file; ExperimentsError names what is wrong and where.
     ``models``: the model names that can serve (None: do not check, e.g. for a report)."""
     try:
+        return _parse(text, source, models)
+    except ExperimentsError:
+        raise
+    except (AttributeError, TypeError, ValueError) as exc:  # a shape we did not expect
+        raise ExperimentsError(
+            f"{source}: not an experiments file ([[experiment]] tables with "
+            f"[[experiment.variant]] tables): {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _bool(exp: str, raw: dict[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ExperimentsError(f"experiment {exp!r}: {key} must be true or false")
+    return value
+
+
+def _parse(text: str, source: str, models: set[str] | None) -> Experiments:
+    try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ExperimentsError(f"{source}: not valid TOML: {exc}") from None
+    if not isinstance(doc.get("experiment", []), list):
+        raise ExperimentsError(f"{source}: write experiments as [[experiment]] tables")
     unknown_top = set(doc) - {"experiment"}
     if unknown_top:
         raise ExperimentsError(f"{source}: unknown tables {', '.join(sorted(unknown_top))}")
@@ -211,9 +233,18 @@ def parse(text: str, source: str, models: set[str] | None) -> Experiments:
             raise ExperimentsError(f"experiment {name!r} is defined twice")
         salt = raw.get("salt", name)
         traffic = raw.get("traffic", 1.0)
-        if not isinstance(traffic, int | float) or not 0 <= traffic <= 1:
+        if (
+            isinstance(traffic, bool)
+            or not isinstance(traffic, int | float)
+            or not 0 <= traffic <= 1
+        ):
             raise ExperimentsError(f"experiment {name!r}: traffic must be within 0..1")
-        variants = tuple(_variant(name, v) for v in raw.get("variant", []))
+        raw_variants = raw.get("variant", [])
+        if not isinstance(raw_variants, list):
+            raise ExperimentsError(
+                f"experiment {name!r}: write variants as [[experiment.variant]] tables"
+            )
+        variants = tuple(_variant(name, v) for v in raw_variants)
         if not variants:
             raise ExperimentsError(f"experiment {name!r}: no variants")
         if len({v.name for v in variants}) != len(variants):
@@ -233,9 +264,9 @@ def parse(text: str, source: str, models: set[str] | None) -> Experiments:
             Experiment(
                 name=name,
                 salt=str(salt),
-                enabled=bool(raw.get("enabled", True)),
+                enabled=_bool(name, raw, "enabled", True),
                 traffic=float(traffic),
-                allow_override=bool(raw.get("allow_override", False)),
+                allow_override=_bool(name, raw, "allow_override", False),
                 variants=variants,
             )
         )
@@ -256,9 +287,11 @@ def parse(text: str, source: str, models: set[str] | None) -> Experiments:
 
 def load(path: Path, models: set[str]) -> Experiments:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ExperimentsError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ExperimentsError(f"{path}: not a UTF-8 text file") from None
     return parse(text, str(path), models)
 
 
@@ -271,6 +304,7 @@ class ExperimentsHolder:
         self.models = models
         self.current = Experiments()
         self._mtime: float | None = None
+        self._refused: str | None = None
 
     def load_now(self) -> None:
         """At start: a bad file stops the service (nothing has served from it yet)."""
@@ -282,11 +316,16 @@ class ExperimentsHolder:
         if self.path is None:
             return False, "no experiments file is configured (RECSVC_EXPERIMENTS)"
         try:
-            self._mtime = self.path.stat().st_mtime if self.path.exists() else None
+            mtime = self.path.stat().st_mtime if self.path.exists() else None
             fresh = load(self.path, self.models())
         except ExperimentsError as exc:
-            log.warning("experiments reload refused, the old ones keep serving: %s", exc)
+            # The file's time is not recorded: the poller tries again (a model the
+            # file names may still be loading), logging each distinct reason once.
+            if str(exc) != self._refused:
+                log.warning("experiments reload refused, the old ones keep serving: %s", exc)
+            self._refused = str(exc)
             return False, str(exc)
+        self._mtime, self._refused = mtime, None
         self.current = fresh
         names = [e.name for e in fresh.experiments]
         log.info("experiments loaded", extra={"experiments": names})
@@ -303,4 +342,7 @@ class ExperimentsHolder:
             except OSError:
                 continue
             if mtime != self._mtime:
-                self.reload()
+                try:
+                    self.reload()
+                except Exception:  # the poller must outlive any file
+                    log.exception("experiments reload failed; the old ones keep serving")

@@ -186,7 +186,10 @@ def _require_admin(request: web.Request) -> None:
     if not (
         token
         and scheme.lower() == "bearer"
-        and hmac.compare_digest(credential.strip().encode(), token.encode())
+        # surrogateescape: aiohttp decodes non-UTF-8 header bytes that way.
+        and hmac.compare_digest(
+            credential.strip().encode("utf-8", "surrogateescape"), token.encode()
+        )
     ):
         raise Unauthorized()
 

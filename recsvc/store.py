@@ -372,16 +372,8 @@ class FeatureStore:
             STORAGE_FORMAT,
         ]
         reply = await self._read_script(keys=keys.item_read_keys(), args=args)
-        read_epoch, version, ids, cats, mode, changed, rows = reply
-        raw = np.frombuffer(rows or b"", dtype="<f8").reshape(-1, ITEM_WIDTH).copy()
-        return ItemSnapshot(
-            epoch=read_epoch.decode(),
-            version=int(version),
-            new_ids=[i.decode() for i in ids],
-            new_categories=[c.decode() for c in cats],
-            raw=raw,
-            changed=np.asarray([int(i) for i in changed], np.int64) if mode == b"delta" else None,
-        )
+        # Copying a large table and decoding its ids is CPU work: off the event loop.
+        return await asyncio.to_thread(_decode_snapshot, reply)
 
     async def check_format(self) -> None:
         """Claim an empty Redis for this storage format, or raise IncompatibleStore
@@ -432,3 +424,17 @@ def table_from_snapshot(snapshot: ItemSnapshot, previous: ItemTable | None) -> I
         base = len(previous.categories)
         category_index.update((c, base + k) for k, c in enumerate(snapshot.new_categories))
     return ItemTable(ids, cats, raw, index=index, category_index=category_index)
+
+
+def _decode_snapshot(reply: list[Any]) -> ItemSnapshot:
+    """The item read script's reply as an ItemSnapshot (a copy that owns its rows)."""
+    read_epoch, version, ids, cats, mode, changed, rows = reply
+    raw = np.frombuffer(rows or b"", dtype="<f8").reshape(-1, ITEM_WIDTH).copy()
+    return ItemSnapshot(
+        epoch=read_epoch.decode(),
+        version=int(version),
+        new_ids=[i.decode() for i in ids],
+        new_categories=[c.decode() for c in cats],
+        raw=raw,
+        changed=np.asarray([int(i) for i in changed], np.int64) if mode == b"delta" else None,
+    )

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from recsvc import abreport, keys
-from recsvc.abstats import chi2_sf, relative_lift, srm_pvalue
+from recsvc.abstats import chi2_sf, ratio_lift, relative_lift, srm_pvalue
 from recsvc.app import create_app
 from recsvc.experiments import ExperimentsError, bucket, murmur3_32, parse
 from tests.conftest import settings_for
@@ -128,6 +128,22 @@ def test_statistics() -> None:
     assert relative_lift(0, 10, 5, 10) is None
 
 
+def test_lift_intervals_are_per_user() -> None:
+    """One exposure per user: the delta method agrees with the independent-trials
+    interval. The same totals from a few heavy users: a wider interval."""
+    single = ratio_lift(
+        [1.0] * 600 + [0.0] * 4400, [1.0] * 5000, [1.0] * 500 + [0.0] * 4500, [1.0] * 5000
+    )
+    trials = relative_lift(600, 5000, 500, 5000)
+    assert single is not None and trials is not None
+    assert single == pytest.approx(trials, rel=0.01)
+    clustered = ratio_lift(
+        [60.0] * 10 + [0.0] * 40, [100.0] * 50, [50.0] * 10 + [0.0] * 40, [100.0] * 50
+    )
+    assert clustered is not None and clustered[0] == pytest.approx(0.2)
+    assert clustered[2] - clustered[1] > 5 * (single[2] - single[1])
+
+
 def test_report_counts_clicks_on_shown_items_and_leaves_forced_out() -> None:
     def exp(rid: str, variant: str, items: list[str], forced: bool = False) -> dict[str, Any]:
         return {
@@ -157,6 +173,10 @@ def test_report_counts_clicks_on_shown_items_and_leaves_forced_out() -> None:
     assert (control["exposures"], control["clicks"], control["purchases"]) == (2, 1, 0)
     assert (treatment["exposures"], treatment["clicks"], treatment["purchases"]) == (1, 1, 1)
     assert treatment["revenue"] == 9.5 and section["forced_excluded"] == 1
+    # A variant since removed from the file still gets a report, not a crash.
+    exposures.append(exp("r5", "retired", ["e"]))
+    result = abreport.build(exposures, outcomes, parse(AB, "ab", {"ranker"}), None, None)
+    assert [v["variant"] for v in result["experiments"][0]["variants"]][-1] == "retired"
 
 
 @pytest.mark.asyncio
