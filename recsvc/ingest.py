@@ -84,9 +84,11 @@ class Ingestor:
             result.accepted = sum(applied)
             result.duplicates = len(applied) - result.accepted
             if self.exposures is not None:
-                # Attribute applied events to the recommendation they came from
-                # (duplicates are not counted twice).
-                for flag, w, e in zip(applied, writes, sources, strict=True):
-                    if flag and e.request_id:
+                # Attribute events to the recommendation they came from, duplicates
+                # included: a retry after a write that timed out half way is a
+                # duplicate whose first attempt logged nothing. The report counts
+                # sets per request, so a repeat never counts twice.
+                for w, e in zip(writes, sources, strict=True):
+                    if e.request_id:
                         self.exposures.outcome(e.request_id, w.user_id, w.item_id, e.type, w.ts)
         return result

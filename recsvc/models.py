@@ -238,7 +238,7 @@ class ModelRegistry:
             task.cancel()
         await asyncio.gather(*self._compiles, return_exceptions=True)
         if self.compiler is not None:
-            await asyncio.to_thread(self.compiler.close)
+            self.compiler.close()
 
     @property
     def current(self) -> LoadedModel | None:
@@ -280,22 +280,31 @@ class ModelRegistry:
             return outcomes
 
     async def _reload_one(self, name: str) -> ReloadOutcome:
+        """Newer versions, newest first, until one loads; the newest refusal is reported.
+        (Only newer than the one serving: an older version never replaces it.)"""
         current = self.models.get(name)
         version = current.version if current else None
-        newest = versions(self.model_dir, name)
-        top = newest[0]
-        if version is not None and top.name <= version:
+        candidates = [
+            p for p in versions(self.model_dir, name) if version is None or p.name > version
+        ]
+        if not candidates:
             return ReloadOutcome(name, "unchanged", version, version)
-        reason = self.refused.get((name, top.name))
-        if reason is None:
-            try:
-                model = await asyncio.to_thread(load, top)
-            except ModelRejected as exc:
-                reason = self.refused[(name, top.name)] = str(exc)
-                log.warning("model version refused, keeping the current one: %s", exc)
-            else:
-                self.models[name] = model
-                self._compile_later(model)
-                log.info("model loaded", extra={"model": name, "version": model.version})
-                return ReloadOutcome(name, "loaded", model.version, version)
-        return ReloadOutcome(name, "refused", version, version, top.name, reason)
+        refused: tuple[str, str] | None = None
+        for path in candidates:
+            reason = self.refused.get((name, path.name))
+            if reason is None:
+                try:
+                    model = await asyncio.to_thread(load, path)
+                except ModelRejected as exc:
+                    reason = self.refused[(name, path.name)] = str(exc)
+                    log.warning("model version refused: %s", exc)
+                else:
+                    self.models[name] = model
+                    self._compile_later(model)
+                    log.info("model loaded", extra={"model": name, "version": model.version})
+                    if refused is not None:  # loaded an older one: say the newest was refused
+                        return ReloadOutcome(name, "refused", model.version, version, *refused)
+                    return ReloadOutcome(name, "loaded", model.version, version)
+            refused = refused or (path.name, reason)
+        assert refused is not None
+        return ReloadOutcome(name, "refused", version, version, *refused)

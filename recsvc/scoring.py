@@ -2,7 +2,7 @@
 machine code by lleaves (LLVM), about 15x faster for 200 candidates.
 
 A compiled scorer replaces the native one only after it has been built and
-checked: the compile runs in a separate process (it is CPU-bound Python and
+checked: the compile runs in a child process (it is CPU-bound Python and
 would hold the GIL), writes an object file to a cache keyed by the model file,
 the lleaves/llvmlite versions and the host CPU, and the result must match
 native predictions to 1e-6 on the model's own held-out feature rows
@@ -18,10 +18,9 @@ import hashlib
 import logging
 import os
 import platform
-from concurrent.futures import ProcessPoolExecutor
+import sys
 from dataclasses import dataclass
 from importlib import metadata
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -139,28 +138,42 @@ def mismatch(native: Scorer, compiled: Scorer, sample: np.ndarray) -> float:
 
 
 class Compiler:
-    """Builds and caches compiled scorers off the event loop, one compile at a time."""
+    """Builds and caches compiled scorers off the event loop, one compile at a time,
+    each in a child process (`python -m recsvc.scoring MODEL CACHE`) that a stop or
+    a cancellation kills at once."""
 
     def __init__(self, cache_dir: Path) -> None:
         self.cache_dir = cache_dir
-        self._pool: ProcessPoolExecutor | None = None
         self._lock = asyncio.Lock()
+        self._proc: asyncio.subprocess.Process | None = None
 
     async def compiled(self, model_file: Path) -> CompiledScorer:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         cache = self.cache_dir / f"{await asyncio.to_thread(cache_key, model_file)}.o"
         async with self._lock:
             if not cache.exists():
-                if self._pool is None:
-                    # spawn: a clean interpreter, nothing inherited from the server.
-                    self._pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(
-                    self._pool, compile_to_cache, str(model_file), str(cache)
+                proc = self._proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    *("-m", "recsvc.scoring", str(model_file), str(cache)),
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE,
                 )
+                try:
+                    _, err = await proc.communicate()
+                except asyncio.CancelledError:
+                    proc.kill()
+                    raise
+                finally:
+                    self._proc = None
+                if proc.returncode != 0:
+                    tail = err.decode(errors="replace").strip().splitlines()[-1:]
+                    raise RuntimeError(f"compile exited with {proc.returncode}: {tail}")
         return await asyncio.to_thread(load_compiled, model_file, cache)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+
+
+if __name__ == "__main__":
+    compile_to_cache(sys.argv[1], sys.argv[2])

@@ -123,3 +123,29 @@ async def test_registry_poll_keeps_serving_through_bad_versions(
     assert registry.current.version == newer.name
     [same] = await registry.reload()
     assert same.status == "unchanged"
+
+
+@pytest.mark.asyncio
+async def test_a_new_model_name_falls_back_to_its_newest_good_version(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A name appearing while serving, whose newest version is bad: the newest good
+    one serves, and the answer still reports the refusal."""
+    root = tmp_path / "models"
+    root.mkdir()
+    registry = models.ModelRegistry(root, "ranker")
+    registry.load_now()
+    assert registry.current is None
+    [good] = models.versions(model_dir, "ranker")
+    shutil.copytree(good, root / "other" / "20200101T000000000")
+    bad = root / "other" / "20990101T000000000"
+    shutil.copytree(good, bad)
+    (bad / "model.txt").write_text("not a model")
+    [outcome] = await registry.reload()
+    assert (outcome.status, outcome.version, outcome.refused_version) == (
+        "refused",
+        "20200101T000000000",
+        bad.name,
+    )
+    loaded = registry.get("other")
+    assert loaded is not None and loaded.version == "20200101T000000000"
