@@ -158,3 +158,101 @@ def parse_flags_header(value: str) -> dict[str, str]:
     if len(flags) > 20:
         raise InvalidRequest("at most 20 flags", field="header:X-Recsvc-Flags")
     return flags
+
+
+class EventBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST /v1/events`` with several events (each validated on its own)."""
+
+    events: Annotated[list[EventIn], msgspec.Meta(min_length=1, max_length=MAX_EVENTS)]
+
+
+# Answer types: the contract of what the service sends (the handlers build the
+# same shapes; tests/test_openapi.py checks live answers against them).
+
+
+class ItemOut(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    item_id: str
+    score: float
+    rank: int
+    source: Literal["request", "recent", "covisit", "category", "popular", "category_popular"]
+
+
+class ModelRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    version: str
+
+
+class RecommendResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    request_id: str
+    user_id: str
+    items: list[ItemOut]
+    strategy: Literal["model", "fallback", "popular"]
+    fallback_reason: (
+        Literal[
+            "unknown_user",
+            "feature_store_unavailable",
+            "model_unavailable",
+            "model_error",
+            "no_candidates",
+        ]
+        | None
+    )
+    model: ModelRef | None
+    experiments: dict[str, str]
+    forced: list[str] | msgspec.UnsetType = msgspec.UNSET
+
+
+class RejectedEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    index: int
+    error: str
+    field: str | None
+
+
+class EventsResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    accepted: int
+    duplicates: int
+    rejected: list[RejectedEvent]
+
+
+class ItemFeatures(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    item_id: str
+    features: dict[str, float | None]
+
+
+class UserFeatures(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    user_id: str
+    known: bool
+    state_age_secs: float | None
+    features: dict[str, float | None]
+    items: list[ItemFeatures] | msgspec.UnsetType = msgspec.UNSET
+
+
+class FeaturesResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    users: list[UserFeatures]
+    unknown_items: list[str]
+
+
+class ExperimentsResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    user_id: str
+    experiments: dict[str, str]
+
+
+class ErrorDetail(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    code: str
+    message: str
+    field: str | None
+
+
+class ErrorResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    error: ErrorDetail
+
+
+class Health(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    status: Literal["ok"]
+
+
+class Readiness(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    status: Literal["ready", "degraded", "not_ready"]
+    checks: dict[str, bool]
+    item_data_age_secs: float | None
+    model: dict[str, str] | None

@@ -11,7 +11,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from features.candidates import CandidateConfig
-from recsvc import appkeys, scoring
+from recsvc import appkeys, openapi, scoring
 from recsvc.experiments import ExperimentsHolder
 from recsvc.exposures import ExposureLog
 from recsvc.ingest import Ingestor
@@ -123,6 +123,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     )
     app[appkeys.SETTINGS] = settings
     app[appkeys.REDIS_URL] = redis_url
+    app[appkeys.OPENAPI] = openapi.text().encode()
     app.cleanup_ctx.extend(
         [_redis_ctx, _items_ctx, _models_ctx, _experiments_ctx, _recommender_ctx]
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import os
 from dataclasses import replace
+from importlib import resources
 from typing import Any
 
 import orjson
@@ -238,3 +239,16 @@ async def admin_experiments_reload(request: web.Request) -> web.Response:
     _require_admin(request)
     ok, message = request.app[appkeys.EXPERIMENTS].reload()
     return json_response({"loaded": ok, "message": message}, status=200 if ok else 409)
+
+
+_DOCS_PAGE = resources.files("recsvc").joinpath("static", "docs.html").read_bytes()
+
+
+async def openapi_get(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 contract (generated from the request types)."""
+    return web.Response(body=request.app[appkeys.OPENAPI], content_type="application/json")
+
+
+async def docs_get(request: web.Request) -> web.Response:
+    """A readable API page rendered from /openapi.json in the browser (no CDN)."""
+    return web.Response(body=_DOCS_PAGE, content_type="text/html", charset="utf-8")

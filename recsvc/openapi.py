@@ -1,0 +1,147 @@
+"""The OpenAPI 3.1 contract, generated from the msgspec types that validate requests
+(and the answer types in recsvc/api.py). `python -m recsvc.openapi` prints it;
+the checked-in openapi.json must equal it (tests/test_openapi.py)."""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from typing import Any
+
+import msgspec
+
+from features.events import ID_PATTERN, MAX_ID_LENGTH
+from recsvc import api
+
+REF = "#/components/schemas/{name}"
+
+
+def _json(ref: str) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": {"$ref": REF.format(name=ref)}}}}
+
+
+def _answer(description: str, ref: str) -> dict[str, Any]:
+    return {"description": description, **_json(ref)}
+
+
+_ERRORS = {
+    "400": _answer("invalid input; `error.field` names the field", "ErrorResponse"),
+    "413": _answer("body too large", "ErrorResponse"),
+    "503": _answer("over the in-flight limit (Retry-After)", "ErrorResponse"),
+}
+_USER = {
+    "name": "user_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": ID_PATTERN, "maxLength": MAX_ID_LENGTH},
+}
+_FLAGS = {
+    "name": "X-Recsvc-Flags",
+    "in": "header",
+    "required": False,
+    "description": "force variants where allowed: experiment=variant,other=variant",
+    "schema": {"type": "string"},
+}
+
+
+def document() -> dict[str, Any]:
+    types = [
+        api.RecommendRequest,
+        api.RecommendResponse,
+        api.EventIn,
+        api.EventBatch,
+        api.EventsResponse,
+        api.FeaturesRequest,
+        api.FeaturesResponse,
+        api.UserFeatures,
+        api.ExperimentsResponse,
+        api.ErrorResponse,
+        api.Health,
+        api.Readiness,
+    ]
+    _, components = msgspec.json.schema_components(types, ref_template=REF)
+    events_body = {
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": REF.format(name="EventIn")},
+                        {"$ref": REF.format(name="EventBatch")},
+                    ]
+                }
+            }
+        },
+        "required": True,
+    }
+    paths: dict[str, Any] = {
+        "/v1/recommendations": {
+            "post": {
+                "summary": "Top N items for a user (never an error for a dependency problem)",
+                "parameters": [_FLAGS],
+                "requestBody": {**_json("RecommendRequest"), "required": True},
+                "responses": {"200": _answer("ranked items", "RecommendResponse"), **_ERRORS},
+            }
+        },
+        "/v1/events": {
+            "post": {
+                "summary": "One behaviour event or a batch of up to 1000",
+                "requestBody": events_body,
+                "responses": {
+                    "200": _answer("accepted, duplicates, rejected", "EventsResponse"),
+                    **_ERRORS,
+                    "503": _answer(
+                        "the feature store is unavailable (Retry-After)", "ErrorResponse"
+                    ),
+                },
+            }
+        },
+        "/v1/users/{user_id}/features": {
+            "get": {
+                "summary": "A user's online features",
+                "parameters": [_USER],
+                "responses": {"200": _answer("features", "UserFeatures"), **_ERRORS},
+            }
+        },
+        "/v1/features": {
+            "post": {
+                "summary": "Features of up to 100 users, and user x item rows",
+                "requestBody": {**_json("FeaturesRequest"), "required": True},
+                "responses": {"200": _answer("features", "FeaturesResponse"), **_ERRORS},
+            }
+        },
+        "/v1/experiments/{user_id}": {
+            "get": {
+                "summary": "A user's experiment variants, without recommending",
+                "parameters": [_USER],
+                "responses": {"200": _answer("variants", "ExperimentsResponse"), **_ERRORS},
+            }
+        },
+        "/healthz": {"get": {"summary": "Alive", "responses": {"200": _answer("ok", "Health")}}},
+        "/readyz": {
+            "get": {
+                "summary": "Ready for traffic",
+                "responses": {
+                    "200": _answer("ready or degraded", "Readiness"),
+                    "503": _answer("not ready", "Readiness"),
+                },
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "recsvc",
+            "version": metadata.version("recsvc"),
+            "description": "Real-time recommendation serving. Admin routes are not listed.",
+        },
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+
+
+def text() -> str:
+    return json.dumps(document(), indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    print(text(), end="")
