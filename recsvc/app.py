@@ -11,12 +11,12 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from features.candidates import CandidateConfig
-from recsvc import appkeys, openapi, scoring
+from recsvc import appkeys, metrics, openapi, scoring
 from recsvc.experiments import ExperimentsHolder
 from recsvc.exposures import ExposureLog
 from recsvc.ingest import Ingestor
 from recsvc.itemcache import ItemCache
-from recsvc.middleware import errors, inflight_limit
+from recsvc.middleware import errors, inflight_limit, observe
 from recsvc.models import ModelRegistry
 from recsvc.recommend import Recommender
 from recsvc.routes import setup_routes
@@ -103,6 +103,19 @@ async def _experiments_ctx(app: web.Application) -> AsyncIterator[None]:
     await writer
 
 
+async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    registry, store = app[appkeys.MODELS], app[appkeys.STORE]
+    sampler = metrics.GaugeSampler(
+        app[appkeys.ITEMS].age,
+        lambda: store.breaker.state,
+        lambda: {(m.name, m.version, m.scorer.name) for m in registry.models.values()},
+    )
+    app[appkeys.METRICS_SAMPLER] = sampler
+    task = asyncio.create_task(sampler.run(1.0))
+    yield
+    await _cancel(task)
+
+
 async def _recommender_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
     app[appkeys.INGESTOR] = Ingestor(app[appkeys.STORE], app[appkeys.ITEMS], app[appkeys.EXPOSURES])
@@ -119,13 +132,17 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     """The recsvc web application for one Redis URL."""
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[errors, inflight_limit(settings.max_inflight)],
+        middlewares=[
+            observe(settings.request_log_sample, settings.request_log_slow_ms),
+            errors,
+            inflight_limit(settings.max_inflight),
+        ],
     )
     app[appkeys.SETTINGS] = settings
     app[appkeys.REDIS_URL] = redis_url
     app[appkeys.OPENAPI] = openapi.text().encode()
     app.cleanup_ctx.extend(
-        [_redis_ctx, _items_ctx, _models_ctx, _experiments_ctx, _recommender_ctx]
+        [_redis_ctx, _items_ctx, _models_ctx, _experiments_ctx, _metrics_ctx, _recommender_ctx]
     )
     setup_routes(app)
     return app

@@ -9,6 +9,7 @@ from recsvc.experiments import ExperimentsHolder
 from recsvc.exposures import ExposureLog
 from recsvc.ingest import Ingestor
 from recsvc.itemcache import ItemCache
+from recsvc.metrics import GaugeSampler
 from recsvc.models import ModelRegistry
 from recsvc.recommend import Recommender
 from recsvc.settings import Settings
@@ -25,3 +26,4 @@ INGESTOR = web.AppKey("ingestor", Ingestor)
 EXPERIMENTS = web.AppKey("experiments", ExperimentsHolder)
 EXPOSURES = web.AppKey("exposures", ExposureLog)
 OPENAPI = web.AppKey("openapi", bytes)
+METRICS_SAMPLER = web.AppKey("metrics_sampler", GaugeSampler)

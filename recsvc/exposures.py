@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
-from recsvc import keys
+from recsvc import keys, metrics
 
 log = logging.getLogger(__name__)
 Fields = dict[FieldT, EncodableT]
@@ -41,6 +41,7 @@ class ExposureLog:
             self.queue.put_nowait((stream, fields))
         except asyncio.QueueFull:
             self.dropped += 1
+            metrics.EXPOSURES_DROPPED.inc()
 
     def exposure(
         self,
@@ -100,6 +101,8 @@ class ExposureLog:
                 failing = False
             except (RedisError, OSError, TimeoutError) as exc:
                 self.dropped += len(batch)
+                metrics.EXPOSURES_DROPPED.inc(len(batch))
+                metrics.REDIS_ERRORS.labels("exposures", type(exc).__name__).inc()
                 if not failing:
                     log.warning("exposure log write failed, dropping entries: %r", exc)
                 failing = True

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import os
+import time
 from dataclasses import replace
 from importlib import resources
 from typing import Any
@@ -13,7 +14,7 @@ from aiohttp import web
 
 from features.candidates import CandidateConfig
 from features.schema import NO_CONTEXT, Context
-from recsvc import appkeys
+from recsvc import appkeys, metrics
 from recsvc.api import (
     FeaturesRequest,
     RecommendRequest,
@@ -24,6 +25,7 @@ from recsvc.api import (
     parse_flags_header,
 )
 from recsvc.errors import InvalidRequest, Unauthorized
+from recsvc.middleware import REQUEST_ID, SERVED
 from recsvc.models import LoadedModel
 from recsvc.online import feature_values, user_feature_values
 from recsvc.recommend import Query
@@ -36,10 +38,6 @@ def json_response(
     return web.Response(
         status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
     )
-
-
-def _request_id() -> str:
-    return os.urandom(8).hex()
 
 
 def _flags(request: web.Request, body_flags: dict[str, str] | None) -> dict[str, str]:
@@ -61,13 +59,14 @@ def _candidate_config(settings: Settings, parameters: dict[str, Any]) -> Candida
 
 
 async def _serve(request: web.Request, req: RecommendRequest) -> web.Response:
+    start = time.perf_counter()
     settings = request.app[appkeys.SETTINGS]
     assignment = request.app[appkeys.EXPERIMENTS].current.assign(
         req.user_id, _flags(request, req.flags)
     )
     params = assignment.parameters
     query = Query(
-        request_id=_request_id(),
+        request_id=request[REQUEST_ID],
         user_id=req.user_id,
         n=req.n or settings.default_n,
         candidates=req.candidates,
@@ -91,7 +90,22 @@ async def _serve(request: web.Request, req: RecommendRequest) -> web.Response:
             [i["item_id"] for i in result.items],
             result.strategy,
         )
-    return json_response(result.body(), headers={"Server-Timing": result.timer.header()})
+    response = json_response(result.body(), headers={"Server-Timing": result.timer.header()})
+    metrics.record_recommendation(
+        result.strategy,
+        result.fallback_reason,
+        assignment.variants,
+        result.timer.stages,
+        time.perf_counter() - start,
+    )
+    request[SERVED] = {
+        "user_id": result.user_id,
+        "strategy": result.strategy,
+        "fallback_reason": result.fallback_reason,
+        "experiments": assignment.variants,
+        "model_version": result.model["version"] if result.model else None,
+    }
+    return response
 
 
 async def experiments_get(request: web.Request) -> web.Response:
@@ -247,6 +261,13 @@ _DOCS_PAGE = resources.files("recsvc").joinpath("static", "docs.html").read_byte
 async def openapi_get(request: web.Request) -> web.Response:
     """The OpenAPI 3.1 contract (generated from the request types)."""
     return web.Response(body=request.app[appkeys.OPENAPI], content_type="application/json")
+
+
+async def metrics_get(request: web.Request) -> web.Response:
+    """Prometheus text exposition (every worker's counts with ``--workers N``)."""
+    request.app[appkeys.METRICS_SAMPLER].sample()
+    body = await asyncio.to_thread(metrics.exposition)  # reads files in multiprocess mode
+    return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
 async def docs_get(request: web.Request) -> web.Response:

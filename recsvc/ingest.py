@@ -8,8 +8,9 @@ from typing import Any
 
 from features.events import EVENT_BY_NAME
 from features.state import COL_CATEGORY, COL_PRICE
+from recsvc import metrics
 from recsvc.api import EventIn
-from recsvc.errors import InvalidRequest
+from recsvc.errors import InvalidRequest, StoreUnavailable
 from recsvc.exposures import ExposureLog
 from recsvc.itemcache import ItemCache
 from recsvc.store import EventWrite, FeatureStore
@@ -79,10 +80,18 @@ class Ingestor:
                 sources.append(e)
             except InvalidRequest as err:
                 result.rejected.append({"index": k, "error": err.message, "field": err.field})
+        if result.rejected:
+            metrics.EVENTS.labels("rejected").inc(len(result.rejected))
         if writes:
-            applied = await self.store.apply_events(writes)
+            try:
+                applied = await self.store.apply_events(writes)
+            except StoreUnavailable:
+                metrics.EVENTS.labels("failed").inc(len(writes))
+                raise
             result.accepted = sum(applied)
             result.duplicates = len(applied) - result.accepted
+            metrics.EVENTS.labels("accepted").inc(result.accepted)
+            metrics.EVENTS.labels("duplicate").inc(result.duplicates)
             if self.exposures is not None:
                 # Attribute events to the recommendation they came from, duplicates
                 # included: a retry after a write that timed out half way is a

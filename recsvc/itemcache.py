@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from features.popularity import PopularityIndex
 from features.state import ItemTable
+from recsvc import metrics
 from recsvc.store import FeatureStore, ItemSnapshot, table_from_snapshot
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class ItemCache:
                     log.info("item cache refresh recovered")
                 failing = False
             except Exception as exc:  # never let the refresher die: serving depends on it
+                metrics.REDIS_ERRORS.labels("items", type(exc).__name__).inc()
                 if not failing:
                     log.warning("item cache refresh failed, keeping the last good copy: %r", exc)
                 failing = True

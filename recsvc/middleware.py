@@ -1,17 +1,35 @@
-"""The one place where errors become HTTP statuses, plus the in-flight limit."""
+"""The one place where errors become HTTP statuses; the in-flight limit; request
+ids, metrics and the per-request log line."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import random
+import re
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from recsvc import metrics
 from recsvc.errors import InvalidRequest, Overloaded, RecsvcError, StoreUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("recsvc.access")
+
+# The request id: the caller's X-Request-Id when it is a sane token, else ours.
+REQUEST_ID = web.RequestKey("request_id", str)
+# What the handler served, for the request's log line (strategy, variants, reason).
+SERVED = web.RequestKey("served", dict[str, Any])
+REQUEST_ID_HEADER = "X-Request-Id"
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# Status recorded when the client went away before its answer (nginx's convention).
+CLIENT_CLOSED = 499
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Domain error class -> (status, code, message for the client, response headers).
@@ -88,7 +106,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return error_response(exc.status, code, exc.reason, headers=headers)
     except Exception:
-        log.exception("unhandled error", extra={"path": request.path})
+        log.exception(
+            "unhandled error",
+            extra={"route": _route(request), "request_id": request.get(REQUEST_ID)},
+        )
         return error_response(500, "internal", "internal error")
 
 
@@ -100,11 +121,69 @@ def inflight_limit(limit: int) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         nonlocal count
         if count >= limit:
+            metrics.SHED.inc()
             raise Overloaded()
         count += 1
+        metrics.INFLIGHT.inc()
         try:
             return await handler(request)
         finally:
             count -= 1
+            metrics.INFLIGHT.dec()
+
+    return middleware
+
+
+def _route(request: web.Request) -> str:
+    """The route template ("/v1/users/{user_id}/features"): bounded label values."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def observe(sample: float, slow_ms: float) -> Middleware:
+    """Outermost middleware: request id in and out, latency histogram per route and
+    status, and one JSON log line for a ``sample`` fraction of requests plus every
+    5xx and every request slower than ``slow_ms``.
+
+    The log line goes through a queue to a writer thread (``recsvc.logs``), so
+    the event loop only builds a small record.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        sent = request.headers.get(REQUEST_ID_HEADER)
+        request_id = sent if sent and _REQUEST_ID_OK.fullmatch(sent) else os.urandom(8).hex()
+        request[REQUEST_ID] = request_id
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            response.headers[REQUEST_ID_HEADER] = request_id
+            return response
+        except web.HTTPException as exc:  # < 400 only: errors() answers the rest
+            status = exc.status
+            exc.headers[REQUEST_ID_HEADER] = request_id
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            route = _route(request)
+            metrics.HTTP_LATENCY.labels(route, request.method, str(status)).observe(elapsed)
+            if status >= 500 or elapsed * 1000.0 >= slow_ms or random.random() < sample:
+                served = request.get(SERVED, {})
+                access_log.info(
+                    "request",
+                    extra={
+                        "request_id": request_id,
+                        "method": request.method,
+                        "route": route,
+                        "status": status,
+                        "latency_ms": round(elapsed * 1000.0, 3),
+                        **served,
+                    },
+                )
 
     return middleware

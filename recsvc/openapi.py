@@ -43,6 +43,16 @@ _FLAGS = {
     "schema": {"type": "string"},
 }
 
+_REQUEST_ID = {
+    "name": "X-Request-Id",
+    "in": "header",
+    "required": False,
+    "description": "the caller's request id (1-128 of A-Z a-z 0-9 . _ : -), echoed in the "
+    "answer's X-Request-Id and used in logs and experiment logs; generated when absent. "
+    "Must be unique per request.",
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+}
+
 
 def document() -> dict[str, Any]:
     types = [
@@ -117,6 +127,17 @@ def document() -> dict[str, Any]:
             }
         },
         "/healthz": {"get": {"summary": "Alive", "responses": {"200": _answer("ok", "Health")}}},
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (text exposition; all workers' counts)",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format 0.0.4",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
         "/readyz": {
             "get": {
                 "summary": "Ready for traffic",
@@ -127,6 +148,10 @@ def document() -> dict[str, Any]:
             }
         },
     }
+    for path, operations in paths.items():
+        if path.startswith("/v1/"):
+            for operation in operations.values():
+                operation["parameters"] = [*operation.get("parameters", []), _REQUEST_ID]
     return {
         "openapi": "3.1.0",
         "info": {

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
@@ -17,7 +18,7 @@ from types import FrameType
 import uvloop
 from aiohttp import web
 
-from recsvc import logs
+from recsvc import appkeys, logs, metrics
 from recsvc.app import create_app
 from recsvc.experiments import ExperimentsError
 from recsvc.settings import Settings
@@ -53,10 +54,22 @@ async def serve_until_stopped(
         # which otherwise show up as multi-millisecond pauses in the latency tail.
         gc.collect()
         gc.freeze()
+        model = app[appkeys.MODELS].current
+        log.info(
+            "listening",
+            extra={
+                "url": f"http://{settings.host}:{settings.port}",
+                "pid": os.getpid(),
+                "model": f"{model.name}/{model.version}" if model else None,
+                "items": app[appkeys.ITEMS].view.table.n,
+                "metrics": "multiprocess" if metrics.MULTIPROCESS else "single process",
+            },
+        )
         if on_ready is not None:
             on_ready(f"http://{settings.host}:{settings.port}")
         await stop.wait()
     finally:
+        log.info("stopping", extra={"pid": os.getpid()})
         await runner.cleanup()
 
 
@@ -92,6 +105,8 @@ def run_workers(
     """Start ``workers`` processes on one port and supervise them: a stop signal is
     passed on to every worker; if one dies, the others are stopped and this raises
     (a supervisor such as systemd or Kubernetes restarts the whole service)."""
+    # Before the workers start: they choose their metrics storage on import.
+    metrics.prepare_multiprocess(settings.metrics_path)
     ctx = multiprocessing.get_context("spawn")  # nothing inherited but the arguments
     procs = [
         ctx.Process(target=_worker, args=(settings, redis_url), name=f"recsvc-worker-{k}")
@@ -133,6 +148,8 @@ def run_workers(
             if p.is_alive():
                 p.kill()
                 p.join()
+            if p.pid is not None:
+                metrics.worker_exited(p.pid)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

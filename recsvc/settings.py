@@ -59,6 +59,15 @@ class Settings:
     max_body_bytes: int = 1 << 20
     max_inflight: int = 512
     log_level: str = "INFO"
+    # Fraction of requests that get a JSON log line; 5xx and slow ones always do.
+    request_log_sample: float = 0.01
+    request_log_slow_ms: float = 100.0
+    # Empty: <data_dir>/metrics. Only used with several workers.
+    metrics_dir: Path | None = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.metrics_dir if self.metrics_dir is not None else self.data_dir / "metrics"
 
     @property
     def models_path(self) -> Path:
@@ -100,6 +109,8 @@ class Settings:
             ("max_body_bytes", self.max_body_bytes >= 1024),
             ("max_inflight", self.max_inflight >= 1),
             ("log_level", self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}),
+            ("request_log_sample", 0.0 <= self.request_log_sample <= 1.0),
+            ("request_log_slow_ms", self.request_log_slow_ms > 0),
             (
                 "redis_url",
                 self.redis_url == ""
@@ -166,6 +177,16 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     ("max_body_bytes", "largest request body (413 above)"),
     ("max_inflight", "requests in flight before answering 503"),
     ("log_level", "DEBUG, INFO, WARNING or ERROR"),
+    (
+        "request_log_sample",
+        "fraction of requests logged as one JSON line (0 to 1); 5xx and slow ones always are",
+    ),
+    ("request_log_slow_ms", "requests at least this slow are always logged"),
+    (
+        "metrics_dir",
+        "Prometheus multiprocess files with --workers > 1 (emptied at start); "
+        "empty = <data_dir>/metrics",
+    ),
 )
 
 

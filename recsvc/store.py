@@ -30,7 +30,7 @@ from features.events import (
     RECENT_MAX,
 )
 from features.state import ITEM_WIDTH, ItemTable, UserState, covisit_bucket
-from recsvc import keys
+from recsvc import keys, metrics
 from recsvc.errors import StoreUnavailable
 from recsvc.settings import Settings
 
@@ -232,6 +232,7 @@ class FeatureStore:
                 replies = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             self.breaker.failure()
+            metrics.REDIS_ERRORS.labels("read", type(exc).__name__).inc()
             raise StoreUnavailable(type(exc).__name__) from exc
         self.breaker.success()
         return [decode_user(*replies[k : k + 3]) for k in range(0, len(replies), 3)]
@@ -340,6 +341,7 @@ class FeatureStore:
             async with asyncio.timeout(self.write_timeout):
                 return list(await pipe.execute())
         except (RedisError, OSError, TimeoutError) as exc:
+            metrics.REDIS_ERRORS.labels("write", type(exc).__name__).inc()
             raise StoreUnavailable(type(exc).__name__) from exc
 
     async def upsert_items(self, items: Sequence[tuple[str, str, float]]) -> None:

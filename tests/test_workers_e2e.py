@@ -1,5 +1,5 @@
-"""`recsvc serve --workers 2`: two processes on one port serve, and a stop signal
-stops them all."""
+"""`recsvc serve --workers 2`: two processes on one port serve, their metrics add up,
+and a stop signal stops them all."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from tests.test_cli_e2e import _free_port
@@ -33,10 +34,21 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+def _post(port: int, body: dict[str, str]) -> urllib.request.Request:
+    return urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/recommendations",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+
+
 def test_two_workers_share_the_port_and_stop_together(
     seeded: Redis, redis_url: str, model_dir: Path, tmp_path: Path
 ) -> None:
     port = _free_port()
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_1.db").write_bytes(b"a previous run's counts")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECSVC_")}
     env["RECSVC_SCORER"] = "native"
     proc = subprocess.Popen(
@@ -55,12 +67,7 @@ def test_two_workers_share_the_port_and_stop_together(
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             try:
-                req = urllib.request.Request(
-                    f"http://127.0.0.1:{port}/v1/recommendations",
-                    data=json.dumps({"user_id": "u1"}).encode(),
-                    headers={"content-type": "application/json"},
-                )
-                with urllib.request.urlopen(req, timeout=2) as resp:
+                with urllib.request.urlopen(_post(port, {"user_id": "u1"}), timeout=2) as resp:
                     body = json.loads(resp.read())
                     break
             except OSError:
@@ -71,6 +78,28 @@ def test_two_workers_share_the_port_and_stop_together(
         for _ in range(40):  # every request answered, whichever worker took it
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
                 assert r.status == 200
+        assert not (metrics_dir / "counter_1.db").exists()  # emptied at start
+        # Each urlopen is a new connection, which the kernel gives to either worker.
+        for k in range(60):
+            fallback = {"user_id": f"nobody-{k}"}
+            with urllib.request.urlopen(_post(port, fallback), timeout=5) as resp:
+                assert json.loads(resp.read())["fallback_reason"] == "unknown_user"
+        served_by = {f.stem.rsplit("_", 1)[1] for f in metrics_dir.glob("histogram_*.db")}
+        assert len(served_by) == 2, served_by  # both workers answered some
+        for _ in range(6):  # whichever worker answers the scrape, the sums are the same
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                samples = {
+                    (s.name, tuple(sorted(s.labels.items()))): s.value
+                    for family in text_string_to_metric_families(r.read().decode())
+                    for s in family.samples
+                }
+            reason = (("reason", "unknown_user"),)
+            assert samples[("recsvc_fallbacks_total", reason)] == 60
+            count = "recsvc_recommendation_duration_seconds_count"
+            labels = (("experiment", "none"), ("strategy", "model"), ("variant", "none"))
+            assert samples[(count, labels)] == 1
+            loaded = [k for k, v in samples.items() if k[0] == "recsvc_model_loaded" and v == 1]
+            assert len(loaded) == 1
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)
