@@ -112,6 +112,7 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('RECSVC_PORT', '8080'), timeout=3)"]
 
 ENTRYPOINT ["recsvc"]
-# Needs RECSVC_REDIS_URL (redis://, rediss:// or unix://); without it serve stops
+# Needs RECSVC_REDIS_URL (redis://, rediss://, unix://, redis+cluster://host:port,...);
+# without it serve stops
 # with a message. `demo` runs everything in the container instead.
 CMD ["serve"]

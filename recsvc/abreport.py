@@ -16,17 +16,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
 from recsvc import keys
 from recsvc.abstats import ratio_lift, srm_pvalue
 from recsvc.experiments import Experiments
+from recsvc.store import RedisClient
 
 SRM_ALARM = 0.001
 READ_CHUNK = 10_000
 
 
-async def read_stream(client: Redis, key: str, since: float) -> list[dict[str, Any]]:
+async def read_stream(client: RedisClient, key: str, since: float) -> list[dict[str, Any]]:
     """Every entry of a stream from ``since`` (seconds since epoch), decoded."""
     out: list[dict[str, Any]] = []
     start = f"{int(since * 1000)}-0"
@@ -192,7 +192,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 async def report(
-    client: Redis,
+    client: RedisClient,
     config: Experiments | None,
     experiment: str | None,
     since: float,

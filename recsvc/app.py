@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from features.candidates import CandidateConfig
 from recsvc import appkeys, metrics, openapi, scoring
@@ -21,7 +20,7 @@ from recsvc.models import ModelRegistry
 from recsvc.recommend import Recommender
 from recsvc.routes import setup_routes
 from recsvc.settings import Settings
-from recsvc.store import FeatureStore, IncompatibleStore, connect
+from recsvc.store import REDIS_FAILURES, FeatureStore, IncompatibleStore, connect
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         await client.aclose()
         await writer.aclose()
         raise  # serving another format's data would be wrong answers, not errors
-    except (RedisError, OSError, TimeoutError) as exc:
+    except REDIS_FAILURES as exc:
         log.warning("Redis unreachable at start (%s); serving the default strategy", exc)
     yield
     await client.aclose()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from aiohttp import web
-from redis.asyncio import Redis
 
 from recsvc.experiments import ExperimentsHolder
 from recsvc.exposures import ExposureLog
@@ -13,11 +12,11 @@ from recsvc.metrics import GaugeSampler
 from recsvc.models import ModelRegistry
 from recsvc.recommend import Recommender
 from recsvc.settings import Settings
-from recsvc.store import FeatureStore
+from recsvc.store import FeatureStore, RedisClient
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS_URL = web.AppKey("redis_url", str)
-REDIS = web.AppKey("redis", Redis)
+REDIS = web.AppKey[RedisClient]("redis")
 STORE = web.AppKey("store", FeatureStore)
 ITEMS = web.AppKey("items", ItemCache)
 MODELS = web.AppKey("models", ModelRegistry)

@@ -13,8 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
-
 from features.candidates import CandidateConfig
 from features.dataset import DatasetConfig
 from features.logs import Catalogue, EventLog, LogFormatError, read_catalogue_report, read_log
@@ -25,7 +23,7 @@ from recsvc import abreport, experiments, logs, models, seed, server, simulate, 
 from recsvc.embedded import EmbeddedRedis, EmbeddedRedisError
 from recsvc.errors import ModelRejected
 from recsvc.settings import Settings, SettingsError, from_env
-from recsvc.store import FeatureStore, IncompatibleStore
+from recsvc.store import FeatureStore, IncompatibleStore, connect
 
 log = logging.getLogger("recsvc")
 
@@ -175,7 +173,7 @@ async def _seed_if_empty(
 ) -> None:
     """Seed an empty Redis. ``rebuild``: our own embedded data in an older storage
     format is wiped and seeded again (never done to a Redis the user gave us)."""
-    client = Redis.from_url(url)
+    client = connect(url, settings, writes=True)
     try:
         try:
             await FeatureStore(client, settings).check_format()
@@ -271,7 +269,7 @@ def cmd_seed(args: argparse.Namespace) -> None:
 async def _import(
     url: str, settings: Settings, catalogue: Catalogue | None, log_: EventLog, append: bool
 ) -> seed.SeedSummary:
-    client = Redis.from_url(url)
+    client = connect(url, settings, writes=True)
     try:
         await FeatureStore(client, settings).check_format()
         if await seed.is_seeded(client) and not append:
@@ -309,7 +307,7 @@ async def _ab_report(url: str, settings: Settings, args: argparse.Namespace) -> 
         config = experiments.parse(
             settings.experiments.read_text(), str(settings.experiments), None
         )
-    client = Redis.from_url(url)
+    client = connect(url, settings, writes=True)
     try:
         snap = await FeatureStore(client, settings).item_snapshot()
         prices = {

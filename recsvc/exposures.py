@@ -16,11 +16,10 @@ import logging
 import time
 
 import orjson
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from recsvc import keys, metrics
+from recsvc.store import REDIS_FAILURES, RedisClient
 
 log = logging.getLogger(__name__)
 Fields = dict[FieldT, EncodableT]
@@ -29,7 +28,7 @@ BATCH = 500
 
 
 class ExposureLog:
-    def __init__(self, client: Redis, maxlen: int) -> None:
+    def __init__(self, client: RedisClient, maxlen: int) -> None:
         self.client = client
         self.maxlen = maxlen
         self.queue: asyncio.Queue[tuple[str, Fields]] = asyncio.Queue(QUEUE_MAX)
@@ -99,7 +98,7 @@ class ExposureLog:
                 async with asyncio.timeout(2.0):
                     await self._write(batch)
                 failing = False
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_FAILURES as exc:
                 self.dropped += len(batch)
                 metrics.EXPOSURES_DROPPED.inc(len(batch))
                 metrics.REDIS_ERRORS.labels("exposures", type(exc).__name__).inc()

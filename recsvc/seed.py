@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from redis.asyncio import Redis
 from tqdm import tqdm
 
 from features.logs import (
@@ -22,7 +21,7 @@ from features.logs import (
 from features.synthetic import GENERATOR_VERSION, SyntheticConfig, generate
 from recsvc import keys
 from recsvc.settings import Settings
-from recsvc.store import EventWrite, FeatureStore
+from recsvc.store import EventWrite, FeatureStore, RedisClient
 
 # Events per pipeline. Seeding walks the log user by user (each user's events
 # still in time order; users are independent), so a batch is a few hundred
@@ -61,12 +60,12 @@ def ensure_synthetic(data_dir: Path, config: SyntheticConfig) -> tuple[Path, Pat
     return events_path, items_path
 
 
-async def is_seeded(client: Redis) -> bool:
+async def is_seeded(client: RedisClient) -> bool:
     return bool(await client.llen(keys.ITEM_IDS))
 
 
 async def seed(
-    client: Redis,
+    client: RedisClient,
     settings: Settings,
     catalogue: Catalogue | None,
     log: EventLog,

@@ -114,7 +114,9 @@ class Settings:
             (
                 "redis_url",
                 self.redis_url == ""
-                or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+                or self.redis_url.startswith(
+                    ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+                ),
             ),
         ]
         for name, ok in checks:

@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeAlias
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.client import Pipeline
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+)
+from redis.exceptions import (
+    MaxConnectionsError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from features.events import (
     CATEGORY_HALF_LIFE,
@@ -39,31 +51,164 @@ def _script(name: str) -> str:
     return resources.files("recsvc").joinpath("lua", name).read_text()
 
 
-def connect(url: str, settings: Settings, writes: bool = False) -> Redis:
+# Either client: RedisCluster is not a Redis subclass (nor ClusterPipeline a Pipeline).
+RedisClient: TypeAlias = Redis | RedisCluster
+# What a Redis call can fail with. RedisClusterException (cluster unreachable at
+# discovery, slots not covered) is not a RedisError.
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
+
+
+def _cluster_kwargs(url: str) -> dict[str, Any]:
+    """RedisCluster kwargs for ``redis+cluster://[user:pass@]host:port[,host:port...][/0]``
+    (redis-py parses only redis://, rediss://, unix://, and one host)."""
+    scheme, _, rest = url.partition("://")
+    parts = urlsplit(f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    if parts.path.strip("/") not in ("", "0") or parts.query:
+        raise ValueError("a cluster URL takes no database and no options")
+    nodes = []
+    for hostport in hosts.split(","):
+        host, colon, port = hostport.rpartition(":")
+        if not colon or host.endswith(":"):  # no port (a bare name or IPv6 address)
+            host, port = hostport, "6379"
+        nodes.append(ClusterNode(unquote(host.strip("[]")), int(port)))
+    return {
+        "startup_nodes": nodes,
+        "username": unquote(user) or None,
+        "password": unquote(password) or None,
+        "ssl": parts.scheme == "rediss",
+    }
+
+
+def connect(url: str, settings: Settings, writes: bool = False) -> RedisClient:
     """A client with a bounded pool and no hidden retries.
 
     Reads wait briefly for a pooled connection (they fall back instead); the
     separate write client waits up to the write deadline, so a burst of event
     writes queues rather than failing, and never starves the reads.
+    ``redis+cluster://`` / ``rediss+cluster://`` give a RedisCluster, whose pools
+    (``max_connections`` per node) fail at once when full: FeatureStore gates it.
     """
     wait_ms = settings.redis_write_timeout_ms if writes else settings.redis_pool_wait_ms
+    # Deadlines are set per call (asyncio.timeout); this only catches a dead peer.
+    socket_timeout = max(settings.redis_timeout_ms, settings.redis_write_timeout_ms) / 1000.0
+    # Writes may take their whole deadline to connect: a burst of events after
+    # a quiet spell opens many connections at once, and a busy event loop
+    # makes each handshake slow; failing those would lose a burst to 503s.
+    connect_timeout = (
+        settings.redis_write_timeout_ms if writes else settings.redis_connect_timeout_ms
+    ) / 1000.0
+    if is_cluster_url(url):
+        return RedisCluster(
+            **_cluster_kwargs(url),
+            max_connections=settings.redis_pool_size,  # per node
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            retry=Retry(NoBackoff(), 0),  # no cluster-level retries either
+        )
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=settings.redis_pool_size,
         timeout=wait_ms / 1000.0,
-        # Deadlines are set per call (asyncio.timeout); this only catches a dead peer.
-        socket_timeout=max(settings.redis_timeout_ms, settings.redis_write_timeout_ms) / 1000.0,
-        # Writes may take their whole deadline to connect: a burst of events after
-        # a quiet spell opens many connections at once, and a busy event loop
-        # makes each handshake slow; failing those would lose a burst to 503s.
-        socket_connect_timeout=(
-            settings.redis_write_timeout_ms if writes else settings.redis_connect_timeout_ms
-        )
-        / 1000.0,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
         retry=Retry(NoBackoff(), 0),
     )
     # from_pool: the client owns the pool, so aclose() also closes its connections.
     return Redis.from_pool(pool)
+
+
+class Gate:
+    """At most ``limit`` operations in flight (each holds <= 1 connection per node),
+    waiting up to ``wait_s`` for a turn: the BlockingConnectionPool behaviour that
+    RedisCluster lacks. Unlimited for a standalone client (its pool blocks)."""
+
+    def __init__(self, client: RedisClient, limit: int, wait_s: float) -> None:
+        self._sem = asyncio.Semaphore(limit) if isinstance(client, RedisCluster) else None
+        self._wait_s = wait_s
+
+    async def __aenter__(self) -> None:
+        if self._sem is not None:
+            try:
+                async with asyncio.timeout(self._wait_s):
+                    await self._sem.acquire()
+            except TimeoutError:
+                raise MaxConnectionsError("no free Redis connection") from None
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._sem is not None:
+            self._sem.release()
+
+
+class TopologyRefresh:
+    """Re-read a RedisCluster's slot map after a failure to reach a node.
+
+    With no retries, a failing ClusterPipeline never marks the client for
+    re-discovery (only a failing single command does), so a read path made of
+    pipelines would keep sending a failed-over node's keys to the dead address.
+    One refresh at a time, at most once per ``min_interval``, in the background
+    (the failed call does not wait for it); a no-op for a standalone client.
+    """
+
+    def __init__(self, client: RedisClient, min_interval: float = 1.0) -> None:
+        self._client = client if isinstance(client, RedisCluster) else None
+        self._min_interval = min_interval
+        self._last = -min_interval
+        self._task: asyncio.Task[None] | None = None
+
+    def after(self, exc: BaseException) -> None:
+        if self._client is None or isinstance(exc, MaxConnectionsError):
+            return  # a full local pool says nothing about the topology
+        if not isinstance(exc, (RedisConnectionError, OSError, TimeoutError, RedisTimeoutError)):
+            return
+        now = time.monotonic()
+        if (
+            self._task is not None and not self._task.done()
+        ) or now - self._last < self._min_interval:
+            return
+        self._last = now
+        self._task = asyncio.create_task(self._refresh(self._client))
+
+    @staticmethod
+    async def _refresh(client: RedisCluster) -> None:
+        with contextlib.suppress(*REDIS_FAILURES):
+            await client.nodes_manager.initialize()
+
+
+ScriptCall: TypeAlias = tuple[AsyncScript, Sequence[Any], Sequence[Any]]
+
+
+async def run_scripts(client: RedisClient, calls: Sequence[ScriptCall]) -> list[Any]:
+    """Script calls in one pipeline (one round trip per node), replies in order.
+
+    EVALSHA goes through execute_command: ClusterPipeline blocks .evalsha() and
+    has no script preloading. A NOSCRIPT reply means that call did not run; the
+    scripts are loaded (on every primary) and only those calls are sent again.
+    """
+    pipe = client.pipeline(transaction=False)
+    for script, ks, argv in calls:
+        pipe.execute_command("EVALSHA", script.sha, len(ks), *ks, *argv)
+    replies = list(await pipe.execute(raise_on_error=False))
+    missing = [k for k, r in enumerate(replies) if isinstance(r, NoScriptError)]
+    if missing:
+        for script in {id(calls[k][0]): calls[k][0] for k in missing}.values():
+            script.sha = await client.script_load(script.script)
+        pipe = client.pipeline(transaction=False)
+        for k in missing:
+            script, ks, argv = calls[k]
+            pipe.execute_command("EVALSHA", script.sha, len(ks), *ks, *argv)
+        for k, reply in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
+            replies[k] = reply
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
 
 
 # Version of the Redis layout (keys, packed rows, hash fields). 1: before
@@ -202,9 +347,17 @@ def decode_user(
 class FeatureStore:
     """All reads and writes of behaviour state in Redis."""
 
-    def __init__(self, client: Redis, settings: Settings, writer: Redis | None = None) -> None:
+    def __init__(
+        self, client: RedisClient, settings: Settings, writer: RedisClient | None = None
+    ) -> None:
         self.client = client
         self.writer = writer if writer is not None else client
+        self._read_gate = Gate(client, settings.redis_pool_size, settings.redis_pool_wait_ms / 1000)
+        self._write_gate = Gate(
+            self.writer, settings.redis_pool_size, settings.redis_write_timeout_ms / 1000
+        )
+        self._read_refresh = TopologyRefresh(client)
+        self._write_refresh = TopologyRefresh(self.writer)
         self.timeout = settings.redis_timeout_ms / 1000.0
         self.write_timeout = settings.redis_write_timeout_ms / 1000.0
         self.dedupe_ttl = settings.event_dedupe_ttl_secs
@@ -228,11 +381,12 @@ class FeatureStore:
             pipe.zrevrange(keys.user_recent(user_id), 0, RECENT_MAX - 1, withscores=True)
             pipe.smembers(keys.user_purchased(user_id))
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout), self._read_gate:
                 replies = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             self.breaker.failure()
             metrics.REDIS_ERRORS.labels("read", type(exc).__name__).inc()
+            self._read_refresh.after(exc)
             raise StoreUnavailable(type(exc).__name__) from exc
         self.breaker.success()
         return [decode_user(*replies[k : k + 3]) for k in range(0, len(replies), 3)]
@@ -317,11 +471,12 @@ class FeatureStore:
         groups = list(by_user.items())
         for start in range(0, len(groups), USERS_PER_PIPELINE):
             chunk = groups[start : start + USERS_PER_PIPELINE]
-            pipe = self.writer.pipeline(transaction=False)
-            for user_id, positions in chunk:
-                ks, args = self._user_call(user_id, [events[k] for k in positions], dedupe)
-                await self._user_script(keys=ks, args=args, client=pipe)
-            results = await self._execute(pipe)
+            results = await self._execute(
+                [
+                    (self._user_script, *self._user_call(u, [events[k] for k in positions], dedupe))
+                    for u, positions in chunk
+                ]
+            )
             for (_, positions), answers in zip(chunk, results, strict=True):
                 for k, answer in zip(positions, answers, strict=True):
                     applied[k] = int(answer[0])
@@ -329,19 +484,18 @@ class FeatureStore:
                     # neighbour a full row keeps can depend on the order.
                     partners[k] = sorted(answer[1:])
         for k in range(0, len(events), ITEM_CALL_MAX):
-            pipe = self.writer.pipeline(transaction=False)
             part = slice(k, k + ITEM_CALL_MAX)
             ks, args = self._item_call("event", events[part], dedupe, partners[part])
-            await self._item_script(keys=ks, args=args, client=pipe)
-            await self._execute(pipe)
+            await self._execute([(self._item_script, ks, args)])
         return applied
 
-    async def _execute(self, pipe: Pipeline) -> list[Any]:
+    async def _execute(self, calls: Sequence[ScriptCall]) -> list[Any]:
         try:
-            async with asyncio.timeout(self.write_timeout):
-                return list(await pipe.execute())
-        except (RedisError, OSError, TimeoutError) as exc:
+            async with asyncio.timeout(self.write_timeout), self._write_gate:
+                return await run_scripts(self.writer, calls)
+        except REDIS_FAILURES as exc:
             metrics.REDIS_ERRORS.labels("write", type(exc).__name__).inc()
+            self._write_refresh.after(exc)
             raise StoreUnavailable(type(exc).__name__) from exc
 
     async def upsert_items(self, items: Sequence[tuple[str, str, float]]) -> None:
@@ -393,8 +547,10 @@ class FeatureStore:
     async def ping(self) -> bool:
         try:
             async with asyncio.timeout(self.timeout * 4):
+                if isinstance(self.client, RedisCluster):  # every master, not one
+                    return bool(await self.client.ping(target_nodes=RedisCluster.PRIMARIES))
                 return bool(await self.client.ping())
-        except (RedisError, OSError, TimeoutError):
+        except REDIS_FAILURES:
             return False
 
 

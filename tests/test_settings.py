@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from recsvc.settings import SETTINGS_TABLE, Settings, SettingsError, from_env, markdown_table
+from recsvc.store import _cluster_kwargs, is_cluster_url
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -60,3 +61,19 @@ def test_every_setting_is_in_the_table_and_the_readme() -> None:
     fields = [f.name for f in dataclasses.fields(Settings)]
     assert [name for name, _ in SETTINGS_TABLE] == fields
     assert markdown_table() in README.read_text(), "regenerate: python -m recsvc.settings"
+
+
+def test_cluster_urls_are_parsed_and_validated() -> None:
+    assert is_cluster_url("redis+cluster://h:1") and is_cluster_url("REDISS+CLUSTER://h:1")
+    assert not is_cluster_url("redis://h:1")
+    kw = _cluster_kwargs("rediss+cluster://app:p%40ss@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002")
+    nodes = [(n.host, n.port) for n in kw["startup_nodes"]]
+    assert nodes == [("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 7002)]
+    assert (kw["username"], kw["password"], kw["ssl"]) == ("app", "p@ss", True)
+    assert _cluster_kwargs("redis+cluster://h")["startup_nodes"][0].port == 6379
+    for bad in ("redis+cluster://h:1/2", "redis+cluster://h:1?timeout=1"):
+        with pytest.raises(ValueError, match="no database"):
+            _cluster_kwargs(bad)
+    Settings(redis_url="redis+cluster://h:1").validate()
+    with pytest.raises(SettingsError, match="RECSVC_REDIS_URL"):
+        Settings(redis_url="cluster://h:1").validate()
