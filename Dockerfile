@@ -113,6 +113,5 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
 
 ENTRYPOINT ["recsvc"]
 # Needs RECSVC_REDIS_URL (redis://, rediss://, unix://, redis+cluster://host:port,...);
-# without it serve stops
-# with a message. `demo` runs everything in the container instead.
+# without it serve stops with a message. `demo` runs everything in the container instead.
 CMD ["serve"]

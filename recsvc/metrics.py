@@ -62,10 +62,9 @@ HTTP_LATENCY = Histogram(
 )
 RECOMMENDATION_LATENCY = Histogram(
     "recsvc_recommendation_duration_seconds",
-    "Recommendation latency by strategy (model, popular, fallback) and A/B assignment; "
-    "a request inside several experiments counts once per experiment, outside any "
-    'once with experiment="none".',
-    ("strategy", "experiment", "variant"),
+    "Recommendation latency by strategy (model, popular, fallback) and A/B assignment "
+    '(variant="experiment:variant", several joined by commas; "none" outside experiments).',
+    ("strategy", "variant"),
     buckets=LATENCY_BUCKETS,
 )
 STAGE_LATENCY = Histogram(
@@ -164,11 +163,8 @@ def record_recommendation(
     elapsed: float,
 ) -> None:
     """One answered recommendation: its latency, stage times and fallback reason."""
-    if experiments:
-        for experiment, variant in experiments.items():
-            RECOMMENDATION_LATENCY.labels(strategy, experiment, variant).observe(elapsed)
-    else:
-        RECOMMENDATION_LATENCY.labels(strategy, "none", "none").observe(elapsed)
+    variant = ",".join(f"{e}:{v}" for e, v in sorted(experiments.items())) or "none"
+    RECOMMENDATION_LATENCY.labels(strategy, variant).observe(elapsed)
     for stage, secs in stages.items():
         STAGE_LATENCY.labels(stage).observe(secs)
     if reason is not None:

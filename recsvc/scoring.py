@@ -115,11 +115,14 @@ def boundary_rows(booster: lgb.Booster, rows: int = 1024, seed: int = 0) -> np.n
             return
         t = node["threshold"]
         if isinstance(t, int | float):
-            t32 = float(np.float32(t))
+            # LightGBM writes thresholds beyond float32's range as 1e300 and the
+            # like; they become inf here, which still tests that side.
+            with np.errstate(over="ignore"):
+                t32 = np.float32(t)
             values[node["split_feature"]] += [
-                t32,
-                float(np.nextafter(np.float32(t), np.float32(np.inf))),
-                float(np.nextafter(np.float32(t), np.float32(-np.inf))),
+                float(t32),
+                float(np.nextafter(t32, np.float32(np.inf))),
+                float(np.nextafter(t32, np.float32(-np.inf))),
             ]
         walk(node["left_child"])
         walk(node["right_child"])

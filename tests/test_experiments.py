@@ -18,6 +18,7 @@ from recsvc.abstats import chi2_sf, ratio_lift, relative_lift, srm_pvalue
 from recsvc.app import create_app
 from recsvc.experiments import ExperimentsError, bucket, murmur3_32, parse
 from tests.conftest import settings_for
+from tests.test_metrics import delta, scrape
 
 AB = """
 [[experiment]]
@@ -189,6 +190,7 @@ async def test_experiments_through_the_service(
     async with TestClient(TestServer(create_app(settings, redis_url), host="127.0.0.1")) as c:
         assigned = await (await c.get("/v1/experiments/u1")).json()
         assert assigned["experiments"]["ranker-v2"] == "treatment"
+        before = await scrape(c)
         body = await (await c.post("/v1/recommendations", json={"user_id": "u1"})).json()
         assert body["experiments"]["ranker-v2"] == "treatment" and "forced" not in body
         assert body["strategy"] == "model"
@@ -200,6 +202,13 @@ async def test_experiments_through_the_service(
             )
         ).json()
         assert forced["strategy"] == "popular" and forced["forced"] == ["ranker-v2"]
+        # Latency per strategy and variant: each request once, under all its assignments.
+        after, count = await scrape(c), "recsvc_recommendation_duration_seconds_count"
+        for answer in (body, forced):
+            variant = ",".join(f"{e}:{v}" for e, v in sorted(answer["experiments"].items()))
+            assert "ranker-v2:" in variant
+            labels = {"strategy": answer["strategy"], "variant": variant}
+            assert delta(before, after, count, **labels) == 1, labels
         header = {"X-Recsvc-Flags": "ranker-v2=control,sources=no-popular"}
         by_header = await (
             await c.post("/v1/recommendations", json={"user_id": "u1"}, headers=header)

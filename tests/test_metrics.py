@@ -77,9 +77,8 @@ async def test_metrics_move_with_one_fallback_and_one_model_answer(client: Clien
     assert delta(before, after, http, route="/v1/events", method="POST", status="200") == 3
     assert delta(before, after, http, route="/metrics", method="GET", status="200") == 1
     rec = "recsvc_recommendation_duration_seconds_count"
-    none = {"experiment": "none", "variant": "none"}
-    assert delta(before, after, rec, strategy="model", **none) == 1
-    assert delta(before, after, rec, strategy="fallback", **none) == 1
+    assert delta(before, after, rec, strategy="model", variant="none") == 1
+    assert delta(before, after, rec, strategy="fallback", variant="none") == 1
     assert delta(before, after, "recsvc_fallbacks_total", reason="unknown_user") == 1
     assert delta(before, after, "recsvc_fallbacks_total", reason="model_unavailable") == 0
     stage = "recsvc_stage_duration_seconds_count"
