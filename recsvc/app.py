@@ -35,14 +35,12 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         async with asyncio.timeout(settings.redis_write_timeout_ms / 1000.0):
             await store.check_format()
     except IncompatibleStore:
-        await client.aclose()
-        await writer.aclose()
+        await store.aclose()
         raise  # serving another format's data would be wrong answers, not errors
     except REDIS_FAILURES as exc:
         log.warning("Redis unreachable at start (%s); serving the default strategy", exc)
     yield
-    await client.aclose()
-    await writer.aclose()
+    await store.aclose()
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

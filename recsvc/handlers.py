@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 import time
 from dataclasses import replace
 from importlib import resources
@@ -25,7 +26,7 @@ from recsvc.api import (
     parse_flags_header,
 )
 from recsvc.errors import InvalidRequest, Unauthorized
-from recsvc.middleware import REQUEST_ID, SERVED
+from recsvc.middleware import FROM_CALLER, REQUEST_ID, SERVED
 from recsvc.models import LoadedModel
 from recsvc.online import feature_values, user_feature_values
 from recsvc.recommend import Query
@@ -66,7 +67,9 @@ async def _serve(request: web.Request, req: RecommendRequest) -> web.Response:
     )
     params = assignment.parameters
     query = Query(
-        request_id=request[REQUEST_ID],
+        # The caller's X-Request-Id is for tracing; experiment attribution needs
+        # an id that is unique for certain, so then the answer gets its own.
+        request_id=os.urandom(8).hex() if request[FROM_CALLER] else request[REQUEST_ID],
         user_id=req.user_id,
         n=req.n or settings.default_n,
         candidates=req.candidates,
@@ -99,6 +102,7 @@ async def _serve(request: web.Request, req: RecommendRequest) -> web.Response:
         time.perf_counter() - start,
     )
     request[SERVED] = {
+        "recommendation_id": result.request_id,
         "user_id": result.user_id,
         "strategy": result.strategy,
         "fallback_reason": result.fallback_reason,

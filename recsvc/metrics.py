@@ -13,13 +13,13 @@ never awaits, so it stays off the request's critical resources.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
     Counter,
@@ -32,7 +32,9 @@ from prometheus_client import multiprocess as _mp
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Chosen by prometheus-client when it is first imported; fixed for the process.
 MULTIPROCESS = MULTIPROC_ENV in os.environ
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# generate_latest writes the 0.0.4 text format (CONTENT_TYPE_LATEST names 1.0.0
+# in newer prometheus-client releases).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Request latency: fine around the 10 ms aim and the 35 ms p99 target.
 LATENCY_BUCKETS = (
@@ -62,9 +64,15 @@ HTTP_LATENCY = Histogram(
 )
 RECOMMENDATION_LATENCY = Histogram(
     "recsvc_recommendation_duration_seconds",
-    "Recommendation latency by strategy (model, popular, fallback) and A/B assignment "
-    '(variant="experiment:variant", several joined by commas; "none" outside experiments).',
-    ("strategy", "variant"),
+    "Recommendation latency by strategy (model, popular, fallback).",
+    ("strategy",),
+    buckets=LATENCY_BUCKETS,
+)
+VARIANT_LATENCY = Histogram(
+    "recsvc_variant_recommendation_duration_seconds",
+    "Recommendation latency per experiment variant and strategy (a request inside "
+    "several experiments is counted in each; outside any, not at all).",
+    ("experiment", "variant", "strategy"),
     buckets=LATENCY_BUCKETS,
 )
 STAGE_LATENCY = Histogram(
@@ -101,7 +109,7 @@ MODEL_LOADED = Gauge(
 )
 ITEM_DATA_AGE = Gauge(
     "recsvc_item_data_age_seconds",
-    "Age of the in-process item data (the oldest live worker's); -1 before the first load.",
+    "Age of the in-process item data (the oldest live worker's); +Inf before the first load.",
     multiprocess_mode="livemax",
 )
 INFLIGHT = Gauge(
@@ -116,6 +124,11 @@ SHED = Counter(
 EXPOSURES_DROPPED = Counter(
     "recsvc_exposures_dropped_total",
     "Experiment log entries dropped (queue full or Redis failing).",
+)
+
+LOG_LINES_DROPPED = Counter(
+    "recsvc_log_lines_dropped_total",
+    "Log lines dropped because the log writer fell behind.",
 )
 
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
@@ -140,12 +153,12 @@ class GaugeSampler:
 
     def sample(self) -> None:
         age = self._age()
-        ITEM_DATA_AGE.set(-1.0 if age is None else age)
+        ITEM_DATA_AGE.set(math.inf if age is None else age)
         CIRCUIT_STATE.set(CIRCUIT_VALUES[self._circuit()])
         serving = self._models()
         for labels in self._shown - serving:
             MODEL_LOADED.labels(*labels).set(0)
-        for labels in serving - self._shown:
+        for labels in serving:  # again each time: a version can come back
             MODEL_LOADED.labels(*labels).set(1)
         self._shown |= serving
 
@@ -163,23 +176,42 @@ def record_recommendation(
     elapsed: float,
 ) -> None:
     """One answered recommendation: its latency, stage times and fallback reason."""
-    variant = ",".join(f"{e}:{v}" for e, v in sorted(experiments.items())) or "none"
-    RECOMMENDATION_LATENCY.labels(strategy, variant).observe(elapsed)
+    _child(RECOMMENDATION_LATENCY, strategy).observe(elapsed)
+    for experiment, variant in experiments.items():
+        _child(VARIANT_LATENCY, experiment, variant, strategy).observe(elapsed)
     for stage, secs in stages.items():
-        STAGE_LATENCY.labels(stage).observe(secs)
+        _child(STAGE_LATENCY, stage).observe(secs)
     if reason is not None:
-        FALLBACKS.labels(reason).inc()
+        _child(FALLBACKS, reason).inc()
+
+
+_children: dict[tuple[object, ...], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, remembered: the lookup costs as much as the
+    observation. Only for labels from bounded sets (routes, stages, reasons)."""
+    key = (metric, *labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
+def observe_http(route: str, method: str, status: int, elapsed: float) -> None:
+    _child(HTTP_LATENCY, route, method, str(status)).observe(elapsed)
 
 
 def prepare_multiprocess(directory: Path) -> None:
-    """Empty ``directory`` and point this process's children at it.
+    """Remove the metric files in ``directory`` and point this process's children at it.
 
     Must run before the worker processes start: prometheus-client chooses its
     storage when first imported. Old files would add a previous run's counts.
+    Only prometheus-client's ``*.db`` files are removed, never anything else.
     """
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("*.db"):
+        old.unlink()
     os.environ[MULTIPROC_ENV] = str(directory)
 
 

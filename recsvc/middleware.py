@@ -24,12 +24,17 @@ access_log = logging.getLogger("recsvc.access")
 
 # The request id: the caller's X-Request-Id when it is a sane token, else ours.
 REQUEST_ID = web.RequestKey("request_id", str)
+# Whether REQUEST_ID came from the caller (then it is not trusted to be unique).
+FROM_CALLER = web.RequestKey("request_id_from_caller", bool)
 # What the handler served, for the request's log line (strategy, variants, reason).
 SERVED = web.RequestKey("served", dict[str, Any])
 REQUEST_ID_HEADER = "X-Request-Id"
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-# Status recorded when the client went away before its answer (nginx's convention).
+# Status recorded for a request cancelled before its answer (nginx's convention).
 CLIENT_CLOSED = 499
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+# Never shed: a scrape or a probe must answer when the service is busiest.
+UNSHED = frozenset({"/metrics", "/healthz", "/readyz"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Domain error class -> (status, code, message for the client, response headers).
@@ -94,8 +99,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         status, code, message, headers = _lookup(exc)
         if isinstance(exc, InvalidRequest):
             return error_response(status, exc.code, exc.message, exc.field)
-        if isinstance(exc, StoreUnavailable):
-            log.warning("feature store unavailable: %s", exc.reason, exc_info=exc.__cause__)
+        if isinstance(exc, StoreUnavailable):  # no traceback: outages come in floods
+            log.warning("feature store unavailable: %s", exc.reason)
         elif status >= 500 and headers is None:
             log.error("unmapped domain error", exc_info=exc)
         return error_response(status, code, message, headers=headers)
@@ -120,7 +125,7 @@ def inflight_limit(limit: int) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         nonlocal count
-        if count >= limit:
+        if count >= limit and request.path not in UNSHED:
             metrics.SHED.inc()
             raise Overloaded()
         count += 1
@@ -153,8 +158,10 @@ def observe(sample: float, slow_ms: float) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         start = time.perf_counter()
         sent = request.headers.get(REQUEST_ID_HEADER)
-        request_id = sent if sent and _REQUEST_ID_OK.fullmatch(sent) else os.urandom(8).hex()
+        from_caller = bool(sent and _REQUEST_ID_OK.fullmatch(sent))
+        request_id = sent if sent and from_caller else os.urandom(8).hex()
         request[REQUEST_ID] = request_id
+        request[FROM_CALLER] = from_caller
         status = 500
         try:
             response = await handler(request)
@@ -171,14 +178,18 @@ def observe(sample: float, slow_ms: float) -> Middleware:
         finally:
             elapsed = time.perf_counter() - start
             route = _route(request)
-            metrics.HTTP_LATENCY.labels(route, request.method, str(status)).observe(elapsed)
-            if status >= 500 or elapsed * 1000.0 >= slow_ms or random.random() < sample:
+            method = request.method if request.method in METHODS else "other"
+            metrics.observe_http(route, method, status, elapsed)
+            # Errors are always logged, but not 503s: sheds and Redis outages come
+            # in floods, and are counted in the metrics.
+            forced = status >= 500 and status != 503
+            if forced or elapsed * 1000.0 >= slow_ms or random.random() < sample:
                 served = request.get(SERVED, {})
                 access_log.info(
                     "request",
                     extra={
                         "request_id": request_id,
-                        "method": request.method,
+                        "method": method,
                         "route": route,
                         "status": status,
                         "latency_ms": round(elapsed * 1000.0, 3),

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from features.events import COVISIT_BUCKET_SECS, COVISIT_KEEP_SECS
+from recsvc.redisurl import cluster_kwargs, is_cluster_url
 
 
 class SettingsError(ValueError):
@@ -111,18 +112,24 @@ class Settings:
             ("log_level", self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}),
             ("request_log_sample", 0.0 <= self.request_log_sample <= 1.0),
             ("request_log_slow_ms", self.request_log_slow_ms > 0),
-            (
-                "redis_url",
-                self.redis_url == ""
-                or self.redis_url.startswith(
-                    ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
-                ),
-            ),
+            ("redis_url", _redis_url_ok(self.redis_url)),
         ]
         for name, ok in checks:
             if not ok:
                 shown = "<hidden>" if name in SECRETS else repr(getattr(self, name))
                 raise SettingsError(f"{env_name(name)}={shown} is not allowed")
+
+
+def _redis_url_ok(url: str) -> bool:
+    if url == "" or url.startswith(("redis://", "rediss://", "unix://")):
+        return True
+    if not is_cluster_url(url):
+        return False
+    try:
+        cluster_kwargs(url)
+    except ValueError:
+        return False
+    return True
 
 
 # Never shown in messages or logs.

@@ -10,22 +10,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeAlias
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
-    ConnectionError as RedisConnectionError,
-)
-from redis.exceptions import (
+    ClusterError,
     MaxConnectionsError,
     NoScriptError,
     RedisClusterException,
     RedisError,
+)
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -44,6 +43,7 @@ from features.events import (
 from features.state import ITEM_WIDTH, ItemTable, UserState, covisit_bucket
 from recsvc import keys, metrics
 from recsvc.errors import StoreUnavailable
+from recsvc.redisurl import cluster_kwargs, is_cluster_url
 from recsvc.settings import Settings
 
 
@@ -56,34 +56,7 @@ RedisClient: TypeAlias = Redis | RedisCluster
 # What a Redis call can fail with. RedisClusterException (cluster unreachable at
 # discovery, slots not covered) is not a RedisError.
 REDIS_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
-CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
-
-
-def is_cluster_url(url: str) -> bool:
-    return url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
-
-
-def _cluster_kwargs(url: str) -> dict[str, Any]:
-    """RedisCluster kwargs for ``redis+cluster://[user:pass@]host:port[,host:port...][/0]``
-    (redis-py parses only redis://, rediss://, unix://, and one host)."""
-    scheme, _, rest = url.partition("://")
-    parts = urlsplit(f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}")
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    user, _, password = userinfo.partition(":")
-    if parts.path.strip("/") not in ("", "0") or parts.query:
-        raise ValueError("a cluster URL takes no database and no options")
-    nodes = []
-    for hostport in hosts.split(","):
-        host, colon, port = hostport.rpartition(":")
-        if not colon or host.endswith(":"):  # no port (a bare name or IPv6 address)
-            host, port = hostport, "6379"
-        nodes.append(ClusterNode(unquote(host.strip("[]")), int(port)))
-    return {
-        "startup_nodes": nodes,
-        "username": unquote(user) or None,
-        "password": unquote(password) or None,
-        "ssl": parts.scheme == "rediss",
-    }
+CLUSTER_POOL_HEADROOM = 8
 
 
 def connect(url: str, settings: Settings, writes: bool = False) -> RedisClient:
@@ -106,8 +79,11 @@ def connect(url: str, settings: Settings, writes: bool = False) -> RedisClient:
     ) / 1000.0
     if is_cluster_url(url):
         return RedisCluster(
-            **_cluster_kwargs(url),
-            max_connections=settings.redis_pool_size,  # per node
+            **cluster_kwargs(url),
+            # Per node. The gate holds request-path calls to redis_pool_size;
+            # the headroom is for background calls (item refresh, readiness
+            # pings, exposure writes), since a full cluster pool fails at once.
+            max_connections=settings.redis_pool_size + CLUSTER_POOL_HEADROOM,
             socket_timeout=socket_timeout,
             socket_connect_timeout=connect_timeout,
             retry=Retry(NoBackoff(), 0),  # no cluster-level retries either
@@ -163,9 +139,16 @@ class TopologyRefresh:
         self._task: asyncio.Task[None] | None = None
 
     def after(self, exc: BaseException) -> None:
-        if self._client is None or isinstance(exc, MaxConnectionsError):
-            return  # a full local pool says nothing about the topology
-        if not isinstance(exc, (RedisConnectionError, OSError, TimeoutError, RedisTimeoutError)):
+        """Refresh after a node could not be reached or the cluster reported a
+        topology problem; never after a deadline (a slow reply says nothing about
+        the slot map, and a refresh reconnects every pooled connection) or a full
+        local pool."""
+        if self._client is None:
+            return
+        if isinstance(exc, TimeoutError | RedisTimeoutError | MaxConnectionsError):
+            return
+        topology = RedisConnectionError | ConnectionError | RedisClusterException | ClusterError
+        if not isinstance(exc, topology):
             return
         now = time.monotonic()
         if (
@@ -179,6 +162,13 @@ class TopologyRefresh:
     async def _refresh(client: RedisCluster) -> None:
         with contextlib.suppress(*REDIS_FAILURES):
             await client.nodes_manager.initialize()
+
+    async def stop(self) -> None:
+        """Cancel a refresh in progress (before its client is closed)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 ScriptCall: TypeAlias = tuple[AsyncScript, Sequence[Any], Sequence[Any]]
@@ -381,7 +371,8 @@ class FeatureStore:
             pipe.zrevrange(keys.user_recent(user_id), 0, RECENT_MAX - 1, withscores=True)
             pipe.smembers(keys.user_purchased(user_id))
         try:
-            async with asyncio.timeout(self.timeout), self._read_gate:
+            # The gate first, with its own wait: a full pool is not a slow Redis.
+            async with self._read_gate, asyncio.timeout(self.timeout):
                 replies = await pipe.execute()
         except REDIS_FAILURES as exc:
             self.breaker.failure()
@@ -491,7 +482,7 @@ class FeatureStore:
 
     async def _execute(self, calls: Sequence[ScriptCall]) -> list[Any]:
         try:
-            async with asyncio.timeout(self.write_timeout), self._write_gate:
+            async with self._write_gate, asyncio.timeout(self.write_timeout):
                 return await run_scripts(self.writer, calls)
         except REDIS_FAILURES as exc:
             metrics.REDIS_ERRORS.labels("write", type(exc).__name__).inc()
@@ -543,6 +534,14 @@ class FeatureStore:
         version = int(found or 0)
         if version != STORAGE_FORMAT:
             raise IncompatibleStore(version)
+
+    async def aclose(self) -> None:
+        """Stop background topology refreshes, then close both clients."""
+        await self._read_refresh.stop()
+        await self._write_refresh.stop()
+        await self.client.aclose()
+        if self.writer is not self.client:
+            await self.writer.aclose()
 
     async def ping(self) -> bool:
         try:

@@ -16,11 +16,13 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from recsvc import keys
 from recsvc.app import create_app
 from recsvc.settings import Settings
-from recsvc.store import RedisClient, connect
+from recsvc.store import RedisClient, TopologyRefresh, connect
 from tests.cluster import LocalCluster
 from tests.conftest import settings_for
 
@@ -134,3 +136,18 @@ async def test_serve_with_a_cluster_url_reports_ready(
     async with TestClient(TestServer(app, host="127.0.0.1")) as c:
         ready = await (await c.get("/readyz")).json()
         assert ready["status"] == "ready" and ready["checks"]["redis"] is True
+
+
+async def test_topology_is_refreshed_after_connection_errors_only(cluster: LocalCluster) -> None:
+    client = connect(cluster.url, Settings())
+    refresh = TopologyRefresh(client)
+    try:
+        refresh.after(TimeoutError())  # a slow reply says nothing about the slot map
+        refresh.after(RedisTimeoutError())
+        assert refresh._task is None
+        refresh.after(RedisConnectionError("node gone"))
+        assert refresh._task is not None
+        await refresh.stop()  # cancelled or finished, never left behind
+        assert refresh._task.done()
+    finally:
+        await client.aclose()

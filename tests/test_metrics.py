@@ -7,6 +7,7 @@ difference between two scrapes around the requests under test.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from features.synthetic import SyntheticData
+from recsvc import metrics
 from recsvc.app import create_app
 from recsvc.embedded import EmbeddedRedis
 from recsvc.seed import seed
@@ -42,12 +44,12 @@ async def scrape(client: Client) -> Samples:
     return parse(await resp.text())
 
 
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+def value(samples: Samples, metric: str, **labels: str) -> float:
+    return samples.get((metric, frozenset(labels.items())), 0.0)
 
 
-def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
-    return value(after, name, **labels) - value(before, name, **labels)
+def delta(before: Samples, after: Samples, metric: str, **labels: str) -> float:
+    return value(after, metric, **labels) - value(before, metric, **labels)
 
 
 def series(samples: Samples, name: str) -> Iterable[tuple[dict[str, str], float]]:
@@ -77,8 +79,8 @@ async def test_metrics_move_with_one_fallback_and_one_model_answer(client: Clien
     assert delta(before, after, http, route="/v1/events", method="POST", status="200") == 3
     assert delta(before, after, http, route="/metrics", method="GET", status="200") == 1
     rec = "recsvc_recommendation_duration_seconds_count"
-    assert delta(before, after, rec, strategy="model", variant="none") == 1
-    assert delta(before, after, rec, strategy="fallback", variant="none") == 1
+    assert delta(before, after, rec, strategy="model") == 1
+    assert delta(before, after, rec, strategy="fallback") == 1
     assert delta(before, after, "recsvc_fallbacks_total", reason="unknown_user") == 1
     assert delta(before, after, "recsvc_fallbacks_total", reason="model_unavailable") == 0
     stage = "recsvc_stage_duration_seconds_count"
@@ -98,6 +100,7 @@ async def test_metrics_move_with_one_fallback_and_one_model_answer(client: Clien
     }
     assert (answer["model"]["name"], answer["model"]["version"], "native") in loaded
     assert 0 <= value(after, "recsvc_item_data_age_seconds") < 5
+    assert value(after, "recsvc_variant_recommendation_duration_seconds_count") == 0
     assert value(after, "recsvc_redis_circuit_state") == 0
     assert value(after, "recsvc_inflight_requests") == 1  # the scrape itself
 
@@ -138,7 +141,9 @@ async def test_request_id_is_taken_from_the_request_or_made(client: Client) -> N
         "/v1/recommendations", json={"user_id": "u1"}, headers={"X-Request-Id": "fe-42.a:b"}
     )
     assert given.headers["X-Request-Id"] == "fe-42.a:b"
-    assert (await given.json())["request_id"] == "fe-42.a:b"
+    # The answer's own id (experiment attribution) stays unique whatever the caller sends.
+    answer_id = (await given.json())["request_id"]
+    assert answer_id != "fe-42.a:b" and len(answer_id) == 16
     made = await client.post("/v1/recommendations", json={"user_id": "u1"})
     assert len(made.headers["X-Request-Id"]) == 16
     assert (await made.json())["request_id"] == made.headers["X-Request-Id"]
@@ -181,3 +186,25 @@ async def test_unsampled_requests_are_not_logged(
             for _ in range(20):
                 await c.post("/v1/recommendations", json={"user_id": "u1"})
     assert not [r for r in caplog.records if r.name == "recsvc.access"]
+
+
+def test_a_model_version_that_comes_back_reads_1_again() -> None:
+    serving = [{("m", "v1", "native")}]
+    sampler = metrics.GaugeSampler(lambda: 1.0, lambda: "closed", lambda: serving[0])
+    for now in ({("m", "v1", "native")}, {("m", "v2", "native")}, {("m", "v1", "native")}):
+        serving[0] = now
+        sampler.sample()
+    loaded = parse(metrics.exposition().decode())
+    assert value(loaded, "recsvc_model_loaded", name="m", version="v1", scorer="native") == 1
+    assert value(loaded, "recsvc_model_loaded", name="m", version="v2", scorer="native") == 0
+
+
+def test_multiprocess_directory_loses_only_metric_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, "restored after the test")
+    (tmp_path / "counter_123.db").write_bytes(b"old counts")
+    (tmp_path / "notes.txt").write_text("not ours")
+    metrics.prepare_multiprocess(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert os.environ[metrics.MULTIPROC_ENV] == str(tmp_path)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from recsvc.redisurl import cluster_kwargs, is_cluster_url
 from recsvc.settings import SETTINGS_TABLE, Settings, SettingsError, from_env, markdown_table
-from recsvc.store import _cluster_kwargs, is_cluster_url
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -66,14 +66,21 @@ def test_every_setting_is_in_the_table_and_the_readme() -> None:
 def test_cluster_urls_are_parsed_and_validated() -> None:
     assert is_cluster_url("redis+cluster://h:1") and is_cluster_url("REDISS+CLUSTER://h:1")
     assert not is_cluster_url("redis://h:1")
-    kw = _cluster_kwargs("rediss+cluster://app:p%40ss@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002")
+    kw = cluster_kwargs("rediss+cluster://app:p%40ss@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002")
     nodes = [(n.host, n.port) for n in kw["startup_nodes"]]
     assert nodes == [("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 7002)]
     assert (kw["username"], kw["password"], kw["ssl"]) == ("app", "p@ss", True)
-    assert _cluster_kwargs("redis+cluster://h")["startup_nodes"][0].port == 6379
+    assert cluster_kwargs("redis+cluster://h")["startup_nodes"][0].port == 6379
     for bad in ("redis+cluster://h:1/2", "redis+cluster://h:1?timeout=1"):
         with pytest.raises(ValueError, match="no database"):
-            _cluster_kwargs(bad)
+            cluster_kwargs(bad)
+    for bad in ("redis+cluster://", "redis+cluster://h:1,:2"):
+        with pytest.raises(ValueError, match="needs host:port"):
+            cluster_kwargs(bad)
+    with pytest.raises(ValueError, match="invalid literal"):
+        cluster_kwargs("redis+cluster://h:port")
     Settings(redis_url="redis+cluster://h:1").validate()
+    with pytest.raises(SettingsError, match="RECSVC_REDIS_URL"):  # a message, not a traceback
+        Settings(redis_url="redis+cluster://h:1/3").validate()
     with pytest.raises(SettingsError, match="RECSVC_REDIS_URL"):
         Settings(redis_url="cluster://h:1").validate()

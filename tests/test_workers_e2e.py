@@ -96,7 +96,7 @@ def test_two_workers_share_the_port_and_stop_together(
             reason = (("reason", "unknown_user"),)
             assert samples[("recsvc_fallbacks_total", reason)] == 60
             count = "recsvc_recommendation_duration_seconds_count"
-            labels = (("strategy", "model"), ("variant", "none"))
+            labels = (("strategy", "model"),)
             assert samples[(count, labels)] == 1
             loaded = [k for k, v in samples.items() if k[0] == "recsvc_model_loaded" and v == 1]
             assert len(loaded) == 1
