@@ -22,7 +22,8 @@ N = Annotated[int, msgspec.Meta(ge=1, le=MAX_N)]
 
 
 Label = Annotated[str, msgspec.Meta(max_length=64)]
-MAX_EVENTS = 1000
+# A batch of 500 typical events is about 50 KB, inside the 64 KiB body limit.
+MAX_EVENTS = 500
 
 
 class Context(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

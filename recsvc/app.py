@@ -15,7 +15,7 @@ from recsvc.experiments import ExperimentsHolder
 from recsvc.exposures import ExposureLog
 from recsvc.ingest import Ingestor
 from recsvc.itemcache import ItemCache
-from recsvc.middleware import errors, inflight_limit, observe
+from recsvc.middleware import body_limit, errors, inflight_limit, observe
 from recsvc.models import ModelRegistry
 from recsvc.recommend import Recommender
 from recsvc.routes import setup_routes
@@ -130,8 +130,13 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[
-            observe(settings.request_log_sample, settings.request_log_slow_ms),
+            observe(
+                settings.request_log_sample,
+                settings.request_log_slow_ms,
+                settings.request_deadline_ms,
+            ),
             errors,
+            body_limit(settings.max_body_bytes),
             inflight_limit(settings.max_inflight),
         ],
     )

@@ -26,7 +26,7 @@ from recsvc.api import (
     parse_flags_header,
 )
 from recsvc.errors import InvalidRequest, Unauthorized
-from recsvc.middleware import FROM_CALLER, REQUEST_ID, SERVED
+from recsvc.middleware import DEADLINE, FROM_CALLER, REQUEST_ID, SERVED
 from recsvc.models import LoadedModel
 from recsvc.online import feature_values, user_feature_values
 from recsvc.recommend import Query
@@ -81,6 +81,7 @@ async def _serve(request: web.Request, req: RecommendRequest) -> web.Response:
         candidate_config=_candidate_config(settings, params),
         experiments=assignment.variants,
         forced=assignment.forced,
+        deadline=request[DEADLINE],
     )
     result = await request.app[appkeys.RECOMMENDER].recommend(query)
     result.timer.mark("serialise")

@@ -26,6 +26,8 @@ access_log = logging.getLogger("recsvc.access")
 REQUEST_ID = web.RequestKey("request_id", str)
 # Whether REQUEST_ID came from the caller (then it is not trusted to be unique).
 FROM_CALLER = web.RequestKey("request_id_from_caller", bool)
+# Event-loop time by which the request must be answered (RECSVC_REQUEST_DEADLINE_MS).
+DEADLINE = web.RequestKey("deadline", float)
 # What the handler served, for the request's log line (strategy, variants, reason).
 SERVED = web.RequestKey("served", dict[str, Any])
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -139,13 +141,28 @@ def inflight_limit(limit: int) -> Middleware:
     return middleware
 
 
+def body_limit(max_bytes: int) -> Middleware:
+    """413 before the handler runs when Content-Length says the body is too large.
+    A chunked body has no length up front; aiohttp's ``client_max_size`` stops it
+    at the same size while it is read."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        length = request.content_length
+        if length is not None and length > max_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=length)
+        return await handler(request)
+
+    return middleware
+
+
 def _route(request: web.Request) -> str:
     """The route template ("/v1/users/{user_id}/features"): bounded label values."""
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
 
 
-def observe(sample: float, slow_ms: float) -> Middleware:
+def observe(sample: float, slow_ms: float, deadline_ms: float) -> Middleware:
     """Outermost middleware: request id in and out, latency histogram per route and
     status, and one JSON log line for a ``sample`` fraction of requests plus every
     5xx and every request slower than ``slow_ms``.
@@ -154,9 +171,12 @@ def observe(sample: float, slow_ms: float) -> Middleware:
     the event loop only builds a small record.
     """
 
+    budget = deadline_ms / 1000.0
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         start = time.perf_counter()
+        request[DEADLINE] = asyncio.get_running_loop().time() + budget
         sent = request.headers.get(REQUEST_ID_HEADER)
         from_caller = bool(sent and _REQUEST_ID_OK.fullmatch(sent))
         request_id = sent if sent and from_caller else os.urandom(8).hex()

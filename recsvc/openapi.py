@@ -94,7 +94,7 @@ def document() -> dict[str, Any]:
         },
         "/v1/events": {
             "post": {
-                "summary": "One behaviour event or a batch of up to 1000",
+                "summary": f"One behaviour event or a batch of up to {api.MAX_EVENTS}",
                 "requestBody": events_body,
                 "responses": {
                     "200": _answer("accepted, duplicates, rejected", "EventsResponse"),

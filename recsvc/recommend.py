@@ -6,6 +6,7 @@ nothing here raises to the caller for a dependency problem.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ STORE_UNAVAILABLE = "feature_store_unavailable"
 MODEL_UNAVAILABLE = "model_unavailable"
 MODEL_ERROR = "model_error"
 NO_CANDIDATES = "no_candidates"
+# The request's deadline passed: during the user-state read, or before a later
+# stage could start.
+DEADLINE = "deadline"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,8 @@ class Query:
     candidate_config: CandidateConfig | None = None
     experiments: dict[str, str] = field(default_factory=dict)
     forced: frozenset[str] = frozenset()
+    # Event-loop time by which the answer must be on its way (None: no deadline).
+    deadline: float | None = None
 
 
 @dataclass(slots=True)
@@ -116,14 +122,20 @@ class Recommender:
         result.experiments, result.forced = q.experiments, q.forced
         return result
 
+    def _late(self, q: Query) -> bool:
+        return q.deadline is not None and asyncio.get_running_loop().time() >= q.deadline
+
     async def _recommend(self, q: Query) -> Result:
         timer = StageTimer()
+        if self._late(q):  # e.g. a long queue in front of this request
+            return self._fallback(q, None, DEADLINE, timer)
         try:
-            user = await self.store.fetch_user(q.user_id)
+            user = await self.store.fetch_user(q.user_id, q.deadline)
         except StoreUnavailable as exc:
             log.debug("feature store unavailable: %s", exc.reason)
             timer.mark("redis")
-            return self._fallback(q, None, STORE_UNAVAILABLE, timer)
+            reason = DEADLINE if exc.reason == "deadline" else STORE_UNAVAILABLE
+            return self._fallback(q, None, reason, timer)
         timer.mark("redis")
         if user is None:
             return self._fallback(q, None, UNKNOWN_USER, timer)
@@ -132,6 +144,8 @@ class Recommender:
         model = self.models.get(q.model) if q.model else self.models.current
         if model is None:
             return self._fallback(q, user, MODEL_UNAVAILABLE, timer)
+        if self._late(q):
+            return self._fallback(q, user, DEADLINE, timer)
         # From here on nothing awaits: one consistent item view for the request.
         view = self.items.view
         now = time.time()
@@ -142,6 +156,8 @@ class Recommender:
         try:
             matrix = build_matrix(user, view.table, candidates.index, now, context=q.context)
             timer.mark("features")
+            if self._late(q):  # scoring is the costliest stage: do not start it late
+                return self._fallback(q, user, DEADLINE, timer)
             scores = model.predict(matrix)
         except Exception:  # a broken model or feature must not break the answer
             log.exception("scoring failed", extra={"model": model.version, "user": q.user_id})

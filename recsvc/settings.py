@@ -44,6 +44,9 @@ class Settings:
     admin_token: str = dataclasses.field(default="", repr=False)
     candidate_cap: int = 200
     default_n: int = 10
+    # Every recommendation answers within this (plus the default strategy's
+    # fraction of a millisecond): later stages do not start after it.
+    request_deadline_ms: float = 30.0
     # Request-path Redis deadline: well inside the 35 ms p99 target, so a slow
     # Redis turns into default answers, not slow ones (a loopback read is ~0.4 ms).
     redis_timeout_ms: float = 20.0
@@ -57,7 +60,7 @@ class Settings:
     item_refresh_secs: float = 2.0
     event_dedupe_ttl_secs: int = 86_400
     user_ttl_days: float = 90.0
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = 64 * 1024
     max_inflight: int = 512
     log_level: str = "INFO"
     # Fraction of requests that get a JSON log line; 5xx and slow ones always do.
@@ -86,6 +89,7 @@ class Settings:
             ("port", 0 <= self.port <= 65535),
             ("candidate_cap", 1 <= self.candidate_cap <= 1000),
             ("default_n", 1 <= self.default_n <= 100),
+            ("request_deadline_ms", self.request_deadline_ms > 0),
             ("redis_timeout_ms", self.redis_timeout_ms > 0),
             ("redis_connect_timeout_ms", self.redis_connect_timeout_ms > 0),
             ("redis_write_timeout_ms", self.redis_write_timeout_ms > 0),
@@ -166,7 +170,12 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     ),
     ("candidate_cap", "most candidates scored per request"),
     ("default_n", "items returned when a request gives no n"),
-    ("redis_timeout_ms", "deadline for the request-path Redis read"),
+    (
+        "request_deadline_ms",
+        "deadline of a recommendation from arrival; past it, the default strategy answers "
+        "(reason deadline)",
+    ),
+    ("redis_timeout_ms", "cap of the request-path Redis read (within the request deadline)"),
     (
         "redis_connect_timeout_ms",
         "deadline for opening a Redis connection to read (writes: the write timeout)",

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeAlias
@@ -109,16 +109,24 @@ class Gate:
         self._sem = asyncio.Semaphore(limit) if isinstance(client, RedisCluster) else None
         self._wait_s = wait_s
 
-    async def __aenter__(self) -> None:
-        if self._sem is not None:
+    @contextlib.asynccontextmanager
+    async def slot(self, until: float) -> AsyncIterator[None]:
+        """Hold a slot; wait at most ``wait_s`` and never past ``until`` (loop time)."""
+        if self._sem is None:
+            yield
+            return
+        if not self._sem.locked():
+            await self._sem.acquire()  # the usual case: no timer needed
+        else:
+            wait = min(self._wait_s, until - asyncio.get_running_loop().time())
             try:
-                async with asyncio.timeout(self._wait_s):
+                async with asyncio.timeout(max(wait, 0.0)):
                     await self._sem.acquire()
             except TimeoutError:
                 raise MaxConnectionsError("no free Redis connection") from None
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._sem is not None:
+        try:
+            yield
+        finally:
             self._sem.release()
 
 
@@ -357,12 +365,21 @@ class FeatureStore:
         self._item_script = self.writer.register_script(_script("item_event.lua"))
         self._read_script = self.client.register_script(_script("item_read.lua"))
 
-    async def fetch_user(self, user_id: str) -> UserState | None:
+    async def fetch_user(self, user_id: str, deadline: float | None = None) -> UserState | None:
         """The user's state in one pipelined round trip; StoreUnavailable on any failure."""
-        return (await self.fetch_users([user_id]))[0]
+        return (await self.fetch_users([user_id], deadline))[0]
 
-    async def fetch_users(self, user_ids: Sequence[str]) -> list[UserState | None]:
-        """Several users' states in one pipelined round trip (None = unknown user)."""
+    async def fetch_users(
+        self, user_ids: Sequence[str], deadline: float | None = None
+    ) -> list[UserState | None]:
+        """Several users' states in one pipelined round trip (None = unknown user).
+
+        The read gets ``redis_timeout_ms`` or until ``deadline`` (event-loop time),
+        whichever is sooner; running out raises StoreUnavailable("deadline").
+        """
+        until = asyncio.get_running_loop().time() + self.timeout
+        if deadline is not None:
+            until = min(until, deadline)
         if not self.breaker.allow():
             raise StoreUnavailable("circuit_open")
         pipe = self.client.pipeline(transaction=False)
@@ -372,13 +389,14 @@ class FeatureStore:
             pipe.smembers(keys.user_purchased(user_id))
         try:
             # The gate first, with its own wait: a full pool is not a slow Redis.
-            async with self._read_gate, asyncio.timeout(self.timeout):
+            async with self._read_gate.slot(until), asyncio.timeout_at(until):
                 replies = await pipe.execute()
         except REDIS_FAILURES as exc:
             self.breaker.failure()
             metrics.REDIS_ERRORS.labels("read", type(exc).__name__).inc()
             self._read_refresh.after(exc)
-            raise StoreUnavailable(type(exc).__name__) from exc
+            timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
+            raise StoreUnavailable("deadline" if timed_out else type(exc).__name__) from exc
         self.breaker.success()
         return [decode_user(*replies[k : k + 3]) for k in range(0, len(replies), 3)]
 
@@ -482,7 +500,8 @@ class FeatureStore:
 
     async def _execute(self, calls: Sequence[ScriptCall]) -> list[Any]:
         try:
-            async with self._write_gate, asyncio.timeout(self.write_timeout):
+            until = asyncio.get_running_loop().time() + self.write_timeout
+            async with self._write_gate.slot(until), asyncio.timeout_at(until):
                 return await run_scripts(self.writer, calls)
         except REDIS_FAILURES as exc:
             metrics.REDIS_ERRORS.labels("write", type(exc).__name__).inc()

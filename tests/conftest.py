@@ -98,6 +98,7 @@ def settings_for(model_dir: Path, **overrides: object) -> Settings:
         item_refresh_secs=0.2,
         scorer="native",
         redis_timeout_ms=1000.0,
+        request_deadline_ms=2000.0,
     ).replace(**overrides)
 
 

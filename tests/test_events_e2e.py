@@ -20,6 +20,7 @@ from features.schema import FEATURE_NAMES, build_matrix
 from features.state import COL_NBR
 from features.synthetic import SyntheticData
 from recsvc import keys
+from recsvc.api import MAX_EVENTS
 from recsvc.app import create_app
 from recsvc.store import FeatureStore, IncompatibleStore, table_from_snapshot
 from tests.conftest import settings_for
@@ -74,7 +75,7 @@ async def test_single_event_and_batch_answers(client: Client) -> None:
         (_event("x", ts=-5), "ts"),
         (_event("x", user="bad id"), "user_id"),
         ({"events": []}, "events"),
-        ({"events": [_event(f"e{k}") for k in range(1001)]}, "events"),
+        ({"events": [_event(f"e{k}") for k in range(MAX_EVENTS + 1)]}, "events"),
         ({"events": "nope"}, "events"),
     ],
 )
@@ -301,16 +302,16 @@ async def test_a_user_with_thousands_of_categories_loses_no_events(
     await store.upsert_items([(f"k{c}", f"cat{c}", 1.0) for c in range(5000)])
     app = create_app(settings_for(model_dir), redis_url)
     async with TestClient(TestServer(app, host="127.0.0.1")) as c:
-        for start in range(0, 5000, 1000):
+        for start in range(0, 5000, MAX_EVENTS):
             batch = {
                 "events": [
                     _event(f"wide{k}", user="wide", item=f"k{k}")
-                    for k in range(start, start + 1000)
+                    for k in range(start, start + MAX_EVENTS)
                 ]
             }
             resp = await c.post("/v1/events", json=batch)
             assert resp.status == 200, await resp.text()
-            assert (await resp.json())["accepted"] == 1000
+            assert (await resp.json())["accepted"] == MAX_EVENTS
     state = await store.fetch_user("wide")
     assert state is not None and state.n_events == 5000
     assert len(state.category_affinity) == 5000

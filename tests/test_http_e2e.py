@@ -189,6 +189,32 @@ async def test_oversized_body_is_413(client: Client) -> None:
     assert (await resp.json())["error"]["code"] == "body_too_large"
 
 
+async def test_64_kib_is_the_body_limit_and_a_larger_one_never_reaches_the_handler(
+    client: Client,
+) -> None:
+    limit = 64 * 1024
+    body = b'{"user_id": "u1"' + b" " * (limit - 17) + b"}"
+    assert len(body) == limit
+    ok = await client.post(
+        "/v1/recommendations", data=body, headers={"content-type": "application/json"}
+    )
+    assert ok.status == 200
+    over = await client.post(
+        "/v1/recommendations", data=body + b" ", headers={"content-type": "application/json"}
+    )
+    assert over.status == 413
+    # Announce 10 MB and send one byte: the answer comes without the body being read.
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 10000000\r\n\r\n{"
+    )
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 2.0)
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 413")
+
+
 async def test_health_and_readiness(client: Client) -> None:
     assert (await client.get("/healthz")).status == 200
     resp = await client.get("/readyz")
