@@ -255,5 +255,6 @@ class Health(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Readiness(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     status: Literal["ready", "degraded", "not_ready"]
     checks: dict[str, bool]
+    circuit: Literal["closed", "half_open", "open"]
     item_data_age_secs: float | None
     model: dict[str, str] | None

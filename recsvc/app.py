@@ -15,7 +15,7 @@ from recsvc.experiments import ExperimentsHolder
 from recsvc.exposures import ExposureLog
 from recsvc.ingest import Ingestor
 from recsvc.itemcache import ItemCache
-from recsvc.middleware import body_limit, errors, inflight_limit, observe
+from recsvc.middleware import body_limit, cors, errors, inflight_limit, observe
 from recsvc.models import ModelRegistry
 from recsvc.recommend import Recommender
 from recsvc.routes import setup_routes
@@ -135,6 +135,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
                 settings.request_log_slow_ms,
                 settings.request_deadline_ms,
             ),
+            cors(settings.cors_origin_list),
             errors,
             body_limit(settings.max_body_bytes),
             inflight_limit(settings.max_inflight),

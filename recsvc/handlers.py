@@ -188,6 +188,8 @@ async def readyz(request: web.Request) -> web.Response:
     body = {
         "status": status,
         "checks": checks,
+        # Open: requests use the default strategy without trying Redis.
+        "circuit": request.app[appkeys.STORE].breaker.state,
         "item_data_age_secs": round(age, 3) if age is not None else None,
         "model": (
             {"name": model.name, "version": model.version, "scorer": model.scorer.name}

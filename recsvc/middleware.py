@@ -141,6 +141,49 @@ def inflight_limit(limit: int) -> Middleware:
     return middleware
 
 
+CORS_ALLOW_HEADERS = "Content-Type, X-Request-Id, X-Recsvc-Flags"
+CORS_EXPOSE_HEADERS = "X-Request-Id, Server-Timing, Retry-After"
+
+
+def cors(origins: list[str]) -> Middleware:
+    """CORS for the frontend's origins: answers preflights (204, or 403 for an
+    origin not on the list) and marks answers readable by an allowed origin.
+    Credentials are never allowed (recsvc uses no cookies), so ``*`` is safe;
+    admin routes are never opened to browsers."""
+    allowed = frozenset(origins)
+    any_origin = "*" in allowed
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is None or request.path.startswith("/admin"):
+            return await handler(request)
+        ok = any_origin or origin in allowed
+        value = "*" if any_origin else origin
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            if not ok:
+                return error_response(403, "origin_not_allowed", "this origin may not call recsvc")
+            return web.Response(
+                status=204,
+                headers={
+                    "Access-Control-Allow-Origin": value,
+                    "Access-Control-Allow-Methods": "GET, POST",
+                    "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
+                    "Access-Control-Max-Age": "600",
+                    "Vary": "Origin",
+                },
+            )
+        response = await handler(request)
+        if ok:
+            response.headers["Access-Control-Allow-Origin"] = value
+            response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
+            response.headers["Timing-Allow-Origin"] = value  # Server-Timing in devtools
+            response.headers.add("Vary", "Origin")
+        return response
+
+    return middleware
+
+
 def body_limit(max_bytes: int) -> Middleware:
     """413 before the handler runs when Content-Length says the body is too large.
     A chunked body has no length up front; aiohttp's ``client_max_size`` stops it

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,12 +63,19 @@ class Settings:
     user_ttl_days: float = 90.0
     max_body_bytes: int = 64 * 1024
     max_inflight: int = 512
+    # Browser origins allowed to call the API (comma-separated; "*" = any, which
+    # is safe here: recsvc uses no cookies, so it never allows credentials).
+    cors_origins: str = ""
     log_level: str = "INFO"
     # Fraction of requests that get a JSON log line; 5xx and slow ones always do.
     request_log_sample: float = 0.01
     request_log_slow_ms: float = 100.0
     # Empty: <data_dir>/metrics. Only used with several workers.
     metrics_dir: Path | None = None
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @property
     def metrics_path(self) -> Path:
@@ -113,6 +121,7 @@ class Settings:
             ("user_ttl_days", self.user_ttl_days >= 0),
             ("max_body_bytes", self.max_body_bytes >= 1024),
             ("max_inflight", self.max_inflight >= 1),
+            ("cors_origins", all(_ORIGIN.fullmatch(o) for o in self.cors_origin_list)),
             ("log_level", self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}),
             ("request_log_sample", 0.0 <= self.request_log_sample <= 1.0),
             ("request_log_slow_ms", self.request_log_slow_ms > 0),
@@ -122,6 +131,10 @@ class Settings:
             if not ok:
                 shown = "<hidden>" if name in SECRETS else repr(getattr(self, name))
                 raise SettingsError(f"{env_name(name)}={shown} is not allowed")
+
+
+# An origin as browsers send it: scheme://host[:port], nothing after; or "*".
+_ORIGIN = re.compile(r"\*|https?://[A-Za-z0-9.\-\[\]:]+")
 
 
 def _redis_url_ok(url: str) -> bool:
@@ -194,6 +207,11 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     ("user_ttl_days", "idle time after which a user's state expires; 0 = never"),
     ("max_body_bytes", "largest request body (413 above)"),
     ("max_inflight", "requests in flight before answering 503"),
+    (
+        "cors_origins",
+        "browser origins allowed to call /v1 routes, comma-separated "
+        "(https://shop.example.com); * = any; empty = no CORS headers",
+    ),
     ("log_level", "DEBUG, INFO, WARNING or ERROR"),
     (
         "request_log_sample",

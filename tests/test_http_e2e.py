@@ -264,6 +264,7 @@ async def test_dead_redis_serves_default_from_memory(
             body = await ready.json()
             assert ready.status == 200 and body["status"] == "degraded"
             assert body["checks"]["redis"] is False
+            assert body["circuit"] == "open"  # ten failures, five needed
     finally:
         server.stop()
 
@@ -294,3 +295,42 @@ async def test_over_the_inflight_limit_is_503(
         first = await slow
         assert first.status == 200
         assert (await first.json())["strategy"] == "model"
+
+
+async def test_cors_allows_listed_origins_only(
+    seeded: Redis, redis_url: str, model_dir: Path
+) -> None:
+    shop = "https://shop.example.com"
+    settings = settings_for(model_dir, cors_origins=f"{shop}, http://localhost:3000")
+    async with TestClient(TestServer(create_app(settings, redis_url), host="127.0.0.1")) as c:
+        preflight = {"Origin": shop, "Access-Control-Request-Method": "POST"}
+        ok = await c.options("/v1/recommendations", headers=preflight)
+        assert ok.status == 204
+        assert ok.headers["Access-Control-Allow-Origin"] == shop
+        assert "X-Request-Id" in ok.headers["Access-Control-Allow-Headers"]
+        assert "Access-Control-Allow-Credentials" not in ok.headers
+        other = {**preflight, "Origin": "https://evil.example"}
+        refused = await c.options("/v1/recommendations", headers=other)
+        assert refused.status == 403
+        assert (await refused.json())["error"]["code"] == "origin_not_allowed"
+        answer = await c.post(
+            "/v1/recommendations", json={"user_id": "u1"}, headers={"Origin": shop}
+        )
+        assert answer.status == 200 and answer.headers["Access-Control-Allow-Origin"] == shop
+        assert "Server-Timing" in answer.headers["Access-Control-Expose-Headers"]
+        assert "Origin" in answer.headers.getall("Vary")
+        error = await c.post("/v1/recommendations", json={"n": 1}, headers={"Origin": shop})
+        assert error.status == 400 and error.headers["Access-Control-Allow-Origin"] == shop
+        foreign = await c.post(
+            "/v1/recommendations",
+            json={"user_id": "u1"},
+            headers={"Origin": "https://evil.example"},
+        )
+        assert foreign.status == 200 and "Access-Control-Allow-Origin" not in foreign.headers
+
+
+async def test_no_cors_headers_without_origins_configured(client: Client) -> None:
+    resp = await client.post(
+        "/v1/recommendations", json={"user_id": "u1"}, headers={"Origin": "https://shop.example"}
+    )
+    assert resp.status == 200 and "Access-Control-Allow-Origin" not in resp.headers

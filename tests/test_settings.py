@@ -84,3 +84,14 @@ def test_cluster_urls_are_parsed_and_validated() -> None:
         Settings(redis_url="redis+cluster://h:1/3").validate()
     with pytest.raises(SettingsError, match="RECSVC_REDIS_URL"):
         Settings(redis_url="cluster://h:1").validate()
+
+
+def test_cors_origins_must_be_origins() -> None:
+    assert Settings(cors_origins="https://a.example, http://localhost:3000").cors_origin_list == [
+        "https://a.example",
+        "http://localhost:3000",
+    ]
+    Settings(cors_origins="*").validate()
+    for bad in ("https://a.example/path", "a.example", "https://a.example,ftp://b"):
+        with pytest.raises(SettingsError, match="RECSVC_CORS_ORIGINS"):
+            Settings(cors_origins=bad).validate()
