@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from redis.asyncio import Redis
 
 from features.events import COVISIT_NEIGHBOURS
 from features.state import COL_NBR, COL_NBR_SCORE
 from features.synthetic import SyntheticData
+from recsvc.embedded import EmbeddedRedis
+from recsvc.seed import seed
 from recsvc.settings import Settings
 
 
@@ -71,3 +74,12 @@ def write_retailrocket(events_path: Path, items_path: Path, data: SyntheticData,
     ]
     items_path.write_text("itemid,categoryid,price\n" + "\n".join([*lines, "x y,3,1.0"]) + "\n")
     return len(good)
+
+
+async def private_seeded_redis(data: SyntheticData) -> EmbeddedRedis:
+    """A started redis-server of the test's own (to stop or kill), seeded with ``data``."""
+    server = EmbeddedRedis().start()
+    client = Redis.from_url(server.url)
+    await seed(client, Settings(), data.catalogue, data.events, progress=False)
+    await client.aclose()
+    return server

@@ -13,10 +13,8 @@ from redis.asyncio import Redis
 
 from features.synthetic import SyntheticData
 from recsvc.app import create_app
-from recsvc.embedded import EmbeddedRedis
-from recsvc.seed import seed
-from recsvc.settings import Settings
 from tests.conftest import settings_for
+from tests.helpers import private_seeded_redis
 
 pytestmark = pytest.mark.asyncio
 Client = TestClient[Any, Any]
@@ -244,11 +242,8 @@ async def test_missing_model_serves_default_with_reason(
 async def test_dead_redis_serves_default_from_memory(
     small_data: SyntheticData, model_dir: Path
 ) -> None:
-    server = EmbeddedRedis().start()
+    server = await private_seeded_redis(small_data)
     try:
-        r = Redis.from_url(server.url)
-        await seed(r, Settings(), small_data.catalogue, small_data.events, progress=False)
-        await r.aclose()
         app = create_app(settings_for(model_dir), server.url)
         async with TestClient(TestServer(app, host="127.0.0.1")) as c:
             assert (await _post(c, {"user_id": "u1"}))[1]["strategy"] == "model"

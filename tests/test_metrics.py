@@ -20,10 +20,8 @@ from redis.asyncio import Redis
 from features.synthetic import SyntheticData
 from recsvc import metrics
 from recsvc.app import create_app
-from recsvc.embedded import EmbeddedRedis
-from recsvc.seed import seed
-from recsvc.settings import Settings
 from tests.conftest import settings_for
+from tests.helpers import private_seeded_redis
 
 Client = TestClient[Any, Any]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -109,11 +107,8 @@ async def test_metrics_move_with_one_fallback_and_one_model_answer(client: Clien
 async def test_dead_redis_counts_errors_and_opens_the_circuit(
     small_data: SyntheticData, model_dir: Path
 ) -> None:
-    server = EmbeddedRedis().start()
+    server = await private_seeded_redis(small_data)
     try:
-        r = Redis.from_url(server.url)
-        await seed(r, Settings(), small_data.catalogue, small_data.events, progress=False)
-        await r.aclose()
         app = create_app(settings_for(model_dir, breaker_failures=3), server.url)
         async with TestClient(TestServer(app, host="127.0.0.1")) as c:
             before = await scrape(c)
