@@ -15,6 +15,7 @@ from features.events import ID_PATTERN, MAX_ID_LENGTH
 from recsvc.errors import InvalidRequest
 
 MAX_N = 100
+MAX_EXPLAIN_TOP = 50
 MAX_CANDIDATES = 1000
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)]
@@ -104,6 +105,9 @@ class RecommendRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     context: Context | None = None
     # Force variants (experiment -> variant) where the experiment allows it.
     flags: Annotated[dict[Label, Label], msgspec.Meta(max_length=20)] | None = None
+    # Per-item feature contributions (model answers only), the largest `explain_top`.
+    explain: bool = False
+    explain_top: Annotated[int, msgspec.Meta(ge=1, le=MAX_EXPLAIN_TOP)] = 5
 
 
 T = TypeVar("T")
@@ -171,11 +175,27 @@ class EventBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 # same shapes; tests/test_openapi.py checks live answers against them).
 
 
+class Contribution(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One feature's share of a score; "(other)" sums the features not listed."""
+
+    feature: str
+    value: float | None
+    contribution: float
+
+
+class Explanation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """base_value + sum(contributions) = the item's score (raw model output)."""
+
+    base_value: float
+    contributions: list[Contribution]
+
+
 class ItemOut(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     item_id: str
     score: float
     rank: int
     source: Literal["request", "recent", "covisit", "category", "popular", "category_popular"]
+    explanation: Explanation | msgspec.UnsetType = msgspec.UNSET
 
 
 class ModelRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -195,6 +215,7 @@ class RecommendResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             "model_unavailable",
             "model_error",
             "no_candidates",
+            "deadline",
         ]
         | None
     )

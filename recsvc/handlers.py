@@ -82,6 +82,8 @@ async def _serve(request: web.Request, req: RecommendRequest) -> web.Response:
         experiments=assignment.variants,
         forced=assignment.forced,
         deadline=request[DEADLINE],
+        explain=req.explain,
+        explain_top=req.explain_top,
     )
     result = await request.app[appkeys.RECOMMENDER].recommend(query)
     result.timer.mark("serialise")

@@ -55,6 +55,9 @@ class Query:
     forced: frozenset[str] = frozenset()
     # Event-loop time by which the answer must be on its way (None: no deadline).
     deadline: float | None = None
+    # Feature contributions per returned item, the largest ``explain_top``.
+    explain: bool = False
+    explain_top: int = 5
 
 
 @dataclass(slots=True)
@@ -166,6 +169,13 @@ class Recommender:
         best = top_n(scores, q.n)
         sources = [cands.SOURCES[s] for s in candidates.source[best].tolist()]
         items = _items(view.table, candidates.index[best], scores[best], sources)
+        if q.explain:
+            # TreeSHAP costs several times the scoring: in a thread (LightGBM
+            # releases the GIL), so other requests are not held up by it.
+            explained = await asyncio.to_thread(explain, model, matrix[best], q.explain_top)
+            for item, explanation in zip(items, explained, strict=True):
+                item["explanation"] = explanation
+            timer.mark("explain")
         return Result(q.request_id, q.user_id, items, "model", None, _model_ref(model), timer)
 
     def _candidates(self, q: Query, user: UserState, view: ItemView, now: float) -> Candidates:
@@ -208,6 +218,35 @@ class Recommender:
         timer.mark("fallback")
         items = _items(table, pool, popularity.scores[pool], sources)
         return Result(q.request_id, q.user_id, items, strategy, reason, None, timer)
+
+
+OTHER = "(other)"
+
+
+def explain(model: LoadedModel, rows: np.ndarray, top: int) -> list[dict[str, Any]]:
+    """Per row: LightGBM's TreeSHAP contributions (``pred_contrib``, raw score units),
+    the ``top`` largest by magnitude with their feature values, then "(other)" with
+    the sum of the rest, so base_value + sum(contributions) = the row's raw score.
+    Computed for the returned items only (TreeSHAP costs far more than scoring)."""
+    contrib = np.asarray(model.booster.predict(rows, pred_contrib=True, num_threads=1))
+    names = model.booster.feature_name()
+    per_feature, base = contrib[:, :-1], contrib[:, -1]
+    k = min(top, per_feature.shape[1])
+    order = np.argsort(-np.abs(per_feature), axis=1, kind="stable")[:, :k]
+    shown = np.take_along_axis(per_feature, order, axis=1)
+    other = per_feature.sum(axis=1) - shown.sum(axis=1)
+    values = np.take_along_axis(rows, order, axis=1).astype(np.float64)
+    out = []
+    for r in range(len(rows)):
+        entries = [
+            {"feature": names[j], "value": None if v != v else v, "contribution": c}  # NaN: None
+            for j, v, c in zip(
+                order[r].tolist(), values[r].tolist(), shown[r].tolist(), strict=True
+            )
+        ]
+        entries.append({"feature": OTHER, "value": None, "contribution": float(other[r])})
+        out.append({"base_value": float(base[r]), "contributions": entries})
+    return out
 
 
 def _unique(pool: np.ndarray) -> np.ndarray:
