@@ -195,6 +195,7 @@ class ItemOut(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     score: float
     rank: int
     source: Literal["request", "recent", "covisit", "category", "popular", "category_popular"]
+    category: str | None
     explanation: Explanation | msgspec.UnsetType = msgspec.UNSET
 
 
@@ -241,11 +242,19 @@ class ItemFeatures(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     features: dict[str, float | None]
 
 
+class RecentItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    item_id: str
+    ts: float
+    category: str | None
+
+
 class UserFeatures(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     user_id: str
     known: bool
     state_age_secs: float | None
     features: dict[str, float | None]
+    # The user's most recent items (newest first), as the candidate source sees them.
+    recent: list[RecentItem]
     items: list[ItemFeatures] | msgspec.UnsetType = msgspec.UNSET
 
 

@@ -265,6 +265,7 @@ async def admin_experiments_reload(request: web.Request) -> web.Response:
 
 
 _DOCS_PAGE = resources.files("recsvc").joinpath("static", "docs.html").read_bytes()
+_DEMO_PAGE = resources.files("recsvc").joinpath("static", "index.html").read_bytes()
 
 
 async def openapi_get(request: web.Request) -> web.Response:
@@ -277,6 +278,11 @@ async def metrics_get(request: web.Request) -> web.Response:
     request.app[appkeys.METRICS_SAMPLER].sample()
     body = await asyncio.to_thread(metrics.exposition)  # reads files in multiprocess mode
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+async def index_get(request: web.Request) -> web.Response:
+    """The live demo page: recommendations with explanations, events, live metrics."""
+    return web.Response(body=_DEMO_PAGE, content_type="text/html", charset="utf-8")
 
 
 async def docs_get(request: web.Request) -> web.Response:

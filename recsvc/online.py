@@ -10,7 +10,7 @@ import numpy as np
 
 from features.candidates import ids_to_index
 from features.schema import FEATURE_NAMES, build_matrix, user_features
-from features.state import ItemTable, UserState
+from features.state import COL_CATEGORY, ItemTable, UserState
 from recsvc.itemcache import ItemCache
 from recsvc.store import FeatureStore
 
@@ -18,6 +18,14 @@ from recsvc.store import FeatureStore
 def _json_number(v: float) -> float | None:
     """NaN (a missing feature) becomes JSON null."""
     return None if math.isnan(v) else v
+
+
+def _category(table: ItemTable, item_id: str) -> str | None:
+    row = table.index.get(item_id)
+    if row is None:
+        return None
+    c = int(table.raw[row, COL_CATEGORY])
+    return table.categories[c] if c >= 0 else None
 
 
 def _user_entry(
@@ -30,6 +38,10 @@ def _user_entry(
         "known": user is not None,
         "state_age_secs": now - user.last_ts if user is not None else None,
         "features": {k: _json_number(v) for k, v in values.items()},
+        "recent": [
+            {"item_id": item, "ts": ts, "category": _category(table, item)}
+            for item, ts in sorted(state.recent.items(), key=lambda kv: -kv[1])
+        ],
     }
     if item_ids:
         idx = ids_to_index(table, item_ids)

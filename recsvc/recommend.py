@@ -17,7 +17,7 @@ import numpy as np
 from features import candidates as cands
 from features.candidates import CandidateConfig, Candidates
 from features.schema import NO_CONTEXT, Context, build_matrix
-from features.state import ItemTable, UserState
+from features.state import COL_CATEGORY, ItemTable, UserState
 from recsvc.errors import StoreUnavailable
 from recsvc.itemcache import ItemCache, ItemView
 from recsvc.models import LoadedModel, ModelRegistry
@@ -90,10 +90,19 @@ class Result:
 def _items(
     table: ItemTable, idx: np.ndarray, scores: np.ndarray, source: list[str]
 ) -> list[dict[str, Any]]:
-    ids = table.ids
+    ids, names = table.ids, table.categories
+    cats = table.raw[idx, COL_CATEGORY].astype(np.int64).tolist() if len(idx) else []
     return [
-        {"item_id": ids[i], "score": s, "rank": r + 1, "source": src}
-        for r, (i, s, src) in enumerate(zip(idx.tolist(), scores.tolist(), source, strict=True))
+        {
+            "item_id": ids[i],
+            "score": s,
+            "rank": r + 1,
+            "source": src,
+            "category": names[c] if c >= 0 else None,
+        }
+        for r, (i, s, src, c) in enumerate(
+            zip(idx.tolist(), scores.tolist(), source, cats, strict=True)
+        )
     ]
 
 

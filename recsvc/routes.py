@@ -16,6 +16,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/experiments/{user_id}", handlers.experiments_get)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/", handlers.index_get)
     app.router.add_get("/metrics", handlers.metrics_get)
     app.router.add_get("/openapi.json", handlers.openapi_get)
     app.router.add_get("/docs", handlers.docs_get)

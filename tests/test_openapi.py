@@ -76,3 +76,13 @@ async def test_docs_page_renders_from_local_files(client: Client) -> None:
     # No CDN: nothing loaded from another host.
     assert not re.search(r'(src|href)="https?://', page)
     assert "<script src=" not in page
+
+
+@pytest.mark.asyncio
+async def test_demo_page_is_served_from_local_files(client: Client) -> None:
+    resp = await client.get("/")
+    assert resp.status == 200 and resp.content_type == "text/html"
+    page = await resp.text()
+    assert 'fetch("/v1/recommendations"' in page and 'fetch("/metrics")' in page
+    assert not re.search(r'(src|href)="https?://', page)
+    assert "<script src=" not in page
