@@ -251,6 +251,8 @@ def build_matrix(
         rows=items.raw[candidates],
     )
     out = np.empty((len(candidates), len(FEATURE_NAMES)), dtype=dtype)
+    if not len(candidates):
+        return out  # reshape(len(rows), -1) cannot infer a width from 0 rows
     col = 0
     for family in FAMILIES:
         block = family.compute(x)

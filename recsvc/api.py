@@ -17,9 +17,13 @@ from recsvc.errors import InvalidRequest
 MAX_N = 100
 MAX_EXPLAIN_TOP = 50
 MAX_CANDIDATES = 1000
+# GET /v1/recommendations: ids per list, so the request line fits aiohttp's 8190 bytes.
+MAX_GET_IDS = 8
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)]
-N = Annotated[int, msgspec.Meta(ge=1, le=MAX_N)]
+# number + multipleOf 1, not int: JSON Schema counts 5.0 as an integer (as the contract
+# must), msgspec's int does not.
+N = Annotated[float, msgspec.Meta(ge=1, le=MAX_N, multiple_of=1)]
 
 
 Label = Annotated[str, msgspec.Meta(max_length=64)]
@@ -107,7 +111,7 @@ class RecommendRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     flags: Annotated[dict[Label, Label], msgspec.Meta(max_length=20)] | None = None
     # Per-item feature contributions (model answers only), the largest `explain_top`.
     explain: bool = False
-    explain_top: Annotated[int, msgspec.Meta(ge=1, le=MAX_EXPLAIN_TOP)] = 5
+    explain_top: Annotated[float, msgspec.Meta(ge=1, le=MAX_EXPLAIN_TOP, multiple_of=1)] = 5
 
 
 T = TypeVar("T")
@@ -146,8 +150,19 @@ def convert_query(params: dict[str, Any], kind: type[T]) -> T:
         raise InvalidRequest(message, field=_field_of(message)) from None
 
 
+_FLAG = r"[A-Za-z0-9_.:@-]{1,64}=[A-Za-z0-9_.:@-]{1,64}"
+# The whole X-Recsvc-Flags value, also its pattern in the OpenAPI document.
+FLAGS_PATTERN = rf"^(?:{_FLAG}(?:, ?{_FLAG}){{0,19}})?$"
+_FLAGS_RE = re.compile(FLAGS_PATTERN)
+
+
 def parse_flags_header(value: str) -> dict[str, str]:
     """``X-Recsvc-Flags: exp=variant,exp2=variant``; InvalidRequest names the header."""
+    if not _FLAGS_RE.fullmatch(value):
+        raise InvalidRequest(
+            "X-Recsvc-Flags must be experiment=variant pairs separated by commas",
+            field="header:X-Recsvc-Flags",
+        )
     flags: dict[str, str] = {}
     for part in value.split(","):
         if not part.strip():

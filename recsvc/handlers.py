@@ -17,6 +17,7 @@ from features.candidates import CandidateConfig
 from features.schema import NO_CONTEXT, Context
 from recsvc import appkeys, metrics
 from recsvc.api import (
+    MAX_GET_IDS,
     FeaturesRequest,
     RecommendRequest,
     UserRef,
@@ -71,7 +72,7 @@ async def _serve(request: web.Request, req: RecommendRequest) -> web.Response:
         # an id that is unique for certain, so then the answer gets its own.
         request_id=os.urandom(8).hex() if request[FROM_CALLER] else request[REQUEST_ID],
         user_id=req.user_id,
-        n=req.n or settings.default_n,
+        n=int(req.n) if req.n else settings.default_n,
         candidates=req.candidates,
         exclude=req.exclude,
         category=req.context.category if req.context else None,
@@ -83,7 +84,7 @@ async def _serve(request: web.Request, req: RecommendRequest) -> web.Response:
         forced=assignment.forced,
         deadline=request[DEADLINE],
         explain=req.explain,
-        explain_top=req.explain_top,
+        explain_top=int(req.explain_top),
     )
     result = await request.app[appkeys.RECOMMENDER].recommend(query)
     result.timer.mark("serialise")
@@ -132,6 +133,8 @@ async def recommend_get(request: web.Request) -> web.Response:
     for name in ("candidates", "exclude"):
         if name in params:
             params[name] = [v for v in request.query.getall(name) for v in v.split(",") if v]
+            if len(params[name]) > MAX_GET_IDS:
+                raise InvalidRequest(f"at most {MAX_GET_IDS} ids in a query", field=name)
     context = {k: params.pop(k) for k in ("category", "device", "page") if k in params}
     if context:
         params["context"] = context

@@ -40,7 +40,7 @@ _FLAGS = {
     "in": "header",
     "required": False,
     "description": "force variants where allowed: experiment=variant,other=variant",
-    "schema": {"type": "string"},
+    "schema": {"type": "string", "pattern": api.FLAGS_PATTERN},
 }
 
 _REQUEST_ID = {
@@ -48,10 +48,31 @@ _REQUEST_ID = {
     "in": "header",
     "required": False,
     "description": "the caller's request id (1-128 of A-Z a-z 0-9 . _ : -), echoed in the "
-    "answer's X-Request-Id and used in logs and experiment logs; generated when absent. "
-    "Must be unique per request.",
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+    "answer's X-Request-Id and used in logs and experiment logs; generated when absent "
+    "(a malformed one is replaced, not refused). Must be unique per request.",
+    "schema": {"type": "string"},
 }
+
+_ID = {"type": "string", "pattern": ID_PATTERN, "minLength": 1, "maxLength": MAX_ID_LENGTH}
+_IDS = {"type": "array", "items": _ID, "minItems": 1, "maxItems": api.MAX_GET_IDS}
+_LABEL = {"type": "string", "maxLength": 64}
+
+
+def _query(name: str, schema: dict[str, Any], required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema}
+
+
+_RECOMMEND_QUERY = [
+    _query("user_id", _ID, required=True),
+    _query("n", {"type": "integer", "minimum": 1, "maximum": api.MAX_N}),
+    _query("candidates", _IDS),
+    _query("exclude", _IDS),
+    _query("category", _ID),
+    _query("page", _LABEL),
+    _query("device", _LABEL),
+    _query("explain", {"type": "boolean"}),
+    _query("explain_top", {"type": "integer", "minimum": 1, "maximum": api.MAX_EXPLAIN_TOP}),
+]
 
 
 def document() -> dict[str, Any]:
@@ -70,6 +91,10 @@ def document() -> dict[str, Any]:
         api.Readiness,
     ]
     _, components = msgspec.json.schema_components(types, ref_template=REF)
+    components["EventBatch"]["properties"]["events"]["items"] = {
+        "anyOf": [{"$ref": REF.format(name="EventIn")}, {}],
+        "description": "an EventIn; an invalid one is listed in `rejected`, the rest apply",
+    }
     events_body = {
         "content": {
             "application/json": {
@@ -90,7 +115,12 @@ def document() -> dict[str, Any]:
                 "parameters": [_FLAGS],
                 "requestBody": {**_json("RecommendRequest"), "required": True},
                 "responses": {"200": _answer("ranked items", "RecommendResponse"), **_ERRORS},
-            }
+            },
+            "get": {
+                "summary": "The same, the request in the query string",
+                "parameters": [_FLAGS, *_RECOMMEND_QUERY],
+                "responses": {"200": _answer("ranked items", "RecommendResponse"), **_ERRORS},
+            },
         },
         "/v1/events": {
             "post": {

@@ -329,3 +329,16 @@ async def test_no_cors_headers_without_origins_configured(client: Client) -> Non
         "/v1/recommendations", json={"user_id": "u1"}, headers={"Origin": "https://shop.example"}
     )
     assert resp.status == 200 and "Access-Control-Allow-Origin" not in resp.headers
+
+
+async def test_whole_number_floats_are_integers_and_unknown_items_are_listed(
+    client: Client,
+) -> None:
+    """Found by schemathesis: JSON Schema counts 5.0 as an integer, and a feature
+    read naming only unknown items was a 500."""
+    status, body = await _post(client, {"user_id": "u1", "n": 5.0, "explain_top": 2.0})
+    assert status == 200 and len(body["items"]) == 5
+    status, body = await _post(client, {"user_id": "u1", "n": 5.5})
+    assert status == 400 and body["error"]["field"] == "n"
+    resp = await client.post("/v1/features", json={"user_ids": ["u1"], "item_ids": ["nope"]})
+    assert resp.status == 200 and (await resp.json())["unknown_items"] == ["nope"]
