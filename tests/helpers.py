@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +85,20 @@ async def private_seeded_redis(data: SyntheticData) -> EmbeddedRedis:
     await seed(client, Settings(), data.catalogue, data.events, progress=False)
     await client.aclose()
     return server
+
+
+def serve_command(
+    port: int, redis_url: str, model_dir: Path, data_dir: Path, *extra: str, **settings: str
+) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of `recsvc serve` for an e2e test: this environment
+    without any RECSVC_* of the caller's, the native scorer, and ``settings`` as
+    RECSVC_<NAME> variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSVC_")}
+    env["RECSVC_SCORER"] = "native"
+    env |= {f"RECSVC_{k.upper()}": v for k, v in settings.items()}
+    argv = [
+        sys.executable,
+        *("-m", "recsvc", "serve", "--port", str(port), "--redis-url", redis_url),
+        *("--model-dir", str(model_dir), "--data-dir", str(data_dir), *extra),
+    ]
+    return argv, env

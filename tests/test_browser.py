@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from tests.helpers import serve_command
 from tests.test_cli_e2e import _free_port
 
 pytestmark = pytest.mark.e2e
@@ -43,18 +43,8 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 @pytest.fixture
 def server(seeded: Redis, redis_url: str, model_dir: Path, tmp_path: Path) -> Iterator[str]:
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSVC_")}
-    env["RECSVC_SCORER"] = "native"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            *("-m", "recsvc", "serve", "--port", str(port), "--redis-url", redis_url),
-            *("--model-dir", str(model_dir), "--data-dir", str(tmp_path / "data")),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    argv, env = serve_command(port, redis_url, model_dir, tmp_path / "data")
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90

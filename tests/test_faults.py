@@ -232,10 +232,20 @@ async def recovers(client: Client) -> float:
         await asyncio.sleep(0.05)
     took = time.monotonic() - start
     assert body["strategy"] == "model", f"not recovered after {took:.1f} s: {body}"
-    await asyncio.sleep(0.05)
-    pool = client.app[appkeys.REDIS].connection_pool
-    assert len(pool._in_use_connections) == 0
+    await pool_goes_idle(client)
     return took
+
+
+async def pool_goes_idle(client: Client) -> None:
+    """The read pool's in-use count comes back to 0. The background item refresh
+    shares the pool, so one connection can be busy for a moment at any time; a
+    leaked one stays busy."""
+    pool = client.app[appkeys.REDIS].connection_pool
+    for _ in range(200):
+        if not pool._in_use_connections:
+            break
+        await asyncio.sleep(0.01)
+    assert len(pool._in_use_connections) == 0
 
 
 async def test_redis_killed_and_restarted(seeded_server: Server, model_dir: Path) -> None:
@@ -348,8 +358,7 @@ async def test_a_thousand_clients_leaving_mid_request(
             assert mine is not None and mine == theirs, user
             status, _, answer = await recommend(client, user)
             assert status == 200 and answer["user_id"] == user and answer["strategy"] == "model"
-        await asyncio.sleep(0.2)
-        assert len(client.app[appkeys.REDIS].connection_pool._in_use_connections) == 0
+        await pool_goes_idle(client)
     await fresh.aclose()
 
 

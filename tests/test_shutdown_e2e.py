@@ -4,11 +4,9 @@ requests in flight finish, flushes the experiment log and exits 0."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from recsvc import keys
+from tests.helpers import serve_command
 from tests.test_cli_e2e import _free_port
 from tests.test_experiments import AB
 
@@ -50,15 +49,11 @@ async def test_sigterm_drains_in_flight_requests_and_flushes_exposures(
     port = _free_port()
     experiments = tmp_path / "experiments.toml"
     experiments.write_text(AB)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSVC_")}
-    env |= {"RECSVC_SCORER": "native", "RECSVC_EXPERIMENTS": str(experiments)}
+    argv, env = serve_command(
+        port, redis_url, model_dir, tmp_path / "data", experiments=str(experiments)
+    )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "recsvc", "serve", "--port", str(port), "--redis-url", redis_url),
-        *("--model-dir", str(model_dir), "--data-dir", str(tmp_path / "data")),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        *argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     base = f"http://127.0.0.1:{port}"
     try:

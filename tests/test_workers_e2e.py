@@ -4,10 +4,8 @@ and a stop signal stops them all."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from tests.helpers import serve_command
 from tests.test_cli_e2e import _free_port
 
 pytestmark = pytest.mark.e2e
@@ -49,19 +48,8 @@ def test_two_workers_share_the_port_and_stop_together(
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     (metrics_dir / "counter_1.db").write_bytes(b"a previous run's counts")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSVC_")}
-    env["RECSVC_SCORER"] = "native"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            *("-m", "recsvc", "serve", "--workers", "2", "--port", str(port)),
-            *("--redis-url", redis_url, "--model-dir", str(model_dir)),
-            *("--data-dir", str(tmp_path)),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    argv, env = serve_command(port, redis_url, model_dir, tmp_path, "--workers", "2")
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         body = None
         deadline = time.monotonic() + 90
