@@ -136,13 +136,17 @@ def test_purchase_leaves_the_list_and_a_new_user_warms_up(
     target = _items(browser)[0].get_attribute("data-category")
     assert target
     before = sum(li.get_attribute("data-category") == target for li in _items(browser))
-    for _ in range(4):
+    clicked: list[str] = []
+    for _ in range(4):  # four different items of the category where the list has them
         same = [li for li in _items(browser) if li.get_attribute("data-category") == target]
-        _press(browser, same[0] if same else _items(browser)[0], "click")
+        fresh = [li for li in same if li.get_attribute("data-item") not in clicked]
+        item = (fresh or same)[0]
+        clicked.append(item.get_attribute("data-item") or "")
+        _press(browser, item, "click")
     assert _text(browser, "strategy") == "model"
     after = sum(li.get_attribute("data-category") == target for li in _items(browser))
     assert after > before, (before, after)
     shot = ARTIFACTS / "demo-page-new-user.png"
     assert browser.save_screenshot(str(shot))
     with capsys.disabled():
-        print(f"screenshot after four clicks in {target}: {shot} ({before} -> {after} items)")
+        print(f"screenshot after clicks on {clicked} ({target}): {shot} ({before} -> {after})")
