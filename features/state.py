@@ -182,6 +182,11 @@ class ItemTable:
     def category(self) -> np.ndarray:
         return self.raw[:, COL_CATEGORY].astype(np.int64)
 
+    def category_name(self, row: int) -> str:
+        """The category of the item in ``row`` ('' when it has none)."""
+        c = int(self.raw[row, COL_CATEGORY])
+        return self.categories[c] if c >= 0 else ""
+
     def category_id(self, category: str) -> int:
         """Index of a category, adding it when new; NO_CATEGORY for ''."""
         if not category:

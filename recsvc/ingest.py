@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from features.events import EVENT_BY_NAME
-from features.state import COL_CATEGORY, COL_PRICE
+from features.state import COL_PRICE
 from recsvc import metrics
 from recsvc.api import EventIn
 from recsvc.errors import InvalidRequest, StoreUnavailable
@@ -59,8 +59,7 @@ class Ingestor:
         row = table.index.get(e.item_id)
         category, price = "", 0.0
         if row is not None:
-            c = int(table.raw[row, COL_CATEGORY])
-            category = table.categories[c] if c >= 0 else ""
+            category = table.category_name(row)
             price = float(table.raw[row, COL_PRICE])
         return EventWrite(
             e.user_id, e.item_id, EVENT_BY_NAME[e.type], ts, e.event_id, category, price

@@ -10,7 +10,7 @@ import numpy as np
 
 from features.candidates import ids_to_index
 from features.schema import FEATURE_NAMES, build_matrix, user_features
-from features.state import COL_CATEGORY, ItemTable, UserState
+from features.state import ItemTable, UserState
 from recsvc.itemcache import ItemCache
 from recsvc.store import FeatureStore
 
@@ -22,10 +22,7 @@ def _json_number(v: float) -> float | None:
 
 def _category(table: ItemTable, item_id: str) -> str | None:
     row = table.index.get(item_id)
-    if row is None:
-        return None
-    c = int(table.raw[row, COL_CATEGORY])
-    return table.categories[c] if c >= 0 else None
+    return (table.category_name(row) or None) if row is not None else None
 
 
 def _user_entry(
