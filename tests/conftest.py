@@ -3,6 +3,7 @@ and a real HTTP server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -18,11 +19,25 @@ from features.dataset import DatasetConfig
 from features.logs import write_catalogue, write_events
 from features.synthetic import SyntheticConfig, SyntheticData, generate
 from features.trainer import TrainParams
-from recsvc import training
+from recsvc import logs, training
 from recsvc.app import create_app
 from recsvc.embedded import EmbeddedRedis
 from recsvc.seed import seed
 from recsvc.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """A test that runs `cli.main` in-process installs the JSON log writer thread on
+    the stderr pytest captured; stop it and restore the root logger afterwards, so a
+    later test's log record is not written to a closed capture."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    logs._stop_listener()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
 
 SMALL = SyntheticConfig(n_users=400, n_items=300, n_events=25_000, n_categories=12, seed=3)
 # The small log ends when the session starts, so served features look live.
