@@ -1,0 +1,239 @@
+"""Learned item-to-item neighbours: the table a model version ships, bound to the
+serving item rows, and the per-request scores it gives the user's recent items.
+
+``recsvc train`` learns the table from the whole training log
+(``features.item2item``) and writes it beside the model; the service loads it
+with the model. Each item's neighbours are one slice of flat arrays (CSR:
+``indptr``, ``nbr``); each neighbour carries one score per *kind* (how it was
+learned: ``related`` = co-occurrence within a user's session, ``collaborative``
+= an EASE item-item model), 0 where that kind does not list it.
+
+The table speaks its own vocabulary (the training log's item ids); a
+``Binding`` maps it to the rows of one item table, whose rows only ever grow
+(the serving table within one Redis epoch, the replay's table offline), so a
+binding is extended for new rows instead of rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from features.state import ItemTable
+
+KINDS: tuple[str, ...] = ("related", "collaborative")
+# The user's newest items each score is summed over, weighted 1/rank: the
+# newest alone, the current session, and the last few sessions.
+WINDOWS: tuple[int, ...] = (1, 5, 20)
+MAX_WINDOW = max(WINDOWS)
+FORMAT = 2
+_IDS, _PTR, _NBR, _SCORE = "item_ids.txt", "indptr.npy", "neighbours.npy", "scores.npy"
+_USERS = "users.npy"
+_META = "meta.json"
+
+
+@dataclass(frozen=True, slots=True)
+class NeighbourTable:
+    """Neighbours per vocabulary item ``v``: ``nbr[indptr[v]:indptr[v + 1]]`` (int32
+    vocabulary rows) with ``score`` rows (float32, one column per kind); and each
+    item's distinct users in the training log (``users``, float32)."""
+
+    ids: list[str]
+    indptr: np.ndarray
+    nbr: np.ndarray
+    score: np.ndarray
+    users: np.ndarray
+    kinds: tuple[str, ...] = KINDS
+    info: dict[str, object] = field(default_factory=dict)
+    index: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index", {item: v for v, item in enumerate(self.ids)})
+        v, e = len(self.ids), len(self.nbr)
+        if self.users.shape != (v,):
+            raise ValueError(f"{self.users.shape} user counts for {v} ids")
+        if self.indptr.shape != (v + 1,) or self.score.shape != (e, len(self.kinds)):
+            raise ValueError(
+                f"neighbour arrays {self.indptr.shape}/{self.nbr.shape}/{self.score.shape} "
+                f"for {v} ids and kinds {self.kinds}"
+            )
+        if v and (int(self.indptr[0]) != 0 or int(self.indptr[-1]) != e):
+            raise ValueError("neighbour row pointers do not cover the neighbours")
+
+    def neighbours_of(self, item: str) -> dict[str, tuple[float, ...]]:
+        """An item's neighbours and their scores per kind (for people and tests)."""
+        v = self.index.get(item)
+        if v is None:
+            return {}
+        lo, hi = int(self.indptr[v]), int(self.indptr[v + 1])
+        return {
+            self.ids[int(o)]: tuple(float(x) for x in row)
+            for o, row in zip(self.nbr[lo:hi], self.score[lo:hi], strict=True)
+        }
+
+    def nbytes(self) -> int:
+        ids = sum(len(i) + 1 for i in self.ids)
+        arrays = (self.indptr, self.nbr, self.score, self.users)
+        return int(sum(a.nbytes for a in arrays) + ids)
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / _IDS).write_text("".join(f"{i}\n" for i in self.ids))
+        np.save(directory / _PTR, np.ascontiguousarray(self.indptr, dtype=np.int64))
+        np.save(directory / _NBR, np.ascontiguousarray(self.nbr, dtype=np.int32))
+        np.save(directory / _USERS, np.ascontiguousarray(self.users, dtype=np.float32))
+        np.save(directory / _SCORE, np.ascontiguousarray(self.score, dtype=np.float32))
+        meta = {"format": FORMAT, "kinds": list(self.kinds), "info": self.info}
+        (directory / _META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> NeighbourTable:
+        """Read a saved table; the arrays are memory-mapped, so the workers of one
+        host share their pages. ValueError when it is not a table of this format."""
+        meta = json.loads((directory / _META).read_text())
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{directory}: neighbour table format {meta!r:.80}, expected {FORMAT}")
+        kinds_raw, info = meta.get("kinds"), meta.get("info", {})
+        if not isinstance(kinds_raw, list) or not all(isinstance(k, str) for k in kinds_raw):
+            raise ValueError(f"{directory}: neighbour kinds {kinds_raw!r:.80} are not names")
+        if not isinstance(info, dict):
+            raise ValueError(f"{directory}: neighbour info is not an object")
+        ids = (directory / _IDS).read_text().split("\n")[:-1]
+        indptr = np.load(directory / _PTR, allow_pickle=False)
+        nbr = np.load(directory / _NBR, mmap_mode="r", allow_pickle=False)
+        score = np.load(directory / _SCORE, mmap_mode="r", allow_pickle=False)
+        users = np.load(directory / _USERS, allow_pickle=False)
+        types = (indptr.dtype, nbr.dtype, score.dtype, users.dtype)
+        if types != (np.int64, np.int32, np.float32, np.float32):
+            raise ValueError(f"{directory}: neighbour arrays of the wrong type {types}")
+        if np.any(np.diff(indptr) < 0):
+            raise ValueError(f"{directory}: neighbour row pointers go backwards")
+        if len(nbr) and (int(nbr.max()) >= len(ids) or int(nbr.min()) < 0):
+            raise ValueError(f"{directory}: neighbour rows outside the vocabulary")
+        if not (np.isfinite(score).all() and np.isfinite(users).all()):
+            raise ValueError(f"{directory}: neighbour scores or user counts are not finite")
+        table = cls(ids, indptr, nbr, score, users, tuple(kinds_raw), info)
+        if len(table.index) != len(ids):
+            raise ValueError(f"{directory}: the neighbour vocabulary repeats ids")
+        return table
+
+    def bind(self, table: ItemTable, previous: Binding | None = None) -> Binding:
+        """The mapping to ``table``'s rows. ``previous`` (bound to an earlier state of
+        the same growing table) is extended by the rows added since, not rebuilt."""
+        if previous is not None and previous.table_n == table.n:
+            return previous  # nothing new: bindings are immutable, share it
+        if previous is not None and previous.table_n < table.n:
+            start = previous.table_n
+            vocab_of = np.full(table.n, -1, np.int64)
+            vocab_of[:start] = previous.vocab_of
+            row_of = previous.row_of.copy()
+        else:
+            start = 0
+            vocab_of = np.full(table.n, -1, np.int64)
+            row_of = np.full(len(self.ids), -1, np.int64)
+        if start < table.n:
+            index = self.index
+            new = [(r, index.get(item, -1)) for r, item in enumerate(table.ids[start:], start)]
+            known = np.asarray([(r, v) for r, v in new if v >= 0], dtype=np.int64).reshape(-1, 2)
+            vocab_of[known[:, 0]] = known[:, 1]
+            row_of[known[:, 1]] = known[:, 0]
+        return Binding(vocab_of, row_of, table.n)
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """A table's vocabulary against one item table's first ``table_n`` rows."""
+
+    vocab_of: np.ndarray  # (table_n,) table row -> vocabulary row, -1 unknown
+    row_of: np.ndarray  # (V,) vocabulary row -> table row, -1 not in the table
+    table_n: int
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """A table with its binding: what candidate generation and features read."""
+
+    table: NeighbourTable
+    binding: Binding
+
+    def users_of(self, rows: np.ndarray) -> np.ndarray:
+        """Training-log users of items given as table rows (NaN: not in the log)."""
+        b = self.binding
+        vocab = np.full(len(rows), -1, np.int64)
+        inside = rows < b.table_n
+        vocab[inside] = b.vocab_of[rows[inside]]
+        known = vocab >= 0
+        out = np.full(len(rows), np.nan)
+        out[known] = self.table.users[vocab[known]]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Affinity:
+    """Summed neighbour scores of the user's recent items: for every item any of
+    them lists (``items``, table rows, sorted), one column per (kind, window)."""
+
+    items: np.ndarray
+    values: np.ndarray  # (len(items), len(kinds) * len(WINDOWS))
+    kinds: tuple[str, ...]
+
+    def column(self, kind: str, window: int) -> int:
+        return self.kinds.index(kind) * len(WINDOWS) + WINDOWS.index(window)
+
+    def ranked(self, kind: str, window: int) -> np.ndarray:
+        """Items with a positive score of (kind, window), best first (ties: lower row)."""
+        if kind not in self.kinds:
+            return self.items[:0]
+        v = self.values[:, self.column(kind, window)]
+        keep = np.flatnonzero(v > 0)
+        return self.items[keep[np.argsort(-v[keep], kind="stable")]]
+
+    def lookup(self, candidates: np.ndarray) -> np.ndarray:
+        """(len(candidates), columns): each candidate's scores, 0 where not listed."""
+        out = np.zeros((len(candidates), self.values.shape[1]))
+        if not len(self.items) or not len(candidates):
+            return out
+        pos = np.searchsorted(self.items, candidates).clip(0, len(self.items) - 1)
+        hit = self.items[pos] == candidates
+        out[hit] = self.values[pos[hit]]
+        return out
+
+
+def affinity(bound: Bound, recent: np.ndarray) -> Affinity:
+    """Scores from the user's ``recent`` items (table rows, newest first; -1 for
+    items the table does not know, which still take their place in the order)."""
+    nt, b = bound.table, bound.binding
+    recent = recent[:MAX_WINDOW]
+    ok = (recent >= 0) & (recent < b.table_n)
+    pos = np.flatnonzero(ok)
+    vocab = b.vocab_of[recent[ok]]
+    known = vocab >= 0
+    pos, vocab = pos[known], vocab[known]
+    n_cols = len(nt.kinds) * len(WINDOWS)
+    if not len(vocab):
+        return Affinity(np.zeros(0, np.int64), np.zeros((0, n_cols)), nt.kinds)
+    # The neighbour slices of these items, gathered without a loop.
+    starts, ends = nt.indptr[vocab], nt.indptr[vocab + 1]
+    lengths = ends - starts
+    total = int(lengths.sum())
+    flat = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
+    nbr = np.asarray(nt.nbr[flat], dtype=np.int64)
+    score = np.asarray(nt.score[flat], dtype=np.float64)
+    owner = np.repeat(pos, lengths)
+    rows = b.row_of[nbr]
+    valid = (rows >= 0) & (rows < b.table_n)
+    rows, score, owner = rows[valid], score[valid], owner[valid]
+    if not len(rows):
+        return Affinity(np.zeros(0, np.int64), np.zeros((0, n_cols)), nt.kinds)
+    # One weight per (entry, window): 1/(rank+1) inside the window, else 0.
+    weights = np.where(
+        owner[:, None] < np.asarray(WINDOWS)[None, :], 1.0 / (owner[:, None] + 1.0), 0.0
+    )
+    contrib = (score[:, :, None] * weights[:, None, :]).reshape(len(rows), n_cols)
+    order = np.argsort(rows, kind="stable")
+    rows, contrib = rows[order], contrib[order]
+    starts = np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]]))
+    return Affinity(rows[starts], np.add.reduceat(contrib, starts, axis=0), nt.kinds)

@@ -1,0 +1,148 @@
+"""The learned item-to-item table: what it learns, how it is stored, bound and read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from features.item2item import LearnConfig, learn
+from features.neighbours import Bound, NeighbourTable, affinity
+from features.state import ItemTable
+
+# (ts, user, item): u0 touches a, b, c within an hour; u1 a then b; u2 a, then c
+# two hours later (not a session); u3 only d.
+LOG = [
+    (0.0, 0, "a"),
+    (10.0, 0, "b"),
+    (20.0, 0, "c"),
+    (0.0, 1, "a"),
+    (100.0, 1, "b"),
+    (0.0, 2, "a"),
+    (7200.0, 2, "c"),
+    (5.0, 3, "d"),
+]
+
+
+def _learn(log: list[tuple[float, int, str]], **config: object) -> NeighbourTable:
+    ids = sorted({i for _, _, i in log})
+    rows = sorted(log)
+    return learn(
+        np.asarray([t for t, _, _ in rows]),
+        np.asarray([u for _, u, _ in rows]),
+        np.asarray([ids.index(i) for _, _, i in rows]),
+        ids,
+        LearnConfig(**config),  # type: ignore[arg-type]
+    )
+
+
+def _score(nt: NeighbourTable, item: str, other: str, kind: str) -> float:
+    scores = nt.neighbours_of(item).get(other)
+    return scores[nt.kinds.index(kind)] if scores else 0.0
+
+
+def test_related_items_are_session_co_occurrences_cosine_normalised() -> None:
+    nt = _learn(LOG, ease_items=0)
+    # a: 3 users, b: 2, c: 2. a-b: 2 users in a session; a-c and b-c: u0 only
+    # (u2's a and c are two hours apart).
+    assert _score(nt, "a", "b", "related") == pytest.approx(2 / np.sqrt(6), rel=1e-6)
+    assert _score(nt, "b", "a", "related") == pytest.approx(2 / np.sqrt(6), rel=1e-6)
+    assert _score(nt, "a", "c", "related") == pytest.approx(1 / np.sqrt(6), rel=1e-6)
+    assert _score(nt, "b", "c", "related") == pytest.approx(0.5, rel=1e-6)
+    assert _score(nt, "a", "d", "related") == 0.0
+    assert nt.neighbours_of("d") == {}  # one user says nothing
+    assert nt.score[:, nt.kinds.index("collaborative")].max() == 0.0  # EASE switched off
+
+
+def test_collaborative_neighbours_are_the_ease_weights() -> None:
+    rng = np.random.default_rng(3)
+    log = [(float(k), int(rng.integers(0, 40)), f"i{int(rng.integers(0, 12))}") for k in range(600)]
+    l2 = 5.0
+    nt = _learn(log, ease_items=100, ease_l2=l2, collaborative=3, min_users=1)
+    ids = nt.ids
+    x = np.zeros((40, len(ids)))
+    for _, u, i in log:
+        x[u, ids.index(i)] = 1.0
+    p = np.linalg.inv(x.T @ x + l2 * np.eye(len(ids)))
+    b = p / -np.diag(p)[None, :]
+    np.fill_diagonal(b, 0.0)
+    for v, item in enumerate(ids):
+        best = np.argsort(-b[v], kind="stable")[:3]
+        best = best[b[v, best] > 0]
+        stored = {
+            other: kinds[nt.kinds.index("collaborative")]
+            for other, kinds in nt.neighbours_of(item).items()
+            if kinds[nt.kinds.index("collaborative")] > 0
+        }
+        assert stored == pytest.approx({ids[o]: b[v, o] for o in best}, rel=1e-5)
+
+
+def test_a_table_survives_save_and_load(tmp_path: Path) -> None:
+    nt = _learn(LOG)
+    nt.save(tmp_path / "nb")
+    back = NeighbourTable.load(tmp_path / "nb")
+    assert back.ids == nt.ids and back.kinds == nt.kinds
+    np.testing.assert_array_equal(back.indptr, nt.indptr)
+    np.testing.assert_array_equal(back.nbr, nt.nbr)
+    np.testing.assert_array_equal(back.score, nt.score)
+    (tmp_path / "nb" / "meta.json").write_text('{"format": 99}')
+    with pytest.raises(ValueError, match="format"):
+        NeighbourTable.load(tmp_path / "nb")
+
+
+def test_a_binding_extended_for_new_rows_equals_a_fresh_one() -> None:
+    nt = _learn(LOG)
+    table = ItemTable()
+    for item in ["x", "c"]:
+        table.ensure_item(item)
+    early = nt.bind(table)
+    for item in ["a", "y", "b"]:
+        table.ensure_item(item)
+    extended, fresh = nt.bind(table, early), nt.bind(table)
+    np.testing.assert_array_equal(extended.vocab_of, fresh.vocab_of)
+    np.testing.assert_array_equal(extended.row_of, fresh.row_of)
+    assert extended.vocab_of.tolist() == [-1, nt.index["c"], nt.index["a"], -1, nt.index["b"]]
+
+
+def test_affinity_sums_neighbour_scores_by_recency_rank() -> None:
+    nt = _learn(LOG, ease_items=0)
+    table = ItemTable()
+    for item in ["a", "b", "c", "unknown"]:
+        table.ensure_item(item)
+    bound = Bound(nt, nt.bind(table))
+    # Newest first: b, then an item the table never saw, then c.
+    recent = np.asarray([table.index["b"], table.index["unknown"], table.index["c"]])
+    scores = affinity(bound, recent)
+    got = dict(zip(scores.items.tolist(), scores.lookup(scores.items).tolist(), strict=True))
+    a = got[table.index["a"]]
+    ab, ac = 2 / np.sqrt(6), 1 / np.sqrt(6)
+    related = [scores.column("related", w) for w in (1, 5, 20)]
+    # Window 1: b alone; windows 5 and 20: b at weight 1, c (third newest) at 1/3.
+    assert [a[c] for c in related] == pytest.approx([ab, ab + ac / 3, ab + ac / 3])
+    assert scores.ranked("related", 5)[0] == table.index["a"]
+    assert scores.lookup(np.asarray([table.index["unknown"]])).sum() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (lambda d: (d / "meta.json").write_text('{"format": 2, "kinds": 5}'), "kinds"),
+        (lambda d: (d / "meta.json").write_text('{"format": 2, "kinds": [], "info": 5}'), "info"),
+        (lambda d: np.save(d / "users.npy", np.asarray(["a"] * 4)), "wrong type"),
+        (lambda d: np.save(d / "scores.npy", np.full((6, 2), np.nan, np.float32)), "finite"),
+        (lambda d: (d / "item_ids.txt").write_text("a\na\nb\nc\n"), "repeats"),
+        (lambda d: np.save(d / "neighbours.npy", np.full(6, 9, np.int32)), "outside"),
+        (lambda d: (d / "indptr.npy").unlink(), "indptr"),
+    ],
+)
+def test_a_tampered_table_is_refused_with_a_reason(
+    tmp_path: Path, tamper: Any, reason: str
+) -> None:
+    nt = _learn(LOG, ease_items=0)
+    assert len(nt.nbr) == 6  # the sizes the tampering above assumes
+    nt.save(tmp_path / "nb")
+    tamper(tmp_path / "nb")
+    with pytest.raises((ValueError, OSError), match=reason):
+        NeighbourTable.load(tmp_path / "nb")
