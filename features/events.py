@@ -22,9 +22,11 @@ class EventType(IntEnum):
 EVENT_NAMES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")
 EVENT_BY_NAME: dict[str, EventType] = {name: EventType(i) for i, name in enumerate(EVENT_NAMES)}
 
-# Half-lives of the decayed counters: short-term intent, today, this week.
-HALF_LIVES: tuple[float, ...] = (3600.0, 86400.0, 7 * 86400.0)
-HALF_LIFE_NAMES: tuple[str, ...] = ("1h", "1d", "7d")
+# Half-lives of the decayed counters: short-term intent, today, this week, and
+# this month (what lasts: where people watch or buy over months, the month's
+# popularity predicts the next item far better than the day's).
+HALF_LIVES: tuple[float, ...] = (3600.0, 86400.0, 7 * 86400.0, 30 * 86400.0)
+HALF_LIFE_NAMES: tuple[str, ...] = ("1h", "1d", "7d", "30d")
 N_TYPES = len(EVENT_NAMES)
 N_HALF_LIVES = len(HALF_LIVES)
 N_COUNTERS = N_TYPES * N_HALF_LIVES
@@ -33,8 +35,9 @@ N_COUNTERS = N_TYPES * N_HALF_LIVES
 CATEGORY_HALF_LIFE = 3 * 86400.0
 # A purchase says more about taste than a view; weights used for affinity.
 CATEGORY_WEIGHTS: tuple[float, ...] = (1.0, 2.0, 4.0, 6.0)
-# Newest items remembered per user (by event time).
-RECENT_MAX = 20
+# Newest items remembered per user (by event time): the recent and history
+# sources, the seen-items ban, and the recent-position features read them.
+RECENT_MAX = 100
 
 # Co-visitation: two items are co-visited when one user interacted with both in
 # the same clock-hour bucket. Fixed buckets (rather than "within W seconds of each

@@ -1,4 +1,4 @@
-"""Ranking metrics for one relevant item per group (the labelled event)."""
+"""Ranking metrics for one relevant item per group (the labelled event), and top n."""
 
 from __future__ import annotations
 
@@ -24,3 +24,12 @@ def summarize(ranks: np.ndarray) -> dict[str, float]:
         "recall_at_50": float((ranks < 50).mean()),
         "mrr": float((1.0 / (ranks + 1.0)).mean()),
     }
+
+
+def top_n(scores: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the n best scores, best first (argpartition, then sort the few);
+    ties keep the earlier position. Serving and evaluation both rank with this."""
+    if n >= len(scores):
+        return np.argsort(-scores, kind="stable")
+    part = np.sort(np.argpartition(-scores, n - 1)[:n])
+    return part[np.argsort(-scores[part], kind="stable")]

@@ -10,8 +10,10 @@ from features.events import HALF_LIVES, N_HALF_LIVES, N_TYPES
 from features.state import COL_COUNTS, COL_NBR_REF, COL_REF, ItemTable
 
 # Popularity = weighted decayed counts at the 1-day half-life: a purchase is
-# worth more than a view, but views dominate by volume.
+# worth more than a view, but views dominate by volume. The month's ranking
+# (the longest half-life) is a candidate source of its own.
 POPULARITY_HALF_LIFE_INDEX = 1
+MONTH_HALF_LIFE_INDEX = N_HALF_LIVES - 1
 POPULARITY_WEIGHTS = np.array([1.0, 2.0, 4.0, 8.0])
 # Items kept per ranking; candidates and fallbacks never need more.
 TOP_K = 500
@@ -30,9 +32,11 @@ def decay_rows(raw: np.ndarray, now: float) -> np.ndarray:
     return np.asarray(counts * factors[:, None, :])
 
 
-def popularity_scores(table: ItemTable, now: float) -> np.ndarray:
+def popularity_scores(
+    table: ItemTable, now: float, half_life_index: int = POPULARITY_HALF_LIFE_INDEX
+) -> np.ndarray:
     """One popularity number per item at time ``now``."""
-    counts = decayed_counts(table, slice(None), now)[:, :, POPULARITY_HALF_LIFE_INDEX]
+    counts = decayed_counts(table, slice(None), now)[:, :, half_life_index]
     return np.asarray(counts @ POPULARITY_WEIGHTS)
 
 
@@ -44,6 +48,8 @@ class PopularityIndex:
     top: np.ndarray
     by_category: tuple[np.ndarray, ...]
     built_at: float
+    # The most popular at the month's half-life.
+    month_top: np.ndarray
 
     @classmethod
     def build(cls, table: ItemTable, now: float, top_k: int = TOP_K) -> PopularityIndex:
@@ -59,7 +65,19 @@ class PopularityIndex:
         by_category = tuple(
             by_cat_order[s : min(e, s + top_k)] for s, e in zip(starts, ends, strict=True)
         )
-        return cls(scores=scores, top=order[:top_k], by_category=by_category, built_at=now)
+        month = popularity_scores(table, now, MONTH_HALF_LIFE_INDEX)
+        # Partition first: only the top_k of a large catalogue need sorting.
+        k = min(top_k, len(month))
+        best = np.argpartition(-month, k - 1)[:k] if 0 < k < len(month) else np.arange(len(month))
+        best = np.sort(best)
+        month_top = best[np.argsort(-month[best], kind="stable")]
+        return cls(
+            scores=scores,
+            top=order[:top_k],
+            by_category=by_category,
+            built_at=now,
+            month_top=month_top,
+        )
 
     def for_category(self, category_index: int) -> np.ndarray:
         if 0 <= category_index < len(self.by_category):

@@ -45,11 +45,15 @@ class Replay:
         log: EventLog,
         before: Callable[[int, float, str, str, int], None] | None = None,
         progress: Callable[[int], None] | None = None,
+        after: Callable[[int], None] | None = None,
     ) -> None:
-        """Apply every event; ``before(k, ...)`` sees the state just before event k."""
+        """Apply every event; ``before(k, ...)`` sees the state just before event k,
+        ``after(k)`` just after it."""
         for k, (ts, user_id, item_id, event_type) in enumerate(log.rows()):
             if before is not None:
                 before(k, ts, user_id, item_id, event_type)
             self.apply(ts, user_id, item_id, event_type)
+            if after is not None:
+                after(k)
             if progress is not None and k % 10_000 == 9_999:
                 progress(10_000)

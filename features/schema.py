@@ -16,6 +16,20 @@ from typing import Any
 import numpy as np
 
 from features import covisit
+from features.candidates import (
+    COVISIT_RECENT,
+    SOURCE_CATEGORY,
+    SOURCE_COLLABORATIVE,
+    SOURCE_COVISIT,
+    SOURCE_HISTORY,
+    SOURCE_POPULAR,
+    SOURCE_POPULAR_MONTH,
+    SOURCE_RECENT,
+    SOURCE_RELATED,
+    SOURCES,
+    Retrieval,
+    recent_rows,
+)
 from features.events import (
     CATEGORY_HALF_LIFE,
     EVENT_NAMES,
@@ -23,16 +37,17 @@ from features.events import (
     HALF_LIVES,
     N_HALF_LIVES,
 )
-from features.popularity import decay_rows
+from features.neighbours import KINDS, WINDOWS
+from features.popularity import MONTH_HALF_LIFE_INDEX, POPULARITY_WEIGHTS, decay_rows
 from features.state import COL_CATEGORY, COL_FIRST_SEEN, COL_PRICE, ItemTable, UserState
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _HL = np.asarray(HALF_LIVES)
 _COUNTER_SUFFIXES = [f"{t}_{h}" for t in EVENT_NAMES for h in HALF_LIFE_NAMES]
 # Beta priors for smoothed rates: a new user or item starts at the global-ish mean.
 CTR_PRIOR, CTR_STRENGTH = 0.2, 10.0
 CVR_PRIOR, CVR_STRENGTH = 0.02, 20.0
-_WEEK = N_HALF_LIVES - 1
+_WEEK = HALF_LIFE_NAMES.index("7d")  # rates over a week: enough events, still current
 
 
 # Context vocabularies: a value's position is its code; any other value is
@@ -64,6 +79,8 @@ class FeatureInput:
     context: Context = NO_CONTEXT
     # The candidates' item rows, gathered once for every family.
     rows: np.ndarray | None = None
+    # What the candidate sources found (None: no source ran, e.g. a bare matrix).
+    retrieval: Retrieval | None = None
 
     @property
     def item_rows(self) -> np.ndarray:
@@ -96,7 +113,13 @@ def _user_activity(x: FeatureInput) -> np.ndarray:
             counts.ravel(),
             _rate(clicks, views, CTR_PRIOR, CTR_STRENGTH)[None],
             _rate(purchases, views, CVR_PRIOR, CVR_STRENGTH)[None],
-            [since_last, since_purchase, mean_price, float(len(u.category_affinity))],
+            [
+                since_last,
+                since_purchase,
+                mean_price,
+                float(len(u.category_affinity)),
+                float(u.n_events),
+            ],
         ]
     )
 
@@ -140,21 +163,51 @@ def _user_item(x: FeatureInput) -> np.ndarray:
     since_item = np.full(n, np.nan)
     covisit_all = np.full(n, np.nan)
     covisit_last = np.full(n, np.nan)
+    age_gap = np.full(n, np.nan)
+    popularity_gap = np.full(n, np.nan)
     if u.recent:
-        ordered = u.recent_newest_first()
-        r_idx = np.asarray([items.index.get(i, -1) for i, _ in ordered], dtype=np.int64)
-        r_ts = np.asarray([t for _, t in ordered])
+        if x.retrieval is not None:
+            r_idx, r_ts = x.retrieval.recent, x.retrieval.recent_ts
+        else:
+            r_idx, r_ts = recent_rows(u, items)
         match = cand[:, None] == r_idx[None, :]
         hit = match.any(axis=1)
         first_hit = match.argmax(axis=1)
         recent_pos = np.where(hit, first_hit, np.nan)
         since_item = np.where(hit, x.now - r_ts[first_hit], np.nan)
-        known = r_idx[r_idx >= 0]
+        known = r_idx[r_idx >= 0][:COVISIT_RECENT]
         if len(known):
             covisit_all, covisit_last = covisit.scores_for(items, known, cand, x.now)
+            # How the candidate fits what the user has been touching: as new (first
+            # seen) and as popular (this month) as their recent items, or not.
+            own = items.raw[known]
+            first_seen = own[:, COL_FIRST_SEEN]
+            first_seen = first_seen[first_seen > 0]
+            cand_first = rows[:, COL_FIRST_SEEN]
+            if len(first_seen):
+                age_gap = np.where(cand_first > 0, cand_first - np.median(first_seen), np.nan)
+            popularity_gap = _month_popularity(rows, x.now) - float(
+                np.mean(_month_popularity(own, x.now))
+            )
     return np.column_stack(
-        [aff, share, log_ratio, recent_pos, since_item, covisit_all, covisit_last]
+        [
+            aff,
+            share,
+            log_ratio,
+            recent_pos,
+            since_item,
+            covisit_all,
+            covisit_last,
+            age_gap,
+            popularity_gap,
+        ]
     )
+
+
+def _month_popularity(rows: np.ndarray, now: float) -> np.ndarray:
+    """log(1 + popularity at the month's half-life) of item rows."""
+    counts = decay_rows(rows, now)[:, :, MONTH_HALF_LIFE_INDEX]
+    return np.asarray(np.log1p(counts @ POPULARITY_WEIGHTS))
 
 
 def _code(value: str | None, vocabulary: tuple[str, ...]) -> float:
@@ -170,6 +223,46 @@ def _context(x: FeatureInput) -> np.ndarray:
     )
 
 
+# Sources whose rank in their own list is a feature (recent items have
+# ui_recent_position; the request's own list has no order to speak of).
+RANKED_SOURCES: tuple[int, ...] = (
+    SOURCE_COLLABORATIVE,
+    SOURCE_RELATED,
+    SOURCE_COVISIT,
+    SOURCE_CATEGORY,
+    SOURCE_POPULAR,
+    SOURCE_POPULAR_MONTH,
+)
+_PROPOSING = (SOURCE_RECENT, SOURCE_HISTORY, *RANKED_SOURCES)
+
+
+def _retrieval(x: FeatureInput) -> np.ndarray:
+    n = len(x.candidates)
+    r = x.retrieval
+    out = np.full((n, len(KINDS) * len(WINDOWS) + len(RANKED_SOURCES) + 2), np.nan)
+    if r is None:
+        return out
+    if r.learned is not None:
+        out[:, -1] = np.log1p(r.learned.users_of(x.candidates))
+    width = len(KINDS) * len(WINDOWS)
+    if r.affinity is not None:
+        scores = r.affinity.lookup(x.candidates)
+        for k, kind in enumerate(KINDS):
+            if kind in r.affinity.kinds:
+                col = r.affinity.column(kind, WINDOWS[0])
+                out[:, k * len(WINDOWS) : (k + 1) * len(WINDOWS)] = scores[
+                    :, col : col + len(WINDOWS)
+                ]
+    proposing = np.zeros(n)
+    for source in _PROPOSING:
+        rank = r.rank_of(source, x.candidates)
+        proposing += ~np.isnan(rank)
+        if source in RANKED_SOURCES:
+            out[:, width + RANKED_SOURCES.index(source)] = rank
+    out[:, -2] = proposing
+    return out
+
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         names=(
@@ -180,6 +273,7 @@ FAMILIES: tuple[Family, ...] = (
             "u_secs_since_last_purchase",
             "u_mean_price",
             "u_n_categories",
+            "u_n_events",
         ),
         reads="user: counters, last times, price sums, category affinity",
         compute=_user_activity,
@@ -203,12 +297,27 @@ FAMILIES: tuple[Family, ...] = (
             "ui_secs_since_item",
             "ui_covisit",
             "ui_covisit_last",
+            "ui_first_seen_gap",
+            "ui_popularity_gap",
         ),
         reads=(
             "user: category affinity, recent items, price; "
             "item: category, price, co-visitation neighbours of the recent items"
         ),
         compute=_user_item,
+    ),
+    Family(
+        names=(
+            *(f"nb_{kind}_last{w}" for kind in KINDS for w in WINDOWS),
+            *(f"src_{SOURCES[s]}_rank" for s in RANKED_SOURCES),
+            "src_proposed_by",
+            "nb_item_users",
+        ),
+        reads=(
+            "model: learned neighbours of the user's recent items (summed, 1/rank "
+            "weights), the item's users in the training log; the candidate sources' lists"
+        ),
+        compute=_retrieval,
     ),
     Family(
         names=("ctx_hour_utc", "ctx_device", "ctx_page"),
@@ -239,6 +348,7 @@ def build_matrix(
     now: float,
     dtype: type[np.floating[Any]] = np.float32,
     context: Context = NO_CONTEXT,
+    retrieval: Retrieval | None = None,
 ) -> np.ndarray:
     """Feature matrix (len(candidates), len(FEATURE_NAMES)): float32 for the ranker,
     float64 where values are compared exactly (parity tests)."""
@@ -249,6 +359,7 @@ def build_matrix(
         now=now,
         context=context,
         rows=items.raw[candidates],
+        retrieval=retrieval,
     )
     out = np.empty((len(candidates), len(FEATURE_NAMES)), dtype=dtype)
     if not len(candidates):
@@ -259,4 +370,17 @@ def build_matrix(
         width = len(family.names)
         out[:, col : col + width] = block
         col += width
-    return out
+    return flush_tiny(out)
+
+
+# LightGBM splits "around zero" at +-1e-35 (its kZeroThreshold), and a compiled
+# scorer compares float32 where LightGBM compares doubles: a value that small
+# (a 1-hour counter 116 hours later) could go left in one and right in the
+# other. Nothing that small means anything here, so it is zero.
+TINY = 1e-30
+
+
+def flush_tiny(matrix: np.ndarray) -> np.ndarray:
+    """``matrix`` with every |value| < TINY set to 0 (in place; NaN stays)."""
+    np.copyto(matrix, 0.0, where=np.abs(matrix) < TINY)
+    return matrix

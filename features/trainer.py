@@ -1,4 +1,4 @@
-"""LightGBM lambdarank training and held-out evaluation (the only lightgbm user here)."""
+"""LightGBM lambdarank training and its served-list evaluation (the only lightgbm user here)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 
-from features.dataset import Dataset, Groups
-from features.metrics import rank_of, summarize
+from features import evaluation
+from features.dataset import Dataset, NoTrainingGroups
 from features.schema import CATEGORICAL_FEATURES, FEATURE_NAMES
 
 
@@ -52,6 +52,7 @@ class TrainParams:
 class TrainResult:
     booster: lgb.Booster
     metrics: dict[str, float]
+    report: dict[str, Any]
     importance: dict[str, float]
     params: dict[str, Any]
 
@@ -59,9 +60,16 @@ class TrainResult:
 def train(
     data: Dataset, params: TrainParams, progress: Callable[[int], None] | None = None
 ) -> TrainResult:
-    """Fit lambdarank on the training groups and evaluate on the held-out groups."""
-    if not data.train.sizes:
-        raise ValueError("no training groups: the log has too few events from known users")
+    """Fit lambdarank on the training groups and evaluate the served lists on the
+    held-out groups."""
+    t = data.train
+    if not t.sizes:
+        raise NoTrainingGroups(
+            f"no training groups: of {t.sampled} sampled training events "
+            f"({data.split.n_train} before the split at {data.split_ts:.0f}), "
+            f"{t.skipped_unknown_user} were a user's first event and "
+            f"{t.skipped_not_retrieved} had an item no candidate source proposed"
+        )
     train_set = lgb.Dataset(
         data.train.matrix(),
         label=data.train.label_vector(),
@@ -81,31 +89,32 @@ def train(
     booster = lgb.train(
         lgb_params, train_set, num_boost_round=params.num_trees, callbacks=callbacks
     )
-    metrics = evaluate(booster, data.test)
+    report = evaluation.evaluate(
+        data.test, lambda m: np.asarray(booster.predict(m, num_threads=1)), data.n_items
+    )
     gains = booster.feature_importance(importance_type="gain")
     importance = {
         name: float(g) for name, g in zip(booster.feature_name(), gains.tolist(), strict=True)
     }
     return TrainResult(
         booster=booster,
-        metrics=metrics,
+        metrics=summary(report),
+        report=report,
         importance=importance,
         params={**lgb_params, **{k: v for k, v in asdict(params).items() if k != "extra"}},
     )
 
 
-def evaluate(booster: lgb.Booster, test: Groups) -> dict[str, float]:
-    """Model vs popularity vs category-popularity on the same held-out candidate sets."""
-    model_ranks, pop_ranks, cat_ranks = [], [], []
-    for x, pop, catpop in zip(test.features, test.popularity, test.category_pop, strict=True):
-        scores = np.asarray(booster.predict(x, num_threads=1))
-        model_ranks.append(rank_of(scores, 0))
-        pop_ranks.append(rank_of(pop, 0))
-        cat_ranks.append(rank_of(catpop, 0))
-    out = summarize(np.asarray(model_ranks))
-    for prefix, ranks in (("baseline_popularity_", pop_ranks), ("baseline_category_", cat_ranks)):
-        out |= {prefix + k: v for k, v in summarize(np.asarray(ranks)).items()}
-    n_groups = len(test.sizes)
-    out["eval_groups"] = float(n_groups)
-    out["candidate_recall"] = test.generated_positive / n_groups if n_groups else 0.0
+def summary(report: dict[str, Any]) -> dict[str, float]:
+    """The headline figures of a served-list report, flat (``meta.json`` "metrics")."""
+    out: dict[str, float] = {}
+    n = report["top_n"]
+    for name, m in report["served"].items():
+        prefix = "" if name == "model" else f"{name}_"
+        for k in (f"ndcg_at_{n}", f"hit_at_{n}", f"mrr_at_{n}"):
+            out[prefix + k] = float(m[k])
+    out["candidate_recall"] = float(report["candidate_recall"])
+    out["eval_groups"] = float(report["groups"])
+    if "in_set_ranking" in report:
+        out[f"in_set_ndcg_at_{n}"] = float(report["in_set_ranking"]["ndcg_at_10"])
     return out

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -58,22 +59,28 @@ async def _load(url: str, settings: Settings) -> None:
 
 async def _measure(
     rec: Recommender, users: list[str], n: int
-) -> tuple[dict[str, list[float]], list[float], float, int]:
+) -> tuple[dict[str, list[float]], list[float], float, int, Counter[str]]:
+    """Stage times of the answers the model served (the others are counted by
+    fallback reason, never timed: a fast fallback is not a fast recommendation)."""
     stages: dict[str, list[float]] = {s: [] for s in STAGES}
     totals: list[float] = []
     cpu = 0.0
     served = 0
+    fallbacks: Counter[str] = Counter()
     for k, user in enumerate(users):
         body = orjson.dumps({"user_id": user, "n": n})
         c0, t0 = time.process_time(), time.perf_counter()
         req = decode_json(body, RecommendRequest)
         t1 = time.perf_counter()
-        q = Query(request_id=uuid.uuid4().hex, user_id=req.user_id, n=req.n or n)
+        q = Query(request_id=uuid.uuid4().hex, user_id=req.user_id, n=int(req.n) if req.n else n)
         result = await rec.recommend(q)
         t2 = time.perf_counter()
         orjson.dumps(result.body())
         t3, c1 = time.perf_counter(), time.process_time()
-        if k < WARMUP or result.strategy != "model":
+        if k < WARMUP:
+            continue
+        if result.strategy != "model":
+            fallbacks[result.fallback_reason or result.strategy] += 1
             continue
         served += 1
         timer = result.timer.stages
@@ -88,17 +95,27 @@ async def _measure(
             stages[name].append(secs)
         totals.append(t3 - t0)
         cpu += c1 - c0
-    return stages, totals, cpu / max(served, 1) * 1000.0, served
+    return stages, totals, cpu / max(served, 1) * 1000.0, served, fallbacks
 
 
-async def run(url: str, settings: Settings, requests: int, n: int, scorers: list[str]) -> None:
+async def run(
+    url: str,
+    settings: Settings,
+    requests: int,
+    n: int,
+    scorers: list[str],
+    sizes: tuple[int, ...] = SIZES,
+    n_users: int = 20_000,
+) -> None:
     await _load(url, settings)
     client = connect(url, settings)
     store = FeatureStore(client, settings)
     items = ItemCache(store)
     await items.refresh()
-    registry = ModelRegistry(settings.models_path, settings.model_name)
+    registry = ModelRegistry(settings.models_path, settings.model_name, binder=items.bind_now)
     registry.load_now()
+    items.neighbours = registry.neighbour_tables
+    await items.refresh()
     model = registry.current
     if model is None:
         raise SystemExit(f"no model in {settings.models_path}: run `recsvc demo` first")
@@ -116,20 +133,28 @@ async def run(url: str, settings: Settings, requests: int, n: int, scorers: list
         f"{model.booster.num_feature()} features; {requests} requests per row, n={n}"
     )
     header = "".join(f"{s:>11}" for s in STAGES)
-    print(f"{'scorer':<9}{'cands':>6}{header}{'total p50':>11}{'total p99':>11}{'CPU ms':>8}")
+    print(
+        f"{'scorer':<9}{'cands':>6}{header}{'total p50':>11}{'total p99':>11}{'CPU ms':>8}"
+        f"{'model %':>8}"
+    )
     rng = np.random.default_rng(0)
     for scorer in scorers:
         model.scorer = compiled if scorer == "lleaves" and compiled is not None else native
-        for size in SIZES:
+        for size in sizes:
             config = CandidateConfig(cap=size, popular=size)
-            rec = Recommender(store, items, registry, config)
-            users = [f"u{u}" for u in rng.integers(0, 20_000, size=requests + WARMUP)]
-            stages, totals, cpu, served = await _measure(rec, users, n)
+            rec = Recommender(store, items, registry, config, settings.exclude_seen)
+            users = [f"u{u}" for u in rng.integers(0, n_users, size=requests + WARMUP)]
+            stages, totals, cpu, served, fallbacks = await _measure(rec, users, n)
+            if not served:
+                print(f"{model.scorer.name:<9}{size:>6}  no model answers: {dict(fallbacks)}")
+                continue
             cells = "".join(f"{_ms(stages[s], 50):>11.3f}" for s in STAGES)
+            others = ", ".join(f"{reason} {count}" for reason, count in fallbacks.items())
             print(
                 f"{model.scorer.name:<9}{size:>6}{cells}"
                 f"{_ms(totals, 50):>11.3f}{_ms(totals, 99):>11.3f}{cpu:>8.3f}"
-                + ("" if served == requests else f"  ({served} served by the model)")
+                f"{100.0 * served / requests:>8.1f}"
+                + (f"  (not timed: {others})" if others else "")
             )
     await client.aclose()
 
@@ -140,7 +165,10 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--scorers", default="native,lleaves", help="comma list: native, lleaves")
+    p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="candidates per request")
+    p.add_argument("--users", type=int, default=20_000, help="requests go to users u0..u<N-1>")
     args = p.parse_args()
+    sizes = tuple(int(s) for s in args.sizes.split(","))
     settings = Settings(data_dir=args.data_dir)
     snapshot = args.data_dir / "redis" / "dump.rdb"
     tmp = Path(tempfile.mkdtemp(prefix="recsvc-bench-"))
@@ -148,7 +176,17 @@ def main() -> None:
         if snapshot.is_file():
             shutil.copy(snapshot, tmp / "dump.rdb")
         with EmbeddedRedis(tmp) as server:
-            asyncio.run(run(server.url, settings, args.requests, args.n, args.scorers.split(",")))
+            asyncio.run(
+                run(
+                    server.url,
+                    settings,
+                    args.requests,
+                    args.n,
+                    args.scorers.split(","),
+                    sizes,
+                    args.users,
+                )
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

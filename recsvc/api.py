@@ -15,7 +15,8 @@ from features.events import ID_PATTERN, MAX_ID_LENGTH
 from recsvc.errors import InvalidRequest
 
 MAX_N = 100
-MAX_EXPLAIN_TOP = 50
+# Every feature can be asked for (the schema has 60-odd), with room to grow.
+MAX_EXPLAIN_TOP = 100
 MAX_CANDIDATES = 1000
 # GET /v1/recommendations: ids per list, so the request line fits aiohttp's 8190 bytes.
 MAX_GET_IDS = 8
@@ -209,7 +210,18 @@ class ItemOut(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     item_id: str
     score: float
     rank: int
-    source: Literal["request", "recent", "covisit", "category", "popular", "category_popular"]
+    source: Literal[
+        "request",
+        "recent",
+        "history",
+        "collaborative",
+        "related",
+        "covisit",
+        "category",
+        "popular",
+        "popular_month",
+        "category_popular",
+    ]
     category: str | None
     explanation: Explanation | msgspec.UnsetType = msgspec.UNSET
 

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from features.candidates import CandidateConfig
 from recsvc import appkeys, metrics, openapi, scoring
 from recsvc.experiments import ExperimentsHolder
 from recsvc.exposures import ExposureLog
@@ -71,8 +70,10 @@ async def _models_ctx(app: web.Application) -> AsyncIterator[None]:
             compiler = scoring.Compiler(settings.data_dir / "cache" / "scorers")
         else:
             log.warning("lleaves is not installed; the native LightGBM scorer serves")
-    registry = ModelRegistry(settings.models_path, settings.model_name, compiler)
+    items = app[appkeys.ITEMS]
+    registry = ModelRegistry(settings.models_path, settings.model_name, compiler, items.bind_now)
     await asyncio.to_thread(registry.load_now)
+    items.neighbours = registry.neighbour_tables
     if registry.current is None:
         log.warning("no usable model in %s; serving the default strategy", settings.models_path)
     registry.start_compiles()
@@ -120,7 +121,8 @@ async def _recommender_ctx(app: web.Application) -> AsyncIterator[None]:
         app[appkeys.STORE],
         app[appkeys.ITEMS],
         app[appkeys.MODELS],
-        CandidateConfig(cap=settings.candidate_cap),
+        settings.candidate_config,
+        settings.exclude_seen,
     )
     yield
 

@@ -1,4 +1,4 @@
-"""The `recsvc` command: demo, serve, seed, train, generate."""
+"""The `recsvc` command: demo, serve, seed, import, train, evaluate, generate, and more."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from features.candidates import CandidateConfig
-from features.dataset import DatasetConfig
+from features.dataset import DatasetConfig, NoTrainingGroups, SplitError
 from features.logs import Catalogue, EventLog, LogFormatError, read_catalogue_report, read_log
 from features.state import COL_PRICE
 from features.synthetic import SyntheticConfig
@@ -26,6 +25,7 @@ from recsvc.settings import Settings, SettingsError, from_env
 from recsvc.store import FeatureStore, IncompatibleStore, connect
 
 log = logging.getLogger("recsvc")
+DEMO_TRAIN_GROUPS = 30_000
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -49,9 +49,54 @@ def _synthetic(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
 
 
-def _training(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trees", type=int, default=TrainParams().num_trees)
-    p.add_argument("--train-groups", type=int, default=DatasetConfig().train_groups)
+def _training(p: argparse.ArgumentParser, groups: int = DatasetConfig().train_groups) -> None:
+    p.add_argument("--trees", type=_positive, default=TrainParams().num_trees)
+    p.add_argument(
+        "--train-groups",
+        type=_positive,
+        default=groups,
+        help=f"training events sampled as ranking groups (default {groups})",
+    )
+
+
+def _split(p: argparse.ArgumentParser) -> None:
+    d = DatasetConfig()
+    p.add_argument(
+        "--holdout",
+        type=_fraction,
+        default=d.holdout,
+        help=f"share of the log's events held out (the last ones; default {d.holdout})",
+    )
+    p.add_argument(
+        "--split-at", type=float, help="hold out the events from this time on (seconds since epoch)"
+    )
+    p.add_argument(
+        "--groups",
+        type=_positive,
+        default=d.eval_groups,
+        help=f"held-out events sampled for evaluation (default {d.eval_groups})",
+    )
+    p.add_argument(
+        "--exclude-seen",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="never recommend items the user touched: auto = when the log's users hardly "
+        "repeat items",
+    )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,7 +107,8 @@ def parser() -> argparse.ArgumentParser:
     _common(demo)
     _serving(demo)
     _synthetic(demo)
-    _training(demo)
+    # Fewer groups than `train`: the demo should serve within a few minutes.
+    _training(demo, groups=DEMO_TRAIN_GROUPS)
 
     serve = sub.add_parser("serve", help="serve against RECSVC_REDIS_URL (or --embedded)")
     _common(serve)
@@ -123,7 +169,26 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--items", type=Path, help="items CSV")
     tr.add_argument("--name", help="model name (default RECSVC_MODEL_NAME)")
     _training(tr)
+    _split(tr)
     tr.add_argument("--seed", type=int, default=TrainParams().seed)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="served-list quality of a trained model on a log, against baselines (trains nothing)",
+    )
+    _common(ev)
+    ev.add_argument("--events", type=Path, required=True, help="events CSV")
+    ev.add_argument("--items", type=Path, help="items CSV")
+    ev.add_argument("--name", help="model name (default RECSVC_MODEL_NAME)")
+    ev.add_argument("--version", help="model version (default: the newest usable one)")
+    _split(ev)
+    ev.add_argument("--seed", type=int, default=DatasetConfig().seed)
+    ev.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    ev.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="report even when the model was trained on held-out events (inflated figures)",
+    )
 
     gen = sub.add_parser("generate", help="write the synthetic shop as CSV files")
     _common(gen)
@@ -223,7 +288,7 @@ def _train(
         for example in report.examples:
             print(f"  {example}", file=sys.stderr)
     print(f"model {outcome.path} trained in {outcome.seconds:.1f}s", file=sys.stderr)
-    print(training.metrics_table(outcome.metrics), file=sys.stderr)
+    print(training.metrics_table(outcome.report), file=sys.stderr)
 
 
 def _announce(url: str) -> None:
@@ -245,7 +310,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         if models.load_latest(settings.models_path, settings.model_name) is None:
             data = DatasetConfig(
                 train_groups=args.train_groups,
-                candidates=CandidateConfig(cap=settings.candidate_cap),
+                candidates=settings.candidate_config,
+                exclude_seen=_seen(settings.exclude_seen),
             )
             params = TrainParams(num_trees=args.trees)
             _train(settings, events, items, settings.model_name, data, params)
@@ -355,7 +421,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 def cmd_models(args: argparse.Namespace) -> None:
     settings = _settings(args)
     root = settings.models_path
-    rows = [("name", "version", "created (UTC)", "ndcg@10", "popularity", "status")]
+    rows = [("name", "version", "created (UTC)", "served ndcg@10", "popular", "status")]
     for name in models.names(root):
         for k, path in enumerate(models.versions(root, name)):
             try:
@@ -370,7 +436,7 @@ def cmd_models(args: argparse.Namespace) -> None:
                     path.name,
                     str(meta.get("created_at", ""))[:19],
                     _fmt(metrics.get("ndcg_at_10")),
-                    _fmt(metrics.get("baseline_popularity_ndcg_at_10")),
+                    _fmt(metrics.get("popular_ndcg_at_10")),
                     status,
                 )
             )
@@ -397,10 +463,61 @@ def cmd_train(args: argparse.Namespace) -> None:
     params = TrainParams(num_trees=args.trees, seed=args.seed)
     data = DatasetConfig(
         train_groups=args.train_groups,
+        eval_groups=args.groups,
+        holdout=args.holdout,
+        split_at=args.split_at,
         seed=args.seed,
-        candidates=CandidateConfig(cap=settings.candidate_cap),
+        candidates=settings.candidate_config,
+        exclude_seen=_seen(args.exclude_seen),
     )
     _train(settings, events, items, args.name or settings.model_name, data, params)
+
+
+def _seen(choice: str) -> bool | None:
+    return {"auto": None, "always": True, "never": False}[choice]
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    name = args.name or settings.model_name
+    root = settings.models_path
+    if args.version:
+        path = root / name / args.version
+    else:
+        latest = models.load_latest(root, name)
+        if latest is None:
+            raise SettingsError(f"no usable model {name!r} under {root}")
+        path = latest.path
+    data = DatasetConfig(
+        eval_groups=args.groups,
+        holdout=args.holdout,
+        split_at=args.split_at,
+        seed=args.seed,
+        candidates=settings.candidate_config,
+    )
+    report, files = training.evaluate_files(
+        args.events,
+        args.items,
+        path,
+        data,
+        progress=sys.stderr.isatty(),
+        exclude_seen=_seen(args.exclude_seen),
+    )
+    for f in files:
+        print(f.summary(), file=sys.stderr)
+    if not report["groups"]:
+        raise SettingsError(
+            f"no held-out event of a user with history to evaluate on "
+            f"({report['held_out_events']} held-out events)"
+        )
+    if "warning" in report:
+        if not args.allow_overlap:
+            raise SettingsError(f"{report['warning']} (--allow-overlap reports it anyway)")
+        print(f"warning: {report['warning']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(training.metrics_table(report))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -418,6 +535,7 @@ COMMANDS = {
     "ab-report": cmd_ab_report,
     "simulate": cmd_simulate,
     "train": cmd_train,
+    "evaluate": cmd_evaluate,
     "generate": cmd_generate,
 }
 
@@ -436,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         experiments.ExperimentsError,
         server.WorkerError,
+        NoTrainingGroups,
+        SplitError,
+        ModelRejected,
     ) as exc:
         print(f"recsvc: {exc}", file=sys.stderr)
         return 2

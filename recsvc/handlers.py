@@ -52,7 +52,7 @@ def _flags(request: web.Request, body_flags: dict[str, str] | None) -> dict[str,
 def _candidate_config(settings: Settings, parameters: dict[str, Any]) -> CandidateConfig | None:
     if "sources" not in parameters and "cap" not in parameters:
         return None
-    base = CandidateConfig(cap=settings.candidate_cap)
+    base = settings.candidate_config
     return replace(
         base,
         cap=parameters.get("cap", base.cap),
@@ -152,17 +152,13 @@ async def events_post(request: web.Request) -> web.Response:
 
 async def user_features_get(request: web.Request) -> web.Response:
     ref = convert_query({"user_id": request.match_info["user_id"]}, UserRef)
-    body = await user_feature_values(
-        request.app[appkeys.STORE], request.app[appkeys.ITEMS], ref.user_id
-    )
+    body = await user_feature_values(request.app[appkeys.RECOMMENDER], ref.user_id)
     return json_response(body)
 
 
 async def features_post(request: web.Request) -> web.Response:
     req = decode_json(await request.read(), FeaturesRequest)
-    body = await feature_values(
-        request.app[appkeys.STORE], request.app[appkeys.ITEMS], req.user_ids, req.item_ids
-    )
+    body = await feature_values(request.app[appkeys.RECOMMENDER], req.user_ids, req.item_ids)
     return json_response(body)
 
 

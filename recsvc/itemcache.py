@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
+from features.neighbours import Binding, NeighbourTable
 from features.popularity import PopularityIndex
 from features.state import ItemTable
 from recsvc import metrics
@@ -22,12 +24,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class ItemView:
-    """One consistent item table and its popularity index; replaced whole, never mutated."""
+    """One consistent item table and its popularity index, and the loaded models'
+    neighbour tables bound to its rows; replaced whole, never mutated."""
 
     table: ItemTable
     popularity: PopularityIndex
     epoch: str = ""
     version: int = -1
+    # Model key (LoadedModel.key) -> its neighbour table's binding to ``table``.
+    bindings: dict[str, Binding] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> ItemView:
@@ -35,15 +40,28 @@ class ItemView:
         return cls(table, PopularityIndex.build(table, time.time()))
 
 
-def _build(snap: ItemSnapshot | None, previous: ItemView, now: float) -> ItemView:
-    """New view from a snapshot (or the previous rows re-ranked): CPU work, run in a thread."""
+# (model key, its neighbour table) for every loaded model that has one.
+NeighbourSource = Callable[[], Iterable[tuple[str, NeighbourTable]]]
+
+
+def _build(
+    snap: ItemSnapshot | None,
+    previous: ItemView,
+    now: float,
+    neighbours: Iterable[tuple[str, NeighbourTable]] = (),
+) -> ItemView:
+    """New view from a snapshot (or the previous rows re-ranked), with every neighbour
+    table bound to it: CPU work, run in a thread."""
     if snap is None:
-        table, epoch, version = previous.table, previous.epoch, previous.version
+        table, epoch, version, same = previous.table, previous.epoch, previous.version, True
     else:
         same = snap.epoch == previous.epoch and previous.version >= 0
         table = table_from_snapshot(snap, previous.table if same else None)
         epoch, version = snap.epoch, snap.version
-    return ItemView(table, PopularityIndex.build(table, now), epoch, version)
+    bindings = {
+        key: nt.bind(table, previous.bindings.get(key) if same else None) for key, nt in neighbours
+    }
+    return ItemView(table, PopularityIndex.build(table, now), epoch, version, bindings)
 
 
 class ItemCache:
@@ -53,6 +71,14 @@ class ItemCache:
         self.store = store
         self.view = ItemView.empty()
         self.refreshed_at: float | None = None
+        # The loaded models' neighbour tables, bound with every view (set by the app).
+        self.neighbours: NeighbourSource = lambda: ()
+
+    def bind_now(self, table: NeighbourTable) -> tuple[str, Binding]:
+        """Bind a newly loaded model's table to the current view (in the loading
+        thread), so it serves with its learned features before the next refresh."""
+        view = self.view
+        return view.epoch, table.bind(view.table)
 
     @property
     def ready(self) -> bool:
@@ -78,7 +104,8 @@ class ItemCache:
         )
         if known and snap and (snap.epoch, snap.version) == (current.epoch, current.version):
             snap = None  # nothing changed: keep the table, re-rank for decay
-        self.view = await asyncio.to_thread(_build, snap, current, time.time())
+        neighbours = list(self.neighbours())
+        self.view = await asyncio.to_thread(_build, snap, current, time.time(), neighbours)
         self.refreshed_at = time.monotonic()
 
     async def run(self, interval: float, stop: asyncio.Event) -> None:

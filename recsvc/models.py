@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 
+from features.neighbours import Binding, Bound, NeighbourTable
 from features.schema import FEATURE_NAMES, SCHEMA_HASH
 from recsvc.errors import ModelRejected
 from recsvc.scoring import (
@@ -39,16 +41,23 @@ KEEP_VERSIONS = 5
 
 
 SAMPLE_FILE = "sample.npy"  # held-out feature rows: checks a compiled scorer
+NEIGHBOURS_DIR = "neighbours"  # the learned item-to-item table (features.neighbours)
 
 
 class LoadedModel:
     """One loaded version. ``scorer`` starts native and may be swapped (one
     assignment) for verified compiled code; requests call ``predict``."""
 
-    __slots__ = ("booster", "meta", "name", "path", "scorer", "version")
+    __slots__ = ("binding", "booster", "meta", "name", "neighbours", "path", "scorer", "version")
 
     def __init__(
-        self, name: str, version: str, booster: lgb.Booster, meta: dict[str, Any], path: Path
+        self,
+        name: str,
+        version: str,
+        booster: lgb.Booster,
+        meta: dict[str, Any],
+        path: Path,
+        neighbours: NeighbourTable | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -56,10 +65,37 @@ class LoadedModel:
         self.meta = meta
         self.path = path
         self.scorer: Scorer = NativeScorer(booster)
+        self.neighbours = neighbours
+        # The table bound to the item rows when the model loaded: (epoch, binding).
+        # The item cache binds every model again with each view it builds.
+        self.binding: tuple[str, Binding] | None = None
+
+    @property
+    def key(self) -> str:
+        """Unique per loaded version (the item cache keys its bindings by it)."""
+        return str(self.path)
+
+    @property
+    def exclude_seen(self) -> bool:
+        """Whether the training log said items are used once (recorded at training)."""
+        return bool(self.meta.get("exclude_seen", False))
 
     def predict(self, matrix: np.ndarray) -> np.ndarray:
         """Raw scores for a float32 feature matrix, on this thread."""
         return self.scorer.predict(matrix)
+
+    def bound(self, epoch: str, n: int, bindings: dict[str, Binding]) -> Bound | None:
+        """The neighbour table bound to an item view (its epoch and row count), or
+        None (no table, or no binding for this view yet: the learned features are
+        then missing rather than wrong)."""
+        if self.neighbours is None:
+            return None
+        binding = bindings.get(self.key)
+        if binding is None and self.binding is not None and self.binding[0] == epoch:
+            binding = self.binding[1]
+        if binding is None or binding.table_n > n:
+            return None
+        return Bound(self.neighbours, binding)
 
 
 def versions(model_dir: Path, name: str) -> list[Path]:
@@ -82,6 +118,7 @@ def save(
     meta: dict[str, Any],
     keep: int = KEEP_VERSIONS,
     sample: np.ndarray | None = None,
+    neighbours: NeighbourTable | None = None,
 ) -> Path:
     """Write a new version atomically and prune the versions beyond the newest ``keep``.
 
@@ -96,6 +133,8 @@ def save(
     booster.save_model(str(tmp / MODEL_FILE))
     if sample is not None:
         np.save(tmp / SAMPLE_FILE, np.asarray(sample, dtype=np.float32))
+    if neighbours is not None:
+        neighbours.save(tmp / NEIGHBOURS_DIR)
     full_meta = {
         "name": name,
         "version": version,
@@ -141,7 +180,14 @@ def load(path: Path) -> LoadedModel:
         raise ModelRejected(f"{path}: unreadable {MODEL_FILE}: {exc}") from exc
     if booster.feature_name() != list(FEATURE_NAMES):
         raise ModelRejected(f"{path}: {MODEL_FILE} feature names differ from {META_FILE}")
-    return LoadedModel(meta.get("name", path.parent.name), path.name, booster, meta, path)
+    neighbours = None
+    if meta.get("neighbours"):
+        try:
+            neighbours = NeighbourTable.load(path / NEIGHBOURS_DIR)
+        except Exception as exc:  # whatever the files hold, this version must not serve half
+            raise ModelRejected(f"{path}: unreadable {NEIGHBOURS_DIR}/: {exc}") from exc
+    name = meta.get("name", path.parent.name)
+    return LoadedModel(name, path.name, booster, meta, path, neighbours)
 
 
 def load_latest(model_dir: Path, name: str) -> LoadedModel | None:
@@ -186,10 +232,19 @@ class ModelRegistry:
     name no model.
     """
 
-    def __init__(self, model_dir: Path, default: str, compiler: Compiler | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        default: str,
+        compiler: Compiler | None = None,
+        binder: Callable[[NeighbourTable], tuple[str, Binding]] | None = None,
+    ) -> None:
         self.model_dir = model_dir
         self.default = default
         self.compiler = compiler
+        # Binds a new version's neighbour table to the current item rows (in the
+        # loading thread), so it never serves without its learned features.
+        self.binder = binder
         self.models: dict[str, LoadedModel] = {}
         self.refused: dict[tuple[str, str], str] = {}
         self._lock = asyncio.Lock()
@@ -244,6 +299,16 @@ class ModelRegistry:
     def current(self) -> LoadedModel | None:
         return self.models.get(self.default)
 
+    def neighbour_tables(self) -> list[tuple[str, NeighbourTable]]:
+        """(key, table) of every loaded model with a neighbour table."""
+        return [(m.key, m.neighbours) for m in self.models.values() if m.neighbours is not None]
+
+    def _load(self, path: Path) -> LoadedModel:
+        model = load(path)
+        if model.neighbours is not None and self.binder is not None:
+            model.binding = self.binder(model.neighbours)
+        return model
+
     def get(self, name: str) -> LoadedModel | None:
         return self.models.get(name)
 
@@ -252,7 +317,7 @@ class ModelRegistry:
         for name in names(self.model_dir):
             for path in versions(self.model_dir, name):
                 try:
-                    self.models[name] = load(path)
+                    self.models[name] = self._load(path)
                     break
                 except ModelRejected as exc:
                     self.refused[(name, path.name)] = str(exc)
@@ -294,7 +359,7 @@ class ModelRegistry:
             reason = self.refused.get((name, path.name))
             if reason is None:
                 try:
-                    model = await asyncio.to_thread(load, path)
+                    model = await asyncio.to_thread(self._load, path)
                 except ModelRejected as exc:
                     reason = self.refused[(name, path.name)] = str(exc)
                     log.warning("model version refused: %s", exc)

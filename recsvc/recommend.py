@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from features import candidates as cands
 from features.candidates import CandidateConfig, Candidates
+from features.metrics import top_n
 from features.schema import NO_CONTEXT, Context, build_matrix
 from features.state import COL_CATEGORY, ItemTable, UserState
 from recsvc.errors import StoreUnavailable
@@ -106,14 +107,6 @@ def _items(
     ]
 
 
-def top_n(scores: np.ndarray, n: int) -> np.ndarray:
-    """Positions of the n best scores, best first (argpartition, then sort the few)."""
-    if n >= len(scores):
-        return np.argsort(-scores, kind="stable")
-    part = np.argpartition(-scores, n - 1)[:n]
-    return part[np.argsort(-scores[part], kind="stable")]
-
-
 class Recommender:
     """Serves one query end to end from the store, item cache and model registry."""
 
@@ -123,11 +116,20 @@ class Recommender:
         items: ItemCache,
         models: ModelRegistry,
         config: CandidateConfig,
+        exclude_seen: str = "auto",
     ) -> None:
         self.store = store
         self.items = items
         self.models = models
         self.config = config
+        # "auto": as the serving model's training log said; "always" / "never".
+        self.exclude_seen = exclude_seen
+
+    def _excludes_seen(self, model: LoadedModel | None) -> bool:
+        if self.exclude_seen == "auto":
+            model = model or self.models.current
+            return model is not None and model.exclude_seen
+        return self.exclude_seen == "always"
 
     async def recommend(self, q: Query) -> Result:
         result = await self._recommend(q)
@@ -157,23 +159,25 @@ class Recommender:
         if model is None:
             return self._fallback(q, user, MODEL_UNAVAILABLE, timer)
         if self._late(q):
-            return self._fallback(q, user, DEADLINE, timer)
+            return self._fallback(q, user, DEADLINE, timer, model=model)
         # From here on nothing awaits: one consistent item view for the request.
         view = self.items.view
         now = time.time()
-        candidates = self._candidates(q, user, view, now)
+        found, candidates = self._candidates(q, user, view, model, now)
         timer.mark("candidates")
         if len(candidates) == 0:
-            return self._fallback(q, user, NO_CANDIDATES, timer)
+            return self._fallback(q, user, NO_CANDIDATES, timer, model=model)
         try:
-            matrix = build_matrix(user, view.table, candidates.index, now, context=q.context)
+            matrix = build_matrix(
+                user, view.table, candidates.index, now, context=q.context, retrieval=found
+            )
             timer.mark("features")
             if self._late(q):  # scoring is the costliest stage: do not start it late
-                return self._fallback(q, user, DEADLINE, timer)
+                return self._fallback(q, user, DEADLINE, timer, model=model)
             scores = model.predict(matrix)
         except Exception:  # a broken model or feature must not break the answer
             log.exception("scoring failed", extra={"model": model.version, "user": q.user_id})
-            return self._fallback(q, user, MODEL_ERROR, timer)
+            return self._fallback(q, user, MODEL_ERROR, timer, model=model)
         timer.mark("score")
         best = top_n(scores, q.n)
         sources = [cands.SOURCES[s] for s in candidates.source[best].tolist()]
@@ -187,12 +191,39 @@ class Recommender:
             timer.mark("explain")
         return Result(q.request_id, q.user_id, items, "model", None, _model_ref(model), timer)
 
-    def _candidates(self, q: Query, user: UserState, view: ItemView, now: float) -> Candidates:
+    def _candidates(
+        self, q: Query, user: UserState, view: ItemView, model: LoadedModel, now: float
+    ) -> tuple[cands.Retrieval, Candidates]:
+        """The sources' findings (features read them even when the caller sent the
+        candidates) and the candidates to score."""
         exclude = cands.ids_to_index(view.table, q.exclude)
+        config = self._config(q.candidate_config or self.config, model)
+        found = self.retrieve(user, view, model, now, config, exclude)
         if q.candidates is not None:
-            return cands.from_request(user, view.table, q.candidates, exclude, len(q.candidates))
-        config = q.candidate_config or self.config
-        return cands.from_sources(user, view.table, view.popularity, config, exclude, now)
+            return found, cands.from_request(found, view.table, q.candidates, len(q.candidates))
+        return found, cands.assemble(found, config)
+
+    def _config(self, config: CandidateConfig, model: LoadedModel | None) -> CandidateConfig:
+        if self._excludes_seen(model) != config.exclude_seen:
+            config = replace(config, exclude_seen=not config.exclude_seen)
+        return config
+
+    def retrieve(
+        self,
+        user: UserState,
+        view: ItemView,
+        model: LoadedModel | None,
+        now: float,
+        config: CandidateConfig | None = None,
+        exclude: np.ndarray | None = None,
+    ) -> cands.Retrieval:
+        """What the candidate sources find for ``user`` when ``model`` serves (its
+        learned neighbours, its seen-items policy)."""
+        config = config or self._config(self.config, model)
+        learned = model.bound(view.epoch, view.table.n, view.bindings) if model else None
+        if exclude is None:
+            exclude = np.zeros(0, np.int64)
+        return cands.retrieve(user, view.table, view.popularity, config, exclude, now, learned)
 
     def _fallback(
         self,
@@ -201,16 +232,21 @@ class Recommender:
         reason: str | None,
         timer: StageTimer,
         strategy: str = "fallback",
+        model: LoadedModel | None = None,
     ) -> Result:
         """Default strategy: the most popular items (of the context category first when given).
 
         When the caller gave candidates, the default orders those by popularity.
+        The bans are the model strategy's: excluded, purchased, and (when the
+        catalogue is of things used once) everything the user touched.
         """
         view = self.items.view
         table, popularity = view.table, view.popularity
         banned = cands.ids_to_index(table, q.exclude)
-        if user is not None and user.purchased:
-            banned = np.concatenate([banned, cands.ids_to_index(table, user.purchased)])
+        if user is not None:
+            config = replace(self.config, exclude_seen=self._excludes_seen(model))
+            recent = cands.recent_rows(user, table)[0] if config.exclude_seen else banned[:0]
+            banned = cands.banned(user, table, banned, recent, config)
         if q.candidates is not None:
             pool = _unique(_allowed(cands.ids_to_index(table, q.candidates), banned))
             pool = pool[top_n(popularity.scores[pool], q.n)] if len(pool) else pool

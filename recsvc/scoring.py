@@ -27,6 +27,8 @@ from typing import Any, Protocol
 import lightgbm as lgb
 import numpy as np
 
+from features.schema import flush_tiny
+
 log = logging.getLogger(__name__)
 # Largest |compiled - native| accepted on the verification rows.
 TOLERANCE = 1e-6
@@ -132,7 +134,7 @@ def boundary_rows(booster: lgb.Booster, rows: int = 1024, seed: int = 0) -> np.n
     out = np.empty((rows, n_features), dtype=np.float32)
     for f, options in enumerate(values):
         out[:, f] = rng.choice(np.asarray(options, dtype=np.float32), size=rows)
-    return out
+    return flush_tiny(out)  # as build_matrix feeds the scorers
 
 
 def mismatch(native: Scorer, compiled: Scorer, sample: np.ndarray) -> float:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from features.candidates import CANDIDATE_QUOTAS, CandidateConfig
 from features.events import COVISIT_BUCKET_SECS, COVISIT_KEEP_SECS
 from recsvc.redisurl import cluster_kwargs, is_cluster_url
 
@@ -44,6 +45,12 @@ class Settings:
     # Empty: admin routes are off. Never printed (repr) or logged.
     admin_token: str = dataclasses.field(default="", repr=False)
     candidate_cap: int = 200
+    # Per-source overrides of the candidate quotas, "source=count,..." (empty:
+    # features.candidates.CandidateConfig's defaults).
+    candidate_quotas: str = ""
+    # auto: as the serving model's training log said (never recommend what the
+    # user touched when the log's users hardly ever repeat an item); always; never.
+    exclude_seen: str = "auto"
     default_n: int = 10
     # Every recommendation answers within this (plus the default strategy's
     # fraction of a millisecond): later stages do not start after it.
@@ -74,6 +81,13 @@ class Settings:
     metrics_dir: Path | None = None
 
     @property
+    def candidate_config(self) -> CandidateConfig:
+        """The default candidate configuration (cap, quotas); ``exclude_seen`` is
+        decided per model at serving."""
+        base = CandidateConfig(cap=self.candidate_cap)
+        return dataclasses.replace(base, **_quotas(self.candidate_quotas))
+
+    @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
@@ -96,6 +110,8 @@ class Settings:
         checks = [
             ("port", 0 <= self.port <= 65535),
             ("candidate_cap", 1 <= self.candidate_cap <= 1000),
+            ("candidate_quotas", _quotas_ok(self.candidate_quotas)),
+            ("exclude_seen", self.exclude_seen in {"auto", "always", "never"}),
             ("default_n", 1 <= self.default_n <= 100),
             ("request_deadline_ms", self.request_deadline_ms > 0),
             ("redis_timeout_ms", self.redis_timeout_ms > 0),
@@ -135,6 +151,28 @@ class Settings:
 
 # An origin as browsers send it: scheme://host[:port], nothing after; or "*".
 _ORIGIN = re.compile(r"\*|https?://[A-Za-z0-9.\-\[\]:]+")
+
+
+QUOTA_NAMES = (*CANDIDATE_QUOTAS, "top_categories", "per_category")
+
+
+def _quotas(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        name, value = name.strip(), value.strip()
+        if name in out or not (value.isascii() and value.isdigit()):
+            raise ValueError(f"{part!r}: a repeated source or not a count")
+        out[name] = int(value)
+    return out
+
+
+def _quotas_ok(text: str) -> bool:
+    try:
+        quotas = _quotas(text)
+    except ValueError:
+        return False
+    return all(k in QUOTA_NAMES and 0 <= v <= 1000 for k, v in quotas.items())
 
 
 def _redis_url_ok(url: str) -> bool:
@@ -182,6 +220,19 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
         "bearer token for /admin routes (at least 16 characters); empty = admin routes off",
     ),
     ("candidate_cap", "most candidates scored per request"),
+    (
+        "candidate_quotas",
+        "items each source proposes, e.g. collaborative=80,related=80,popular=60 (sources: "
+        "recent, history, collaborative, related, covisit, popular, popular_month; also "
+        "top_categories, "
+        "per_category); empty = the defaults in the README",
+    ),
+    (
+        "exclude_seen",
+        "auto (as the model's training log says: where its users hardly repeat items, the "
+        "user's 100 most recent items are not recommended), always, or never; purchases "
+        "are never recommended again",
+    ),
     ("default_n", "items returned when a request gives no n"),
     (
         "request_deadline_ms",

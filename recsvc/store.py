@@ -211,8 +211,9 @@ async def run_scripts(client: RedisClient, calls: Sequence[ScriptCall]) -> list[
 
 # Version of the Redis layout (keys, packed rows, hash fields). 1: before
 # co-visitation (16-wide item rows, decimal user fields, no marker key);
-# 2: packed user state, item rows with neighbours, {items}:dirty.
-STORAGE_FORMAT = 2
+# 2: packed user state, item rows with neighbours, {items}:dirty;
+# 3: a fourth half-life (30 days) in the user and item counters.
+STORAGE_FORMAT = 3
 
 
 class IncompatibleStore(Exception):
@@ -370,14 +371,18 @@ class FeatureStore:
         return (await self.fetch_users([user_id], deadline))[0]
 
     async def fetch_users(
-        self, user_ids: Sequence[str], deadline: float | None = None
+        self,
+        user_ids: Sequence[str],
+        deadline: float | None = None,
+        read_secs: float | None = None,
     ) -> list[UserState | None]:
         """Several users' states in one pipelined round trip (None = unknown user).
 
-        The read gets ``redis_timeout_ms`` or until ``deadline`` (event-loop time),
-        whichever is sooner; running out raises StoreUnavailable("deadline").
+        The read gets ``read_secs`` (default ``redis_timeout_ms``) or until
+        ``deadline`` (event-loop time), whichever is sooner; running out raises
+        StoreUnavailable("deadline").
         """
-        until = asyncio.get_running_loop().time() + self.timeout
+        until = asyncio.get_running_loop().time() + (read_secs or self.timeout)
         if deadline is not None:
             until = min(until, deadline)
         if not self.breaker.allow():

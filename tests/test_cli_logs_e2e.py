@@ -47,7 +47,7 @@ async def test_a_retailrocket_log_trains_imports_and_serves(
     )
     assert trained.returncode == 0, trained.stderr
     assert f"retailrocket layout, {good + 5} rows, {good} used, 5 skipped" in trained.stderr
-    assert "unknown_event:wishlist 1" in trained.stderr and "ndcg_at_10" in trained.stderr
+    assert "unknown_event:wishlist 1" in trained.stderr and "served lists at 10" in trained.stderr
     [version] = models.versions(model_dir, "rr")
     meta = models.read_meta(version)
     assert meta["data"]["files"][1]["skipped"]["bad_id"] == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,11 @@ import pytest
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
-from loadtest import slo
+from loadtest import bench, slo
+from recsvc import seed
 from recsvc.app import create_app
-from tests.conftest import settings_for
+from recsvc.settings import Settings
+from tests.conftest import SMALL, DataFiles, settings_for
 
 LOCUSTFILE = Path(__file__).resolve().parent.parent / "loadtest" / "locustfile.py"
 
@@ -101,3 +104,27 @@ async def test_locust_run_passes_a_generous_slo_and_fails_an_impossible_one(
         assert "FAIL:" in out and summary["passed"] is False
     finally:
         await server.close()
+
+
+@pytest.mark.asyncio
+async def test_the_stage_benchmark_runs_on_a_tiny_shop(
+    redis_url: str,
+    small_files: DataFiles,
+    model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """loadtest/bench.py end to end at a tiny size, so it cannot rot unnoticed."""
+    data_dir = tmp_path / "data"
+    events, items = seed.synthetic_paths(data_dir)
+    events.parent.mkdir(parents=True)
+    shutil.copy(small_files.events, events)
+    shutil.copy(small_files.items, items)
+    shutil.copytree(model_dir, data_dir / "models")
+    settings = Settings(data_dir=data_dir)
+    await bench.run(redis_url, settings, 30, 10, ["native"], sizes=(50,), n_users=SMALL.n_users)
+    out = capsys.readouterr().out
+    [row] = [line.split() for line in out.splitlines() if line.startswith("native")]
+    assert row[1] == "50" and len(row) >= 11, out
+    p50, p99, share = float(row[8]), float(row[9]), float(row[11])
+    assert 0 < p50 <= p99 and share > 50.0, out

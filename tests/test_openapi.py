@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
+from features.candidates import SOURCES
 from recsvc import api, openapi
 
 CHECKED_IN = Path(__file__).resolve().parent.parent / "openapi.json"
@@ -86,3 +88,10 @@ async def test_demo_page_is_served_from_local_files(client: Client) -> None:
     assert 'fetch("/v1/recommendations"' in page and 'fetch("/metrics")' in page
     assert not re.search(r'(src|href)="https?://', page)
     assert "<script src=" not in page
+
+
+def test_the_answer_names_every_candidate_source() -> None:
+    """The API's source literal is written out for msgspec and mypy; it must list
+    exactly the candidate sources, plus the default strategy's category list."""
+    source = typing.get_type_hints(api.ItemOut)["source"]
+    assert typing.get_args(source) == (*SOURCES, "category_popular")

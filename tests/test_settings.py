@@ -95,3 +95,25 @@ def test_cors_origins_must_be_origins() -> None:
     for bad in ("https://a.example/path", "a.example", "https://a.example,ftp://b"):
         with pytest.raises(SettingsError, match="RECSVC_CORS_ORIGINS"):
             Settings(cors_origins=bad).validate()
+
+
+def test_candidate_quotas_override_the_defaults() -> None:
+    s = from_env({"RECSVC_CANDIDATE_QUOTAS": " collaborative=120, popular=0 ,per_category=10"})
+    c = s.candidate_config
+    assert (c.collaborative, c.popular, c.per_category, c.related) == (120, 0, 10, 80)
+    assert c.cap == s.candidate_cap
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["nosuch=3", "popular=-1", "popular=x", "popular=5,popular=7", "popular=１０", "popular"],
+)
+def test_bad_candidate_quotas_name_the_variable(value: str) -> None:
+    with pytest.raises(SettingsError, match="RECSVC_CANDIDATE_QUOTAS"):
+        from_env({"RECSVC_CANDIDATE_QUOTAS": value})
+
+
+@pytest.mark.parametrize("value", ["yes", "AUTO", ""])
+def test_exclude_seen_is_auto_always_or_never(value: str) -> None:
+    with pytest.raises(SettingsError, match="RECSVC_EXCLUDE_SEEN"):
+        from_env({"RECSVC_EXCLUDE_SEEN": value})

@@ -207,3 +207,18 @@ def test_a_full_neighbour_row_keeps_its_strongest_neighbours() -> None:
     back_idx, back = covisit.neighbours(table, np.array(strong), T0 + 10)
     assert (back_idx[:, 0] == hub).all()
     np.testing.assert_allclose(back[:, 0], 3.0, rtol=1e-4)  # decayed over seconds
+
+
+def test_counters_decayed_below_any_meaning_are_exactly_zero_in_the_matrix() -> None:
+    """1-hour counters 200 hours on are ~1e-60: zero in the matrix, so LightGBM and
+    the compiled scorer cannot disagree at LightGBM's 1e-35 zero threshold."""
+    from features.schema import FEATURE_NAMES, build_matrix
+
+    s, table = UserState(), ItemTable()
+    i = table.ensure_item("i1")
+    apply_user_event(s, EventType.VIEW, T0, "i1", "", 0.0)
+    table.apply_event(i, EventType.VIEW, T0)
+    m = build_matrix(s, table, np.asarray([i]), T0 + 200 * 3600.0, dtype=np.float64)
+    for name in ("u_cnt_view_1h", "i_pop_view_1h"):
+        assert m[0, FEATURE_NAMES.index(name)] == 0.0
+    assert m[0, FEATURE_NAMES.index("u_cnt_view_7d")] > 0.0

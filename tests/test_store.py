@@ -10,11 +10,13 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from features.candidates import CandidateConfig, from_sources
-from features.events import COVISIT_BUCKET_SECS
+from features.candidates import SOURCE_RELATED, CandidateConfig, assemble, retrieve
+from features.events import COVISIT_BUCKET_SECS, HALF_LIVES
+from features.item2item import LearnConfig, learn
+from features.neighbours import Bound, NeighbourTable
 from features.popularity import PopularityIndex
 from features.replay import Replay
-from features.schema import build_matrix
+from features.schema import FEATURE_NAMES, build_matrix
 from features.synthetic import SyntheticData
 from recsvc import keys
 from recsvc.errors import StoreUnavailable
@@ -87,20 +89,50 @@ async def test_redis_and_pure_replay_give_identical_features(
     assert neighbour_counts(table.raw).sum() > 1000  # co-visitation was exercised
 
     now = max(w.ts for w in writes) + 60.0
+    # A learned neighbour table as a model ships it, bound to each side's rows.
+    nt = _learned(writes)
+    online_nb = Bound(nt, nt.bind(table))
+    offline_nb = Bound(nt, nt.bind(replay.items))
     pop = PopularityIndex.build(table, now)
+    offline_pop = PopularityIndex.build(replay.items, now)
+    config = CandidateConfig()
     users = sorted({w.user_id for w in writes})[:60]
+    learned_cols = [k for k, name in enumerate(FEATURE_NAMES) if name.startswith("nb_")]
+    learned_seen = related = 0
+    empty = np.zeros(0, np.int64)
     for user_id in users:
         online = await store.fetch_user(user_id)
         offline = replay.users[user_id]
         assert online is not None
         if order == "time":
             assert online == offline, user_id
-        cand = from_sources(offline, table, pop, CandidateConfig(), np.zeros(0, np.int64), now)
+        found_on = retrieve(online, table, pop, config, empty, now, online_nb)
+        found_off = retrieve(offline, replay.items, offline_pop, config, empty, now, offline_nb)
+        cand = assemble(found_off, config)
+        np.testing.assert_array_equal(assemble(found_on, config).index, cand.index)
+        online_m = build_matrix(online, table, cand.index, now, retrieval=found_on)
         np.testing.assert_allclose(
-            build_matrix(online, table, cand.index, now),
-            build_matrix(offline, replay.items, cand.index, now),
+            online_m,
+            build_matrix(offline, replay.items, cand.index, now, retrieval=found_off),
             rtol=1e-6 if order == "shuffled" else 0,
         )
+        learned_seen += int(np.count_nonzero(online_m[:, learned_cols] > 0))
+        related += len(found_on.lists[SOURCE_RELATED].items)
+    assert learned_seen > 1000 and related > 1000  # the learned table was exercised
+
+
+def _learned(writes: list[EventWrite]) -> NeighbourTable:
+    users = {u: k for k, u in enumerate(dict.fromkeys(w.user_id for w in writes))}
+    ids = list(dict.fromkeys(w.item_id for w in writes))
+    item = {i: k for k, i in enumerate(ids)}
+    ordered = sorted(writes, key=lambda w: w.ts)
+    return learn(
+        np.asarray([w.ts for w in ordered]),
+        np.asarray([users[w.user_id] for w in ordered]),
+        np.asarray([item[w.item_id] for w in ordered]),
+        ids,
+        LearnConfig(ease_items=200),
+    )
 
 
 async def test_event_ids_apply_once_even_concurrently(aredis: Redis) -> None:
@@ -111,7 +143,8 @@ async def test_event_ids_apply_once_even_concurrently(aredis: Redis) -> None:
     state = await store.fetch_user("u1")
     assert state is not None and state.n_events == 1
     snap = await store.item_snapshot(0, 0)
-    assert snap.raw[0, 4:].sum() == pytest.approx(3.0)  # one click at three half-lives
+    # One click, counted once at each half-life.
+    assert snap.raw[0, 4:].sum() == pytest.approx(float(len(HALF_LIVES)))
 
 
 async def test_batch_reports_duplicates_per_event(aredis: Redis) -> None:

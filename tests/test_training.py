@@ -27,17 +27,25 @@ def test_metrics_of_known_ranks() -> None:
     assert m["mrr"] == pytest.approx((1 + 1 / 10 + 1 / 11) / 3)
 
 
-def test_registry_meta_and_model_beat_popularity(model_dir: Path) -> None:
+def test_registry_meta_and_the_served_model_beats_its_baselines(model_dir: Path) -> None:
     [path] = models.versions(model_dir, "ranker")
     meta = json.loads((path / "meta.json").read_text())
     assert meta["feature_names"] == list(FEATURE_NAMES)
     assert meta["schema_hash"] == SCHEMA_HASH
     assert meta["created_at"]
     metrics = meta["metrics"]
-    assert metrics["ndcg_at_10"] >= 1.2 * metrics["baseline_popularity_ndcg_at_10"]
-    assert metrics["ndcg_at_10"] > metrics["baseline_category_ndcg_at_10"]
+    assert metrics["ndcg_at_10"] >= 3 * metrics["popular_ndcg_at_10"]
+    assert metrics["ndcg_at_10"] > metrics["cooccurrence_ndcg_at_10"]
+    assert metrics["ndcg_at_10"] > metrics["recent_ndcg_at_10"]
+    served = meta["evaluation"]["served"]
+    assert set(served) == {"model", "popular", "recent", "cooccurrence"}
+    assert served["model"]["ndcg_at_10"] == metrics["ndcg_at_10"]
+    # The shop repeats items, so seen items stay allowed; the table shipped with it.
+    assert meta["exclude_seen"] is False
+    assert meta["neighbours"]["items_with_neighbours"] > 100
     assert set(meta["feature_importance_gain"]) == set(FEATURE_NAMES)
     loaded = models.load(path)
+    assert loaded.neighbours is not None and len(loaded.neighbours.ids) > 100
     x = np.zeros((5, len(FEATURE_NAMES)), np.float32)
     assert loaded.predict(x).shape == (5,)
 
@@ -48,14 +56,23 @@ def test_dataset_uses_only_the_past(small_data: SyntheticData) -> None:
         small_data.catalogue,
         DatasetConfig(train_groups=200, eval_groups=100, seed=1),
     )
-    assert data.train.sizes and data.test.sizes
+    assert data.train.sizes and data.test.groups
     x = data.train.matrix()
     since_last = x[:, FEATURE_NAMES.index("u_secs_since_last_event")]
     # Point-in-time: the labelled event itself is not yet in the state, so the
     # user's last event is strictly earlier (the log has no same-ms pairs per user).
     assert np.nanmin(since_last) > 0
     assert data.train.label_vector().max() <= 4
-    assert sum(data.test.sizes) == len(data.test.label_vector())
+    # Every training group is one the sources found: the labelled item leads it.
+    starts = np.cumsum([0, *data.train.sizes[:-1]])
+    assert (data.train.label_vector()[starts] > 0).all()
+    assert (
+        len(data.train.sizes) + data.train.skipped_not_retrieved + (data.train.skipped_unknown_user)
+        == data.train.sampled
+    )
+    # The split is by event count: the last 20% of events are held out.
+    assert data.split.n_train == pytest.approx(0.8 * len(small_data.events), abs=5)
+    assert all(len(g.candidates) == len(g.matrix) for g in data.test.groups)
 
 
 def test_training_is_deterministic_for_a_seed(small_data: SyntheticData) -> None:
@@ -149,3 +166,24 @@ async def test_a_new_model_name_falls_back_to_its_newest_good_version(
     )
     loaded = registry.get("other")
     assert loaded is not None and loaded.version == "20200101T000000000"
+
+
+@pytest.mark.asyncio
+async def test_a_version_with_a_broken_neighbour_table_is_refused_and_the_old_serves(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(model_dir, root)
+    [good] = models.versions(root, "ranker")
+    bad = root / "ranker" / "99990101T000000000"
+    shutil.copytree(good, bad)
+    (bad / "neighbours" / "meta.json").write_text('{"format": 2, "kinds": 5}')
+    registry = models.ModelRegistry(root, "ranker")
+    registry.load_now()  # at start: the newest good version
+    assert registry.current is not None and registry.current.version == good.name
+    newer = root / "ranker" / "99990102T000000000"
+    shutil.copytree(bad, newer)
+    [outcome] = await registry.reload()  # while serving: refused, remembered
+    assert (outcome.status, outcome.version) == ("refused", good.name)
+    assert outcome.reason is not None and "neighbours/" in outcome.reason
+    assert registry.current.version == good.name
