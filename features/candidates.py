@@ -8,11 +8,12 @@ source that proposed it), drops banned items and caps the set.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-from features import covisit
+from features import arrays, covisit
 from features.neighbours import Affinity, Bound, affinity
 from features.popularity import PopularityIndex
 from features.state import ItemTable, UserState
@@ -106,17 +107,23 @@ class Retrieval:
     banned: np.ndarray
     learned: Bound | None = None
 
-    def rank_of(self, source: int, candidates: np.ndarray) -> np.ndarray:
-        """Each candidate's rank in a source's list (NaN where it is not in it)."""
-        out = np.full(len(candidates), np.nan)
-        ranked = self.lists.get(source)
-        if ranked is None or not len(ranked.items) or not len(candidates):
+    def ranks(self, candidates: np.ndarray, sources: tuple[int, ...]) -> np.ndarray:
+        """(len(candidates), len(sources)): each candidate's rank in each source's
+        list, NaN where it is not in it. One sort of the candidates and one search
+        of all lists together (an item listed twice by a source keeps its best)."""
+        out = np.full((len(candidates), len(sources)), np.nan)
+        present = [(j, self.lists[s]) for j, s in enumerate(sources) if s in self.lists]
+        if not len(candidates) or not present:
             return out
-        order = np.argsort(ranked.items, kind="stable")
-        items = ranked.items[order]
-        pos = np.searchsorted(items, candidates).clip(0, len(items) - 1)
-        hit = items[pos] == candidates
-        out[hit] = ranked.rank[order][pos[hit]]
+        items = np.concatenate([r.items for _, r in present])
+        rank = np.concatenate([r.rank for _, r in present])
+        column = np.repeat([j for j, _ in present], [len(r.items) for _, r in present])
+        order = np.argsort(candidates, kind="stable")
+        ordered = candidates[order]
+        pos = np.searchsorted(ordered, items)
+        np.minimum(pos, len(ordered) - 1, out=pos)
+        hit = np.flatnonzero(ordered[pos] == items)[::-1]  # the last write wins
+        out[order[pos[hit]], column[hit]] = rank[hit]
         return out
 
 
@@ -172,6 +179,10 @@ def retrieve(
     use = config.sources
     recent, recent_ts = recent_rows(user, table)
     known = recent[recent >= 0]
+    ban = banned(user, table, exclude, recent, config)
+    # No source list goes deeper than the cap plus the bans: nothing below can be
+    # proposed, and rank features read "not in the list" (NaN) beyond it.
+    depth = config.cap + len(ban)
     lists: dict[int, Ranked] = {}
     if "recent" in use:
         lists[SOURCE_RECENT] = Ranked.of(known[: config.recent])
@@ -180,12 +191,13 @@ def retrieve(
     scores = affinity(learned, recent) if learned is not None and len(known) else None
     if scores is not None:
         if "collaborative" in use:
-            best = scores.ranked("collaborative", COLLABORATIVE_WINDOW)
+            best = scores.ranked("collaborative", COLLABORATIVE_WINDOW, depth)
             lists[SOURCE_COLLABORATIVE] = Ranked.of(best)
         if "related" in use:
-            lists[SOURCE_RELATED] = Ranked.of(scores.ranked("related", RELATED_WINDOW))
+            lists[SOURCE_RELATED] = Ranked.of(scores.ranked("related", RELATED_WINDOW, depth))
     if "covisit" in use and config.covisit and len(known):
-        lists[SOURCE_COVISIT] = Ranked.of(covisit.aggregate(table, known[:COVISIT_RECENT], now)[0])
+        found = covisit.aggregate(table, known[:COVISIT_RECENT], now)[0]
+        lists[SOURCE_COVISIT] = Ranked.of(found[:depth])
     if "category" in use:
         parts = [
             popularity.for_category(c) for c in top_categories(user, table, config.top_categories)
@@ -197,10 +209,9 @@ def retrieve(
                 np.concatenate([np.arange(len(p), dtype=np.float64) for p in parts]),
             )
     if "popular" in use:
-        lists[SOURCE_POPULAR] = Ranked.of(popularity.top)
+        lists[SOURCE_POPULAR] = Ranked.of(popularity.top[:depth])
     if "popular_month" in use:
-        lists[SOURCE_POPULAR_MONTH] = Ranked.of(popularity.month_top)
-    ban = banned(user, table, exclude, recent, config)
+        lists[SOURCE_POPULAR_MONTH] = Ranked.of(popularity.month_top[:depth])
     return Retrieval(recent, recent_ts, lists, scores, ban, learned)
 
 
@@ -226,41 +237,39 @@ def quota(config: CandidateConfig, source: int) -> int:
     return int(getattr(config, name)) if name is not None else 1 << 30
 
 
+@functools.lru_cache(maxsize=64)
+def _quotas(config: CandidateConfig) -> np.ndarray:
+    """Every source's quota as an array (one per configuration, cached)."""
+    out = np.asarray([quota(config, s) for s in range(len(SOURCES))], dtype=np.int64)
+    out.flags.writeable = False
+    return out
+
+
 def assemble(retrieval: Retrieval, config: CandidateConfig) -> Candidates:
     """Each source's best allowed items in SOURCES order, up to its quota (a quota
     counts items that may be proposed); deduplicated and capped."""
-    parts: list[np.ndarray] = []
-    sources: list[int] = []
-    banned = retrieval.banned
-    for source in range(len(SOURCES)):
-        ranked = retrieval.lists.get(source)
-        if ranked is None:
-            continue
-        items = ranked.items
-        if len(banned) and len(items):
-            items = items[~np.isin(items, banned)]
-        parts.append(items[: quota(config, source)])
-        sources.append(source)
-    return _assemble(parts, sources, banned[:0], config.cap)
-
-
-def _assemble(
-    parts: list[np.ndarray], sources: list[int], banned: np.ndarray, cap: int
-) -> Candidates:
-    if not parts:
+    present = [s for s in range(len(SOURCES)) if s in retrieval.lists]
+    if not present:
         return Candidates(np.zeros(0, np.int64), np.zeros(0, np.int8))
-    idx = np.concatenate(parts).astype(np.int64, copy=False)
-    src = np.concatenate(
-        [np.full(len(p), s, dtype=np.int8) for p, s in zip(parts, sources, strict=True)]
-    )
-    # Keep each item once, from the first source that proposed it.
-    _, first = np.unique(idx, return_index=True)
-    keep = np.sort(first)
-    idx, src = idx[keep], src[keep]
-    if len(banned):
-        allowed = ~np.isin(idx, banned)
-        idx, src = idx[allowed], src[allowed]
-    return Candidates(idx[:cap], src[:cap])
+    lists = [retrieval.lists[s].items for s in present]
+    items = np.concatenate(lists).astype(np.int64, copy=False)
+    source = np.repeat(np.asarray(present, dtype=np.int8), [len(x) for x in lists])
+    if len(retrieval.banned) and len(items):
+        allowed = ~np.isin(items, retrieval.banned)
+        items, source = items[allowed], source[allowed]
+    # Position of each allowed item within its source's list, against the quota.
+    counts = np.bincount(source, minlength=len(SOURCES))
+    starts = np.cumsum(counts) - counts
+    position = np.arange(len(items)) - starts[source]
+    quotas = _quotas(config)
+    keep = position < quotas[source]
+    return _dedupe(items[keep], source[keep], config.cap)
+
+
+def _dedupe(idx: np.ndarray, src: np.ndarray, cap: int) -> Candidates:
+    """Each item once, from the first source that proposed it; capped."""
+    keep = arrays.first_positions(idx)[:cap]
+    return Candidates(idx[keep], src[keep])
 
 
 def from_sources(
@@ -281,4 +290,6 @@ def from_request(
 ) -> Candidates:
     """The caller's own candidate list (known items only), minus the banned ones."""
     idx = ids_to_index(table, item_ids)
-    return _assemble([idx], [SOURCE_REQUEST], retrieval.banned, cap)
+    if len(retrieval.banned) and len(idx):
+        idx = idx[~np.isin(idx, retrieval.banned)]
+    return _dedupe(idx, np.full(len(idx), SOURCE_REQUEST, dtype=np.int8), cap)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from features import arrays
 from features.events import COVISIT_HALF_LIFE, COVISIT_NEIGHBOURS
 from features.state import COL_NBR, COL_NBR_REF, COL_NBR_SCORE, ItemTable
 
@@ -28,7 +29,7 @@ def aggregate(table: ItemTable, items: np.ndarray, now: float) -> tuple[np.ndarr
     flat_idx, flat_scores = idx.ravel()[keep], scores.ravel()[keep]
     if not len(flat_idx):
         return flat_idx, flat_scores
-    unique, inverse = np.unique(flat_idx, return_inverse=True)
+    unique, inverse = arrays.group(flat_idx, table.n)
     totals = np.bincount(inverse, weights=flat_scores)
     order = np.argsort(-totals, kind="stable")
     return unique[order], totals[order]
@@ -38,8 +39,25 @@ def scores_for(
     table: ItemTable, items: np.ndarray, candidates: np.ndarray, now: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each candidate, its summed co-visit counts with all of ``items`` and with
-    the first of them (the user's newest), from one comparison matrix."""
+    the first of them (the user's newest): one sort of the candidates, one search
+    of all neighbour slots, two bincounts (repeated candidates get the same sums)."""
+    n = len(candidates)
     idx, scores = neighbours(table, items, now)
-    match = candidates[:, None] == idx.ravel()[None, :]
-    first = idx.shape[1]
-    return np.asarray(match @ scores.ravel()), np.asarray(match[:, :first] @ scores[0])
+    if not n or not idx.size:
+        return np.zeros(n), np.zeros(n)
+    order = np.argsort(candidates, kind="stable")
+    ordered = candidates[order]
+    flat = idx.ravel()
+    pos = np.searchsorted(ordered, flat)
+    np.minimum(pos, n - 1, out=pos)
+    hit = (ordered[pos] == flat) & (flat >= 0)
+    newest = hit.copy()
+    newest[idx.shape[1] :] = False
+    weights = scores.ravel()
+    # Sums per position of the sorted candidates (the first of a run of equals),
+    # then read by every member of the run, back in the candidates' order.
+    run = np.searchsorted(ordered, ordered)
+    out_all, out_last = np.empty(n), np.empty(n)
+    out_all[order] = np.bincount(pos[hit], weights=weights[hit], minlength=n)[run]
+    out_last[order] = np.bincount(pos[newest], weights=weights[newest], minlength=n)[run]
+    return out_all, out_last

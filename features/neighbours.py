@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from features import arrays
 from features.state import ItemTable
 
 KINDS: tuple[str, ...] = ("related", "collaborative")
@@ -115,7 +116,9 @@ class NeighbourTable:
             raise ValueError(f"{directory}: neighbour rows outside the vocabulary")
         if not (np.isfinite(score).all() and np.isfinite(users).all()):
             raise ValueError(f"{directory}: neighbour scores or user counts are not finite")
-        table = cls(ids, indptr, nbr, score, users, tuple(kinds_raw), info)
+        # Plain read-only arrays over the maps: np.memmap's indexing costs tens of
+        # microseconds a request in subclass bookkeeping.
+        table = cls(ids, indptr, np.asarray(nbr), np.asarray(score), users, tuple(kinds_raw), info)
         if len(table.index) != len(ids):
             raise ValueError(f"{directory}: the neighbour vocabulary repeats ids")
         return table
@@ -183,20 +186,28 @@ class Affinity:
     def column(self, kind: str, window: int) -> int:
         return self.kinds.index(kind) * len(WINDOWS) + WINDOWS.index(window)
 
-    def ranked(self, kind: str, window: int) -> np.ndarray:
-        """Items with a positive score of (kind, window), best first (ties: lower row)."""
+    def ranked(self, kind: str, window: int, limit: int | None = None) -> np.ndarray:
+        """Items with a positive score of (kind, window), best first (ties: lower
+        row), at most ``limit`` of them."""
         if kind not in self.kinds:
             return self.items[:0]
         v = self.values[:, self.column(kind, window)]
         keep = np.flatnonzero(v > 0)
-        return self.items[keep[np.argsort(-v[keep], kind="stable")]]
+        if limit is not None and limit <= 0:
+            return self.items[:0]
+        if limit is not None and len(keep) > limit:
+            # Only the best ``limit`` (and everything tied with the last) are sorted.
+            floor = np.partition(v[keep], len(keep) - limit)[len(keep) - limit]
+            keep = keep[v[keep] >= floor]
+        return self.items[keep[np.argsort(-v[keep], kind="stable")]][:limit]
 
     def lookup(self, candidates: np.ndarray) -> np.ndarray:
         """(len(candidates), columns): each candidate's scores, 0 where not listed."""
         out = np.zeros((len(candidates), self.values.shape[1]))
         if not len(self.items) or not len(candidates):
             return out
-        pos = np.searchsorted(self.items, candidates).clip(0, len(self.items) - 1)
+        pos = np.searchsorted(self.items, candidates)
+        np.minimum(pos, len(self.items) - 1, out=pos)
         hit = self.items[pos] == candidates
         out[hit] = self.values[pos[hit]]
         return out
@@ -215,25 +226,30 @@ def affinity(bound: Bound, recent: np.ndarray) -> Affinity:
     n_cols = len(nt.kinds) * len(WINDOWS)
     if not len(vocab):
         return Affinity(np.zeros(0, np.int64), np.zeros((0, n_cols)), nt.kinds)
-    # The neighbour slices of these items, gathered without a loop.
+    # The neighbour slices of these items, gathered without a loop; entries stay
+    # in the order of their owner's position, newest first.
     starts, ends = nt.indptr[vocab], nt.indptr[vocab + 1]
     lengths = ends - starts
     total = int(lengths.sum())
     flat = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
-    nbr = np.asarray(nt.nbr[flat], dtype=np.int64)
-    score = np.asarray(nt.score[flat], dtype=np.float64)
     owner = np.repeat(pos, lengths)
-    rows = b.row_of[nbr]
-    valid = (rows >= 0) & (rows < b.table_n)
-    rows, score, owner = rows[valid], score[valid], owner[valid]
+    rows = b.row_of[nt.nbr[flat]]
+    valid = rows >= 0
+    if not valid.all():
+        flat, rows, owner = flat[valid], rows[valid], owner[valid]
     if not len(rows):
         return Affinity(np.zeros(0, np.int64), np.zeros((0, n_cols)), nt.kinds)
-    # One weight per (entry, window): 1/(rank+1) inside the window, else 0.
-    weights = np.where(
-        owner[:, None] < np.asarray(WINDOWS)[None, :], 1.0 / (owner[:, None] + 1.0), 0.0
-    )
-    contrib = (score[:, :, None] * weights[:, None, :]).reshape(len(rows), n_cols)
-    order = np.argsort(rows, kind="stable")
-    rows, contrib = rows[order], contrib[order]
-    starts = np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]]))
-    return Affinity(rows[starts], np.add.reduceat(contrib, starts, axis=0), nt.kinds)
+    # Group by item: one sort, each entry's group number, then per (kind, window)
+    # one bincount over the entries of the window, which are a prefix.
+    items, group = arrays.group(rows, b.table_n)
+    ends_at = np.searchsorted(owner, WINDOWS).tolist()
+    weight = 1.0 / (owner + 1.0)
+    score = nt.score[flat]
+    values = np.empty((len(items), n_cols))
+    for k in range(len(nt.kinds)):
+        weighted = score[:, k] * weight
+        for w, end in enumerate(ends_at):
+            values[:, k * len(WINDOWS) + w] = np.bincount(
+                group[:end], weights=weighted[:end], minlength=len(items)
+            )
+    return Affinity(items, values, nt.kinds)

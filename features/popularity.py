@@ -32,6 +32,14 @@ def decay_rows(raw: np.ndarray, now: float) -> np.ndarray:
     return np.asarray(counts * factors[:, None, :])
 
 
+def decay_column(raw: np.ndarray, now: float, half_life_index: int) -> np.ndarray:
+    """``decay_rows(raw, now)[:, :, half_life_index]`` without decaying the rest."""
+    dt = np.maximum(now - raw[:, COL_REF], 0.0)
+    factor = np.exp2(-dt / HALF_LIVES[half_life_index])
+    start = COL_COUNTS + half_life_index
+    return np.asarray(raw[:, start:COL_NBR_REF:N_HALF_LIVES] * factor[:, None])
+
+
 def popularity_scores(
     table: ItemTable, now: float, half_life_index: int = POPULARITY_HALF_LIFE_INDEX
 ) -> np.ndarray:

@@ -38,7 +38,12 @@ from features.events import (
     N_HALF_LIVES,
 )
 from features.neighbours import KINDS, WINDOWS
-from features.popularity import MONTH_HALF_LIFE_INDEX, POPULARITY_WEIGHTS, decay_rows
+from features.popularity import (
+    MONTH_HALF_LIFE_INDEX,
+    POPULARITY_WEIGHTS,
+    decay_column,
+    decay_rows,
+)
 from features.state import COL_CATEGORY, COL_FIRST_SEEN, COL_PRICE, ItemTable, UserState
 
 SCHEMA_VERSION = 3
@@ -185,7 +190,7 @@ def _user_item(x: FeatureInput) -> np.ndarray:
             first_seen = first_seen[first_seen > 0]
             cand_first = rows[:, COL_FIRST_SEEN]
             if len(first_seen):
-                age_gap = np.where(cand_first > 0, cand_first - np.median(first_seen), np.nan)
+                age_gap = np.where(cand_first > 0, cand_first - _median(first_seen), np.nan)
             popularity_gap = _month_popularity(rows, x.now) - float(
                 np.mean(_month_popularity(own, x.now))
             )
@@ -204,9 +209,16 @@ def _user_item(x: FeatureInput) -> np.ndarray:
     )
 
 
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of a short non-empty array, without its generic machinery."""
+    ordered = np.sort(values)
+    mid = len(ordered) // 2
+    return float(ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2)
+
+
 def _month_popularity(rows: np.ndarray, now: float) -> np.ndarray:
     """log(1 + popularity at the month's half-life) of item rows."""
-    counts = decay_rows(rows, now)[:, :, MONTH_HALF_LIFE_INDEX]
+    counts = decay_column(rows, now, MONTH_HALF_LIFE_INDEX)
     return np.asarray(np.log1p(counts @ POPULARITY_WEIGHTS))
 
 
@@ -253,12 +265,9 @@ def _retrieval(x: FeatureInput) -> np.ndarray:
                 out[:, k * len(WINDOWS) : (k + 1) * len(WINDOWS)] = scores[
                     :, col : col + len(WINDOWS)
                 ]
-    proposing = np.zeros(n)
-    for source in _PROPOSING:
-        rank = r.rank_of(source, x.candidates)
-        proposing += ~np.isnan(rank)
-        if source in RANKED_SOURCES:
-            out[:, width + RANKED_SOURCES.index(source)] = rank
+    ranks = r.ranks(x.candidates, _PROPOSING)
+    out[:, width : width + len(RANKED_SOURCES)] = ranks[:, len(_PROPOSING) - len(RANKED_SOURCES) :]
+    proposing = (~np.isnan(ranks)).sum(axis=1)
     out[:, -2] = proposing
     return out
 

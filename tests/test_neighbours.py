@@ -8,8 +8,16 @@ from typing import Any
 import numpy as np
 import pytest
 
+from features.candidates import (
+    SOURCE_COVISIT,
+    SOURCE_POPULAR,
+    SOURCE_RECENT,
+    SOURCE_RELATED,
+    Ranked,
+    Retrieval,
+)
 from features.item2item import LearnConfig, learn
-from features.neighbours import Bound, NeighbourTable, affinity
+from features.neighbours import KINDS, Affinity, Bound, NeighbourTable, affinity
 from features.state import ItemTable
 
 # (ts, user, item): u0 touches a, b, c within an hour; u1 a then b; u2 a, then c
@@ -125,6 +133,67 @@ def test_affinity_sums_neighbour_scores_by_recency_rank() -> None:
     assert scores.lookup(np.asarray([table.index["unknown"]])).sum() == 0.0
 
 
+def _random_table(rng: np.random.Generator, n_vocab: int) -> NeighbourTable:
+    lengths = rng.integers(0, 12, n_vocab)
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    nbr = np.concatenate([rng.choice(n_vocab, size=k, replace=False) for k in lengths]).astype(
+        np.int32
+    )
+    score = rng.random((len(nbr), 2)).astype(np.float32)
+    ids = [f"v{v}" for v in range(n_vocab)]
+    return NeighbourTable(ids, indptr, nbr, score, np.ones(n_vocab, np.float32))
+
+
+def test_affinity_equals_a_plain_loop_over_the_recent_items() -> None:
+    rng = np.random.default_rng(5)
+    nt = _random_table(rng, 60)
+    table = ItemTable()
+    for item in rng.permutation([*nt.ids[:50], *(f"new{k}" for k in range(10))]).tolist():
+        table.ensure_item(str(item))  # 10 of the vocabulary are not in the table
+    bound = Bound(nt, nt.bind(table))
+    for _ in range(30):
+        recent = rng.choice(np.arange(-1, table.n), size=int(rng.integers(1, 40)))
+        expected: dict[int, np.ndarray] = {}
+        for position, row in enumerate(recent.tolist()[:20]):
+            v = nt.index.get(table.ids[row], -1) if row >= 0 else -1
+            if v < 0:
+                continue
+            for e in range(int(nt.indptr[v]), int(nt.indptr[v + 1])):
+                to = table.index.get(nt.ids[int(nt.nbr[e])])
+                if to is None:
+                    continue
+                acc = expected.setdefault(to, np.zeros(6))
+                for k in range(2):
+                    for w, window in enumerate((1, 5, 20)):
+                        if position < window:
+                            acc[k * 3 + w] += float(nt.score[e, k]) / (position + 1)
+        got = affinity(bound, recent)
+        assert got.items.tolist() == sorted(expected)
+        if expected:
+            want = np.asarray([expected[i] for i in sorted(expected)])
+            np.testing.assert_allclose(got.values, want, rtol=1e-12)
+
+
+def test_ranks_read_each_source_list_like_a_dictionary() -> None:
+    rng = np.random.default_rng(6)
+    lists = {
+        s: Ranked(rng.choice(300, size=int(rng.integers(0, 80)), replace=False), rng.random(80))
+        for s in (SOURCE_RECENT, SOURCE_COVISIT, SOURCE_POPULAR)
+    }
+    lists = {s: Ranked(r.items, r.rank[: len(r.items)]) for s, r in lists.items()}
+    found = Retrieval(np.zeros(0, np.int64), np.zeros(0), lists, None, np.zeros(0, np.int64))
+    candidates = rng.choice(300, size=120, replace=False)
+    sources = (SOURCE_POPULAR, SOURCE_RELATED, SOURCE_RECENT, SOURCE_COVISIT)
+    got = found.ranks(candidates, sources)
+    for j, source in enumerate(sources):
+        listed = lists.get(source)
+        where: dict[int, float] = {}
+        if listed is not None:
+            where = dict(zip(listed.items.tolist(), listed.rank.tolist(), strict=True))
+        want = [where.get(c, np.nan) for c in candidates.tolist()]
+        np.testing.assert_array_equal(got[:, j], want)
+
+
 @pytest.mark.parametrize(
     ("tamper", "reason"),
     [
@@ -146,3 +215,14 @@ def test_a_tampered_table_is_refused_with_a_reason(
     tamper(tmp_path / "nb")
     with pytest.raises((ValueError, OSError), match=reason):
         NeighbourTable.load(tmp_path / "nb")
+
+
+@pytest.mark.parametrize("limit", [0, 1, 7, 40, 500])
+def test_a_limited_ranking_is_the_head_of_the_full_one(limit: int) -> None:
+    rng = np.random.default_rng(limit)
+    values = rng.integers(0, 6, (300, 6)).astype(np.float64)  # many ties, some zeros
+    scores = Affinity(np.arange(300) * 3, values, KINDS)
+    for kind in KINDS:
+        for window in (1, 5, 20):
+            full = scores.ranked(kind, window)
+            np.testing.assert_array_equal(scores.ranked(kind, window, limit), full[:limit])

@@ -6,9 +6,19 @@ import math
 
 import numpy as np
 
-from features.events import EventType
+from features import covisit
+from features.events import COVISIT_NEIGHBOURS, HALF_LIVES, EventType
+from features.popularity import decay_column, decay_rows
 from features.schema import DEVICES, FEATURE_NAMES, PAGES, Context, build_matrix
-from features.state import ItemTable, UserState, apply_user_event
+from features.state import (
+    COL_NBR,
+    COL_NBR_REF,
+    COL_NBR_SCORE,
+    COL_REF,
+    ItemTable,
+    UserState,
+    apply_user_event,
+)
 
 T0 = 1_790_000_000.0
 
@@ -72,3 +82,36 @@ def test_user_without_history_has_missing_not_zero_features() -> None:
     for name in ("u_secs_since_last_event", "u_mean_price", "ui_covisit", "ui_recent_position"):
         assert np.isnan(m[:, FEATURE_NAMES.index(name)]).all(), name
     assert not math.isnan(m[0, FEATURE_NAMES.index("i_price")])
+
+
+def test_covisit_sums_equal_the_comparison_matrix_with_repeated_candidates() -> None:
+    rng = np.random.default_rng(3)
+    table = ItemTable()
+    for k in range(40):
+        table.upsert_item(f"i{k}", "c1", 10.0)
+    # Random co-visitation slots (1-based item rows, 0 = empty) and counts.
+    table.raw[:, COL_NBR : COL_NBR + COVISIT_NEIGHBOURS] = rng.integers(
+        0, 41, (40, COVISIT_NEIGHBOURS)
+    )
+    table.raw[:, COL_NBR_SCORE : COL_NBR_SCORE + COVISIT_NEIGHBOURS] = rng.random(
+        (40, COVISIT_NEIGHBOURS)
+    )
+    table.raw[:, COL_NBR_REF] = T0 - rng.random(40) * 86_400
+    items = rng.choice(40, 6, replace=False)
+    candidates = rng.integers(0, 40, 80)  # repeats on purpose
+    idx, scores = covisit.neighbours(table, items, T0)
+    match = candidates[:, None] == idx.ravel()[None, :]
+    want_all = match @ scores.ravel()
+    want_last = match[:, : idx.shape[1]] @ scores[0]
+    got_all, got_last = covisit.scores_for(table, items, candidates, T0)
+    np.testing.assert_allclose(got_all, want_all, rtol=1e-12)
+    np.testing.assert_allclose(got_last, want_last, rtol=1e-12)
+    assert (got_all > 0).sum() > 10  # the random slots do hit candidates
+
+
+def test_one_decayed_column_equals_the_full_decay() -> None:
+    rng = np.random.default_rng(4)
+    raw = rng.random((30, COL_NBR_REF + 5)) * 100
+    raw[:, COL_REF] = T0 - rng.random(30) * 1e7
+    for h in range(len(HALF_LIVES)):
+        np.testing.assert_array_equal(decay_column(raw, T0, h), decay_rows(raw, T0)[:, :, h])

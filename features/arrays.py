@@ -1,0 +1,44 @@
+"""Small integer-array primitives for the request path.
+
+``np.unique`` costs several times a stable sort on the few thousand ids a
+request handles (NumPy 2.x chooses a slower general path); these do the same
+with one stable ``argsort``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# A dense pass over ``size`` slots beats sorting ``len(keys)`` keys while size is
+# within this factor of the number of keys (measured on 1,800 keys: 3 vs 22 us).
+DENSE_FACTOR = 32
+
+
+def group(keys: np.ndarray, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_inverse=True)``: the sorted distinct keys and each
+    key's position among them. With ``size`` (keys non-negative, mostly below
+    ``size``) and few slots per key, a dense count replaces the sort."""
+    if size is not None and size <= DENSE_FACTOR * len(keys):
+        counts = np.bincount(keys, minlength=size)  # longer if a key is >= size
+        distinct = np.flatnonzero(counts)
+        slot = np.empty(len(counts), dtype=np.int64)
+        slot[distinct] = np.arange(len(distinct))
+        return distinct, slot[keys]
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    first = np.empty(len(ordered), dtype=bool)
+    first[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    inverse = np.empty(len(keys), dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    return ordered[first], inverse
+
+
+def first_positions(keys: np.ndarray) -> np.ndarray:
+    """Positions of each key's first occurrence, in order of position."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    first = np.empty(len(ordered), dtype=bool)
+    first[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    return np.sort(order[first])
