@@ -16,8 +16,9 @@ DENSE_FACTOR = 32
 
 def group(keys: np.ndarray, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(keys, return_inverse=True)``: the sorted distinct keys and each
-    key's position among them. With ``size`` (keys non-negative, mostly below
-    ``size``) and few slots per key, a dense count replaces the sort."""
+    key's position among them. With ``size`` and few slots per key, a dense count
+    replaces the sort: then every key must be non-negative (and is best below
+    ``size``); without ``size`` any integers do."""
     if size is not None and size <= DENSE_FACTOR * len(keys):
         counts = np.bincount(keys, minlength=size)  # longer if a key is >= size
         distinct = np.flatnonzero(counts)

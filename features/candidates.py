@@ -48,6 +48,8 @@ RELATED_WINDOW = 20
 COLLABORATIVE_WINDOW = 20
 # Co-visitation (live) reads the neighbours of the user's newest items only.
 COVISIT_RECENT = 20
+# Rank features see each source's list to this depth; deeper is "not listed".
+RANK_DEPTH = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,21 +111,30 @@ class Retrieval:
 
     def ranks(self, candidates: np.ndarray, sources: tuple[int, ...]) -> np.ndarray:
         """(len(candidates), len(sources)): each candidate's rank in each source's
-        list, NaN where it is not in it. One sort of the candidates and one search
-        of all lists together (an item listed twice by a source keeps its best)."""
-        out = np.full((len(candidates), len(sources)), np.nan)
+        list down to RANK_DEPTH, NaN where it is not there. One sort of the
+        candidates and one search of all lists together; repeated candidates get
+        the same ranks, an item listed twice by a source keeps its best."""
+        n = len(candidates)
+        out = np.full((n, len(sources)), np.nan)
         present = [(j, self.lists[s]) for j, s in enumerate(sources) if s in self.lists]
-        if not len(candidates) or not present:
+        if not n or not present:
             return out
-        items = np.concatenate([r.items for _, r in present])
-        rank = np.concatenate([r.rank for _, r in present])
-        column = np.repeat([j for j, _ in present], [len(r.items) for _, r in present])
+        items = np.concatenate([r.items[:RANK_DEPTH] for _, r in present])
+        rank = np.concatenate([r.rank[:RANK_DEPTH] for _, r in present])
+        column = np.repeat(
+            [j for j, _ in present], [min(len(r.items), RANK_DEPTH) for _, r in present]
+        )
         order = np.argsort(candidates, kind="stable")
         ordered = candidates[order]
         pos = np.searchsorted(ordered, items)
-        np.minimum(pos, len(ordered) - 1, out=pos)
-        hit = np.flatnonzero(ordered[pos] == items)[::-1]  # the last write wins
-        out[order[pos[hit]], column[hit]] = rank[hit]
+        np.minimum(pos, n - 1, out=pos)
+        hit = np.flatnonzero(ordered[pos] == items)
+        # Best rank per (sorted position, source), then spread over each run of
+        # equal candidates and put back in the candidates' order.
+        best = np.full((n, len(sources)), np.inf)
+        np.minimum.at(best, (pos[hit], column[hit]), rank[hit])
+        best[np.isinf(best)] = np.nan
+        out[order] = best[np.searchsorted(ordered, ordered)]
         return out
 
 
@@ -180,9 +191,10 @@ def retrieve(
     recent, recent_ts = recent_rows(user, table)
     known = recent[recent >= 0]
     ban = banned(user, table, exclude, recent, config)
-    # No source list goes deeper than the cap plus the bans: nothing below can be
-    # proposed, and rank features read "not in the list" (NaN) beyond it.
-    depth = config.cap + len(ban)
+    # No source list goes deeper than the cap plus the bans (nothing below can be
+    # proposed) or RANK_DEPTH (rank features read only that far, whatever the
+    # request's cap and exclusions, so offline and online agree).
+    depth = max(RANK_DEPTH, config.cap + len(ban))
     lists: dict[int, Ranked] = {}
     if "recent" in use:
         lists[SOURCE_RECENT] = Ranked.of(known[: config.recent])

@@ -9,16 +9,24 @@ import numpy as np
 import pytest
 
 from features.candidates import (
+    RANK_DEPTH,
     SOURCE_COVISIT,
     SOURCE_POPULAR,
     SOURCE_RECENT,
     SOURCE_RELATED,
+    CandidateConfig,
     Ranked,
     Retrieval,
+    retrieve,
 )
+from features.events import EventType
 from features.item2item import LearnConfig, learn
 from features.neighbours import KINDS, Affinity, Bound, NeighbourTable, affinity
-from features.state import ItemTable
+from features.popularity import PopularityIndex
+from features.schema import FEATURE_NAMES, build_matrix
+from features.state import COL_COUNTS, COL_REF, ItemTable, UserState, apply_user_event
+
+T0 = 1_790_000_000.0
 
 # (ts, user, item): u0 touches a, b, c within an hour; u1 a then b; u2 a, then c
 # two hours later (not a session); u3 only d.
@@ -176,22 +184,43 @@ def test_affinity_equals_a_plain_loop_over_the_recent_items() -> None:
 
 def test_ranks_read_each_source_list_like_a_dictionary() -> None:
     rng = np.random.default_rng(6)
-    lists = {
-        s: Ranked(rng.choice(300, size=int(rng.integers(0, 80)), replace=False), rng.random(80))
-        for s in (SOURCE_RECENT, SOURCE_COVISIT, SOURCE_POPULAR)
-    }
-    lists = {s: Ranked(r.items, r.rank[: len(r.items)]) for s, r in lists.items()}
+    lengths = {SOURCE_RECENT: 60, SOURCE_COVISIT: 0, SOURCE_POPULAR: RANK_DEPTH + 60}
+    lists = {s: Ranked.of(rng.choice(400, size=k, replace=False)) for s, k in lengths.items()}
     found = Retrieval(np.zeros(0, np.int64), np.zeros(0), lists, None, np.zeros(0, np.int64))
-    candidates = rng.choice(300, size=120, replace=False)
+    candidates = rng.integers(0, 400, 150)  # repeats on purpose
     sources = (SOURCE_POPULAR, SOURCE_RELATED, SOURCE_RECENT, SOURCE_COVISIT)
     got = found.ranks(candidates, sources)
     for j, source in enumerate(sources):
         listed = lists.get(source)
         where: dict[int, float] = {}
-        if listed is not None:
+        if listed is not None:  # read down to RANK_DEPTH only
             where = dict(zip(listed.items.tolist(), listed.rank.tolist(), strict=True))
+            where = {item: rank for item, rank in where.items() if rank < RANK_DEPTH}
         want = [where.get(c, np.nan) for c in candidates.tolist()]
         np.testing.assert_array_equal(got[:, j], want)
+    assert np.isnan(got[:, 0]).sum() < len(candidates)  # the deep list was read
+
+
+def test_rank_features_do_not_depend_on_the_request_s_cap_or_exclusions() -> None:
+    table = ItemTable()
+    for k in range(300):
+        table.upsert_item(f"i{k}", "c", 1.0)
+    table.raw[:, COL_COUNTS : COL_COUNTS + 4] = np.arange(300, 0, -1)[:, None]
+    table.raw[:, COL_REF] = T0
+    popularity = PopularityIndex.build(table, T0)
+    user = UserState()
+    apply_user_event(user, EventType.VIEW, T0, "i0", "c", 1.0)
+    columns = [FEATURE_NAMES.index(f) for f in ("src_popular_rank", "src_proposed_by")]
+    candidates = np.asarray([12, 150, 199, 250])
+    seen = set()
+    for cap, exclude in [(200, []), (5, []), (5, [1] * 8), (400, [3]), (1, [1, 2])]:
+        config = CandidateConfig(cap=cap)
+        found = retrieve(user, table, popularity, config, np.asarray(exclude, np.int64), T0)
+        matrix = build_matrix(user, table, candidates, T0, dtype=np.float64, retrieval=found)
+        seen.add(matrix[:, columns].tobytes())
+    assert len(seen) == 1
+    assert matrix[:, columns[0]].tolist()[:3] == [12.0, 150.0, 199.0]
+    assert np.isnan(matrix[3, columns[0]])  # below RANK_DEPTH
 
 
 @pytest.mark.parametrize(
