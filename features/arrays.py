@@ -43,3 +43,21 @@ def first_positions(keys: np.ndarray) -> np.ndarray:
     first[:1] = True
     np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
     return np.sort(order[first])
+
+
+def index_of(keys: np.ndarray, queries: np.ndarray, size: int | None = None) -> np.ndarray:
+    """For each query, its position in ``keys`` (distinct values), -1 where absent.
+    With ``size`` (all values non-negative) and few slots per value, a dense map
+    replaces the sort and binary search."""
+    if not len(keys) or not len(queries):
+        return np.full(len(queries), -1, dtype=np.int64)
+    if size is not None and size <= DENSE_FACTOR * (len(keys) + len(queries)):
+        size = max(size, int(keys.max()) + 1, int(queries.max()) + 1)
+        where = np.full(size, -1, dtype=np.int64)
+        where[keys] = np.arange(len(keys))
+        return np.asarray(where[queries])
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    pos = np.searchsorted(ordered, queries)
+    np.minimum(pos, len(ordered) - 1, out=pos)
+    return np.where(ordered[pos] == queries, order[pos], -1)

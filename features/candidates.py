@@ -108,34 +108,31 @@ class Retrieval:
     affinity: Affinity | None
     banned: np.ndarray
     learned: Bound | None = None
+    # Co-visitation slots of the user's newest COVISIT_RECENT known items.
+    covisit_slots: covisit.Slots | None = None
 
-    def ranks(self, candidates: np.ndarray, sources: tuple[int, ...]) -> np.ndarray:
+    def ranks(
+        self, candidates: np.ndarray, sources: tuple[int, ...], size: int | None = None
+    ) -> np.ndarray:
         """(len(candidates), len(sources)): each candidate's rank in each source's
-        list down to RANK_DEPTH, NaN where it is not there. One sort of the
-        candidates and one search of all lists together; repeated candidates get
-        the same ranks, an item listed twice by a source keeps its best."""
+        list down to RANK_DEPTH, NaN where it is not there; repeated candidates
+        get the same ranks. Each list holds an item at most once. ``size``: the
+        item table's rows (lets small catalogues use dense maps)."""
         n = len(candidates)
-        out = np.full((n, len(sources)), np.nan)
         present = [(j, self.lists[s]) for j, s in enumerate(sources) if s in self.lists]
         if not n or not present:
-            return out
+            return np.full((n, len(sources)), np.nan)
         items = np.concatenate([r.items[:RANK_DEPTH] for _, r in present])
         rank = np.concatenate([r.rank[:RANK_DEPTH] for _, r in present])
         column = np.repeat(
             [j for j, _ in present], [min(len(r.items), RANK_DEPTH) for _, r in present]
         )
-        order = np.argsort(candidates, kind="stable")
-        ordered = candidates[order]
-        pos = np.searchsorted(ordered, items)
-        np.minimum(pos, n - 1, out=pos)
-        hit = np.flatnonzero(ordered[pos] == items)
-        # Best rank per (sorted position, source), then spread over each run of
-        # equal candidates and put back in the candidates' order.
-        best = np.full((n, len(sources)), np.inf)
-        np.minimum.at(best, (pos[hit], column[hit]), rank[hit])
-        best[np.isinf(best)] = np.nan
-        out[order] = best[np.searchsorted(ordered, ordered)]
-        return out
+        distinct, inverse = arrays.group(candidates, size)
+        at = arrays.index_of(distinct, items, size)
+        hit = at >= 0
+        table = np.full((len(distinct), len(sources)), np.nan)
+        table[at[hit], column[hit]] = rank[hit]  # each (item, source) once
+        return np.asarray(table[inverse])
 
 
 def ids_to_index(table: ItemTable, item_ids: list[str] | set[str]) -> np.ndarray:
@@ -207,8 +204,9 @@ def retrieve(
             lists[SOURCE_COLLABORATIVE] = Ranked.of(best)
         if "related" in use:
             lists[SOURCE_RELATED] = Ranked.of(scores.ranked("related", RELATED_WINDOW, depth))
-    if "covisit" in use and config.covisit and len(known):
-        found = covisit.aggregate(table, known[:COVISIT_RECENT], now)[0]
+    slots = covisit.neighbours(table, known[:COVISIT_RECENT], now) if len(known) else None
+    if "covisit" in use and config.covisit and slots is not None:
+        found = covisit.aggregate(table, known[:COVISIT_RECENT], now, slots)[0]
         lists[SOURCE_COVISIT] = Ranked.of(found[:depth])
     if "category" in use:
         parts = [
@@ -224,7 +222,7 @@ def retrieve(
         lists[SOURCE_POPULAR] = Ranked.of(popularity.top[:depth])
     if "popular_month" in use:
         lists[SOURCE_POPULAR_MONTH] = Ranked.of(popularity.month_top[:depth])
-    return Retrieval(recent, recent_ts, lists, scores, ban, learned)
+    return Retrieval(recent, recent_ts, lists, scores, ban, learned, slots)
 
 
 # The quota field of each source that has one (category: top_categories x per_category).

@@ -22,9 +22,15 @@ def neighbours(table: ItemTable, items: np.ndarray, now: float) -> tuple[np.ndar
     return idx, np.where(idx >= 0, scores, 0.0)
 
 
-def aggregate(table: ItemTable, items: np.ndarray, now: float) -> tuple[np.ndarray, np.ndarray]:
-    """Neighbours of ``items`` with their summed counts, strongest first."""
-    idx, scores = neighbours(table, items, now)
+Slots = tuple[np.ndarray, np.ndarray]
+
+
+def aggregate(
+    table: ItemTable, items: np.ndarray, now: float, slots: Slots | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbours of ``items`` with their summed counts, strongest first
+    (``slots``: ``neighbours(table, items, now)`` when already read)."""
+    idx, scores = slots if slots is not None else neighbours(table, items, now)
     keep = idx.ravel() >= 0
     flat_idx, flat_scores = idx.ravel()[keep], scores.ravel()[keep]
     if not len(flat_idx):
@@ -36,13 +42,17 @@ def aggregate(table: ItemTable, items: np.ndarray, now: float) -> tuple[np.ndarr
 
 
 def scores_for(
-    table: ItemTable, items: np.ndarray, candidates: np.ndarray, now: float
+    table: ItemTable,
+    items: np.ndarray,
+    candidates: np.ndarray,
+    now: float,
+    slots: Slots | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each candidate, its summed co-visit counts with all of ``items`` and with
     the first of them (the user's newest): one sort of the candidates, one search
     of all neighbour slots, two bincounts (repeated candidates get the same sums)."""
     n = len(candidates)
-    idx, scores = neighbours(table, items, now)
+    idx, scores = slots if slots is not None else neighbours(table, items, now)
     if not n or not idx.size:
         return np.zeros(n), np.zeros(n)
     order = np.argsort(candidates, kind="stable")

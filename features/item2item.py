@@ -38,7 +38,7 @@ class LearnConfig:
     # collaborative kind, on the ease_items most active items only, keeps more:
     # its source sums the truncated rows of twenty items.
     related: int = 100
-    collaborative: int = 200
+    collaborative: int = 100
     # EASE items, and its L2 weight (larger: closer to plain co-occurrence).
     ease_items: int = 8192
     ease_l2: float = 200.0

@@ -201,15 +201,13 @@ class Affinity:
             keep = keep[v[keep] >= floor]
         return self.items[keep[np.argsort(-v[keep], kind="stable")]][:limit]
 
-    def lookup(self, candidates: np.ndarray) -> np.ndarray:
-        """(len(candidates), columns): each candidate's scores, 0 where not listed."""
+    def lookup(self, candidates: np.ndarray, size: int | None = None) -> np.ndarray:
+        """(len(candidates), columns): each candidate's scores, 0 where not listed
+        (``size``: the item table's rows, for a dense map on small catalogues)."""
         out = np.zeros((len(candidates), self.values.shape[1]))
-        if not len(self.items) or not len(candidates):
-            return out
-        pos = np.searchsorted(self.items, candidates)
-        np.minimum(pos, len(self.items) - 1, out=pos)
-        hit = self.items[pos] == candidates
-        out[hit] = self.values[pos[hit]]
+        at = arrays.index_of(self.items, candidates, size)
+        hit = at >= 0
+        out[hit] = self.values[at[hit]]
         return out
 
 

@@ -86,6 +86,12 @@ class FeatureInput:
     rows: np.ndarray | None = None
     # What the candidate sources found (None: no source ran, e.g. a bare matrix).
     retrieval: Retrieval | None = None
+    # decay_rows(rows, now), computed once for the families that read it.
+    decayed: np.ndarray | None = None
+
+    @property
+    def decayed_rows(self) -> np.ndarray:
+        return self.decayed if self.decayed is not None else decay_rows(self.item_rows, self.now)
 
     @property
     def item_rows(self) -> np.ndarray:
@@ -131,7 +137,7 @@ def _user_activity(x: FeatureInput) -> np.ndarray:
 
 def _item_popularity(x: FeatureInput) -> np.ndarray:
     rows = x.item_rows
-    counts = decay_rows(rows, x.now)
+    counts = x.decayed_rows
     price = rows[:, COL_PRICE]
     first = rows[:, COL_FIRST_SEEN]
     cvr = _rate(counts[:, 3, _WEEK], counts[:, 0, _WEEK], CVR_PRIOR, CVR_STRENGTH)
@@ -182,7 +188,8 @@ def _user_item(x: FeatureInput) -> np.ndarray:
         since_item = np.where(hit, x.now - r_ts[first_hit], np.nan)
         known = r_idx[r_idx >= 0][:COVISIT_RECENT]
         if len(known):
-            covisit_all, covisit_last = covisit.scores_for(items, known, cand, x.now)
+            slots = x.retrieval.covisit_slots if x.retrieval is not None else None
+            covisit_all, covisit_last = covisit.scores_for(items, known, cand, x.now, slots)
             # How the candidate fits what the user has been touching: as new (first
             # seen) and as popular (this month) as their recent items, or not.
             own = items.raw[known]
@@ -191,7 +198,8 @@ def _user_item(x: FeatureInput) -> np.ndarray:
             cand_first = rows[:, COL_FIRST_SEEN]
             if len(first_seen):
                 age_gap = np.where(cand_first > 0, cand_first - _median(first_seen), np.nan)
-            popularity_gap = _month_popularity(rows, x.now) - float(
+            month = x.decayed_rows[:, :, MONTH_HALF_LIFE_INDEX]
+            popularity_gap = np.log1p(month @ POPULARITY_WEIGHTS) - float(
                 np.mean(_month_popularity(own, x.now))
             )
     return np.column_stack(
@@ -258,14 +266,14 @@ def _retrieval(x: FeatureInput) -> np.ndarray:
         out[:, -1] = np.log1p(r.learned.users_of(x.candidates))
     width = len(KINDS) * len(WINDOWS)
     if r.affinity is not None:
-        scores = r.affinity.lookup(x.candidates)
+        scores = r.affinity.lookup(x.candidates, x.items.n)
         for k, kind in enumerate(KINDS):
             if kind in r.affinity.kinds:
                 col = r.affinity.column(kind, WINDOWS[0])
                 out[:, k * len(WINDOWS) : (k + 1) * len(WINDOWS)] = scores[
                     :, col : col + len(WINDOWS)
                 ]
-    ranks = r.ranks(x.candidates, _PROPOSING)
+    ranks = r.ranks(x.candidates, _PROPOSING, x.items.n)
     out[:, width : width + len(RANKED_SOURCES)] = ranks[:, len(_PROPOSING) - len(RANKED_SOURCES) :]
     proposing = (~np.isnan(ranks)).sum(axis=1)
     out[:, -2] = proposing
@@ -361,14 +369,16 @@ def build_matrix(
 ) -> np.ndarray:
     """Feature matrix (len(candidates), len(FEATURE_NAMES)): float32 for the ranker,
     float64 where values are compared exactly (parity tests)."""
+    rows = items.raw[candidates]
     x = FeatureInput(
         user=user,
         items=items,
         candidates=candidates,
         now=now,
         context=context,
-        rows=items.raw[candidates],
+        rows=rows,
         retrieval=retrieval,
+        decayed=decay_rows(rows, now),
     )
     out = np.empty((len(candidates), len(FEATURE_NAMES)), dtype=dtype)
     if not len(candidates):

@@ -17,3 +17,17 @@ def test_group_and_first_positions_equal_numpy_unique(size: int) -> None:
     np.testing.assert_array_equal(unique, want_unique)
     np.testing.assert_array_equal(inverse, want_inverse)
     np.testing.assert_array_equal(arrays.first_positions(keys), np.sort(want_index))
+
+
+@pytest.mark.parametrize("size", [0, 1, 40, 3000])
+def test_index_of_finds_each_query_like_a_dictionary(size: int) -> None:
+    rng = np.random.default_rng(size + 1)
+    keys = rng.choice(max(2 * size, 1), size=size, replace=False)
+    queries = rng.integers(0, max(2 * size, 1) + 5, 2 * size + 1)
+    where = {int(k): j for j, k in enumerate(keys.tolist())}
+    want = [where.get(q, -1) for q in queries.tolist()]
+    # Sorted search (no size), dense map (size small), sorted again (size too large),
+    # and a size smaller than the largest value (the dense map grows to fit).
+    largest = int(max(keys.max(initial=0), queries.max(initial=0))) + 1
+    for bound in (None, largest, arrays.DENSE_FACTOR * 10 * largest + 10**6, 1):
+        np.testing.assert_array_equal(arrays.index_of(keys, queries, bound), want)

@@ -177,6 +177,9 @@ def test_affinity_equals_a_plain_loop_over_the_recent_items() -> None:
                             acc[k * 3 + w] += float(nt.score[e, k]) / (position + 1)
         got = affinity(bound, recent)
         assert got.items.tolist() == sorted(expected)
+        everything = np.arange(table.n)
+        np.testing.assert_array_equal(got.lookup(everything, table.n), got.lookup(everything))
+        assert (got.lookup(everything).sum(axis=1) > 0).sum() == len(expected) or not expected
         if expected:
             want = np.asarray([expected[i] for i in sorted(expected)])
             np.testing.assert_allclose(got.values, want, rtol=1e-12)
@@ -190,6 +193,7 @@ def test_ranks_read_each_source_list_like_a_dictionary() -> None:
     candidates = rng.integers(0, 400, 150)  # repeats on purpose
     sources = (SOURCE_POPULAR, SOURCE_RELATED, SOURCE_RECENT, SOURCE_COVISIT)
     got = found.ranks(candidates, sources)
+    np.testing.assert_array_equal(found.ranks(candidates, sources, 400), got)  # dense maps
     for j, source in enumerate(sources):
         listed = lists.get(source)
         where: dict[int, float] = {}
@@ -218,6 +222,8 @@ def test_rank_features_do_not_depend_on_the_request_s_cap_or_exclusions() -> Non
         found = retrieve(user, table, popularity, config, np.asarray(exclude, np.int64), T0)
         matrix = build_matrix(user, table, candidates, T0, dtype=np.float64, retrieval=found)
         seen.add(matrix[:, columns].tobytes())
+        for ranked in found.lists.values():  # what Retrieval.ranks relies on
+            assert len(np.unique(ranked.items)) == len(ranked.items)
     assert len(seen) == 1
     assert matrix[:, columns[0]].tolist()[:3] == [12.0, 150.0, 199.0]
     assert np.isnan(matrix[3, columns[0]])  # below RANK_DEPTH
