@@ -28,7 +28,7 @@ from features.state import ItemTable
 KINDS: tuple[str, ...] = ("related", "collaborative")
 # The user's newest items each score is summed over, weighted 1/rank: the
 # newest alone, the current session, and the last few sessions.
-WINDOWS: tuple[int, ...] = (1, 5, 20)
+WINDOWS: tuple[int, ...] = (1, 5, 10)
 MAX_WINDOW = max(WINDOWS)
 FORMAT = 2
 _IDS, _PTR, _NBR, _SCORE = "item_ids.txt", "indptr.npy", "neighbours.npy", "scores.npy"

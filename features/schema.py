@@ -46,7 +46,7 @@ from features.popularity import (
 )
 from features.state import COL_CATEGORY, COL_FIRST_SEEN, COL_PRICE, ItemTable, UserState
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _HL = np.asarray(HALF_LIVES)
 _COUNTER_SUFFIXES = [f"{t}_{h}" for t in EVENT_NAMES for h in HALF_LIFE_NAMES]
 # Beta priors for smoothed rates: a new user or item starts at the global-ish mean.

@@ -283,7 +283,7 @@ async def test_the_largest_batch_feature_read_answers_with_the_rankers_rows(
     body = await resp.json()
     assert len(body["users"]) == 100 and all(len(u["items"]) == 100 for u in body["users"])
     rows = [i["features"] for u in body["users"] for i in u["items"]]
-    assert sum(1 for r in rows if r["nb_related_last20"]) > 100
+    assert sum(1 for r in rows if r["nb_related_last10"]) > 100
     assert sum(1 for r in rows if r["src_popular_rank"] is not None) > 100
 
 

@@ -21,7 +21,15 @@ from features.candidates import (
 )
 from features.events import EventType
 from features.item2item import LearnConfig, learn
-from features.neighbours import KINDS, Affinity, Bound, NeighbourTable, affinity
+from features.neighbours import (
+    KINDS,
+    MAX_WINDOW,
+    WINDOWS,
+    Affinity,
+    Bound,
+    NeighbourTable,
+    affinity,
+)
 from features.popularity import PopularityIndex
 from features.schema import FEATURE_NAMES, build_matrix
 from features.state import COL_COUNTS, COL_REF, ItemTable, UserState, apply_user_event
@@ -134,8 +142,8 @@ def test_affinity_sums_neighbour_scores_by_recency_rank() -> None:
     got = dict(zip(scores.items.tolist(), scores.lookup(scores.items).tolist(), strict=True))
     a = got[table.index["a"]]
     ab, ac = 2 / np.sqrt(6), 1 / np.sqrt(6)
-    related = [scores.column("related", w) for w in (1, 5, 20)]
-    # Window 1: b alone; windows 5 and 20: b at weight 1, c (third newest) at 1/3.
+    related = [scores.column("related", w) for w in WINDOWS]
+    # Window 1: b alone; windows 5 and 10: b at weight 1, c (third newest) at 1/3.
     assert [a[c] for c in related] == pytest.approx([ab, ab + ac / 3, ab + ac / 3])
     assert scores.ranked("related", 5)[0] == table.index["a"]
     assert scores.lookup(np.asarray([table.index["unknown"]])).sum() == 0.0
@@ -162,7 +170,7 @@ def test_affinity_equals_a_plain_loop_over_the_recent_items() -> None:
     for _ in range(30):
         recent = rng.choice(np.arange(-1, table.n), size=int(rng.integers(1, 40)))
         expected: dict[int, np.ndarray] = {}
-        for position, row in enumerate(recent.tolist()[:20]):
+        for position, row in enumerate(recent.tolist()[:MAX_WINDOW]):
             v = nt.index.get(table.ids[row], -1) if row >= 0 else -1
             if v < 0:
                 continue
@@ -172,7 +180,7 @@ def test_affinity_equals_a_plain_loop_over_the_recent_items() -> None:
                     continue
                 acc = expected.setdefault(to, np.zeros(6))
                 for k in range(2):
-                    for w, window in enumerate((1, 5, 20)):
+                    for w, window in enumerate(WINDOWS):
                         if position < window:
                             acc[k * 3 + w] += float(nt.score[e, k]) / (position + 1)
         got = affinity(bound, recent)
@@ -258,6 +266,6 @@ def test_a_limited_ranking_is_the_head_of_the_full_one(limit: int) -> None:
     values = rng.integers(0, 6, (300, 6)).astype(np.float64)  # many ties, some zeros
     scores = Affinity(np.arange(300) * 3, values, KINDS)
     for kind in KINDS:
-        for window in (1, 5, 20):
+        for window in WINDOWS:
             full = scores.ranked(kind, window)
             np.testing.assert_array_equal(scores.ranked(kind, window, limit), full[:limit])
