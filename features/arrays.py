@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-# A dense pass over ``size`` slots beats sorting ``len(keys)`` keys while size is
-# within this factor of the number of keys (measured on 1,800 keys: 3 vs 22 us).
-DENSE_FACTOR = 32
+# A dense pass over ``size`` slots beats sorting the keys while size is within
+# these factors of the number of keys (measured on this project's machine:
+# grouping 1,800 keys in 5,000 slots 19 vs 35 us, 200 keys 13 vs 9 us; looking
+# up 600 queries among 200 keys in 5,000 slots 6 vs 12 us).
+GROUP_DENSE_FACTOR = 8
+INDEX_DENSE_FACTOR = 32
 
 
 def group(keys: np.ndarray, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -19,7 +22,7 @@ def group(keys: np.ndarray, size: int | None = None) -> tuple[np.ndarray, np.nda
     key's position among them. With ``size`` and few slots per key, a dense count
     replaces the sort: then every key must be non-negative (and is best below
     ``size``); without ``size`` any integers do."""
-    if size is not None and size <= DENSE_FACTOR * len(keys):
+    if size is not None and size <= GROUP_DENSE_FACTOR * len(keys):
         counts = np.bincount(keys, minlength=size)  # longer if a key is >= size
         distinct = np.flatnonzero(counts)
         slot = np.empty(len(counts), dtype=np.int64)
@@ -51,7 +54,7 @@ def index_of(keys: np.ndarray, queries: np.ndarray, size: int | None = None) -> 
     replaces the sort and binary search."""
     if not len(keys) or not len(queries):
         return np.full(len(queries), -1, dtype=np.int64)
-    if size is not None and size <= DENSE_FACTOR * (len(keys) + len(queries)):
+    if size is not None and size <= INDEX_DENSE_FACTOR * (len(keys) + len(queries)):
         size = max(size, int(keys.max()) + 1, int(queries.max()) + 1)
         where = np.full(size, -1, dtype=np.int64)
         where[keys] = np.arange(len(keys))

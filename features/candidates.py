@@ -262,7 +262,10 @@ def assemble(retrieval: Retrieval, config: CandidateConfig) -> Candidates:
     present = [s for s in range(len(SOURCES)) if s in retrieval.lists]
     if not present:
         return Candidates(np.zeros(0, np.int64), np.zeros(0, np.int8))
-    lists = [retrieval.lists[s].items for s in present]
+    quotas = _quotas(config)
+    # Past its quota plus the number of bans no item of a list can be taken.
+    reach = quotas + len(retrieval.banned)
+    lists = [retrieval.lists[s].items[: reach[s]] for s in present]
     items = np.concatenate(lists).astype(np.int64, copy=False)
     source = np.repeat(np.asarray(present, dtype=np.int8), [len(x) for x in lists])
     if len(retrieval.banned) and len(items):
@@ -272,7 +275,6 @@ def assemble(retrieval: Retrieval, config: CandidateConfig) -> Candidates:
     counts = np.bincount(source, minlength=len(SOURCES))
     starts = np.cumsum(counts) - counts
     position = np.arange(len(items)) - starts[source]
-    quotas = _quotas(config)
     keep = position < quotas[source]
     return _dedupe(items[keep], source[keep], config.cap)
 

@@ -55,19 +55,15 @@ def scores_for(
     idx, scores = slots if slots is not None else neighbours(table, items, now)
     if not n or not idx.size:
         return np.zeros(n), np.zeros(n)
-    order = np.argsort(candidates, kind="stable")
-    ordered = candidates[order]
+    # Sums per distinct candidate (one grouping, one lookup of every slot, two
+    # bincounts), then read back by every candidate, repeats included.
+    distinct, inverse = arrays.group(candidates, table.n)
     flat = idx.ravel()
-    pos = np.searchsorted(ordered, flat)
-    np.minimum(pos, n - 1, out=pos)
-    hit = (ordered[pos] == flat) & (flat >= 0)
+    at = arrays.index_of(distinct, np.maximum(flat, 0), table.n)
+    hit = (at >= 0) & (flat >= 0)
     newest = hit.copy()
     newest[idx.shape[1] :] = False
     weights = scores.ravel()
-    # Sums per position of the sorted candidates (the first of a run of equals),
-    # then read by every member of the run, back in the candidates' order.
-    run = np.searchsorted(ordered, ordered)
-    out_all, out_last = np.empty(n), np.empty(n)
-    out_all[order] = np.bincount(pos[hit], weights=weights[hit], minlength=n)[run]
-    out_last[order] = np.bincount(pos[newest], weights=weights[newest], minlength=n)[run]
-    return out_all, out_last
+    out_all = np.bincount(at[hit], weights=weights[hit], minlength=len(distinct))
+    out_last = np.bincount(at[newest], weights=weights[newest], minlength=len(distinct))
+    return out_all[inverse], out_last[inverse]

@@ -168,8 +168,12 @@ def _user_item(x: FeatureInput) -> np.ndarray:
     share = aff / total if total > 0 else np.full(n, np.nan)
     price = rows[:, COL_PRICE]
     mean_price = u.price_sum / u.price_n if u.price_n else np.nan
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_ratio = np.where(price > 0, np.log(price / mean_price), np.nan)
+    if mean_price > 0:  # (False for NaN) no log of 0 or of a negative, no warnings
+        log_ratio = np.where(
+            price > 0, np.log(np.where(price > 0, price, 1.0) / mean_price), np.nan
+        )
+    else:
+        log_ratio = np.full(n, np.nan)
     recent_pos = np.full(n, np.nan)
     since_item = np.full(n, np.nan)
     covisit_all = np.full(n, np.nan)
@@ -199,8 +203,9 @@ def _user_item(x: FeatureInput) -> np.ndarray:
             if len(first_seen):
                 age_gap = np.where(cand_first > 0, cand_first - _median(first_seen), np.nan)
             month = x.decayed_rows[:, :, MONTH_HALF_LIFE_INDEX]
+            own_month = _month_popularity(own, x.now)
             popularity_gap = np.log1p(month @ POPULARITY_WEIGHTS) - float(
-                np.mean(_month_popularity(own, x.now))
+                own_month.sum() / len(own_month)
             )
     return np.column_stack(
         [

@@ -29,5 +29,5 @@ def test_index_of_finds_each_query_like_a_dictionary(size: int) -> None:
     # Sorted search (no size), dense map (size small), sorted again (size too large),
     # and a size smaller than the largest value (the dense map grows to fit).
     largest = int(max(keys.max(initial=0), queries.max(initial=0))) + 1
-    for bound in (None, largest, arrays.DENSE_FACTOR * 10 * largest + 10**6, 1):
+    for bound in (None, largest, arrays.INDEX_DENSE_FACTOR * 10 * largest + 10**6, 1):
         np.testing.assert_array_equal(arrays.index_of(keys, queries, bound), want)

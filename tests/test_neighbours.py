@@ -17,6 +17,8 @@ from features.candidates import (
     CandidateConfig,
     Ranked,
     Retrieval,
+    assemble,
+    quota,
     retrieve,
 )
 from features.events import EventType
@@ -269,3 +271,31 @@ def test_a_limited_ranking_is_the_head_of_the_full_one(limit: int) -> None:
         for window in WINDOWS:
             full = scores.ranked(kind, window)
             np.testing.assert_array_equal(scores.ranked(kind, window, limit), full[:limit])
+
+
+def test_assemble_equals_the_plain_definition() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        lists = {
+            s: Ranked.of(rng.choice(120, size=int(rng.integers(0, 60)), replace=False))
+            for s in rng.choice(np.arange(1, 9), size=int(rng.integers(0, 8)), replace=False)
+        }
+        ban = rng.integers(0, 120, int(rng.integers(0, 30)))
+        found = Retrieval(np.zeros(0, np.int64), np.zeros(0), lists, None, ban)
+        config = CandidateConfig(
+            cap=int(rng.integers(1, 150)),
+            recent=int(rng.integers(0, 40)),
+            covisit=int(rng.integers(0, 40)),
+            popular=int(rng.integers(0, 70)),
+        )
+        want_items: list[int] = []
+        want_sources: list[int] = []
+        for source in sorted(lists):
+            allowed = [i for i in lists[source].items.tolist() if i not in set(ban.tolist())]
+            for item in allowed[: quota(config, source)]:
+                if item not in want_items:
+                    want_items.append(item)
+                    want_sources.append(source)
+        got = assemble(found, config)
+        assert got.index.tolist() == want_items[: config.cap]
+        assert got.source.tolist() == want_sources[: config.cap]
