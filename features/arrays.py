@@ -20,9 +20,8 @@ INDEX_DENSE_FACTOR = 32
 def group(keys: np.ndarray, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(keys, return_inverse=True)``: the sorted distinct keys and each
     key's position among them. With ``size`` and few slots per key, a dense count
-    replaces the sort: then every key must be non-negative (and is best below
-    ``size``); without ``size`` any integers do."""
-    if size is not None and size <= GROUP_DENSE_FACTOR * len(keys):
+    replaces the sort (any integers work; negative ones take the sorted path)."""
+    if size is not None and size <= GROUP_DENSE_FACTOR * len(keys) and keys.min() >= 0:
         counts = np.bincount(keys, minlength=size)  # longer if a key is >= size
         distinct = np.flatnonzero(counts)
         slot = np.empty(len(counts), dtype=np.int64)
@@ -50,11 +49,13 @@ def first_positions(keys: np.ndarray) -> np.ndarray:
 
 def index_of(keys: np.ndarray, queries: np.ndarray, size: int | None = None) -> np.ndarray:
     """For each query, its position in ``keys`` (distinct values), -1 where absent.
-    With ``size`` (all values non-negative) and few slots per value, a dense map
-    replaces the sort and binary search."""
+    With ``size`` (values mostly below it) and few slots per value, a dense map
+    replaces the sort and binary search (negative values take the sorted path)."""
     if not len(keys) or not len(queries):
         return np.full(len(queries), -1, dtype=np.int64)
-    if size is not None and size <= INDEX_DENSE_FACTOR * (len(keys) + len(queries)):
+    dense = size is not None and size <= INDEX_DENSE_FACTOR * (len(keys) + len(queries))
+    if dense and keys.min() >= 0 and queries.min() >= 0:
+        assert size is not None
         size = max(size, int(keys.max()) + 1, int(queries.max()) + 1)
         where = np.full(size, -1, dtype=np.int64)
         where[keys] = np.arange(len(keys))

@@ -89,7 +89,8 @@ class Candidates:
 @dataclass(frozen=True, slots=True)
 class Ranked:
     """One source's proposals, best first, with the rank features read (0-based;
-    the category source ranks within each category)."""
+    the category source ranks within each category). A list holds an item at
+    most once: ``Retrieval.ranks`` and ``assemble`` rely on it."""
 
     items: np.ndarray
     rank: np.ndarray
@@ -109,8 +110,10 @@ class Retrieval:
     affinity: Affinity | None
     banned: np.ndarray
     learned: Bound | None = None
-    # Co-visitation slots of the user's newest COVISIT_RECENT known items.
+    # Co-visitation slots of the user's newest COVISIT_RECENT known items,
+    # decayed to ``now``.
     covisit_slots: covisit.Slots | None = None
+    now: float | None = None
 
     def ranks(
         self, candidates: np.ndarray, sources: tuple[int, ...], size: int | None = None
@@ -223,7 +226,7 @@ def retrieve(
         lists[SOURCE_POPULAR] = Ranked.of(popularity.top[:depth])
     if "popular_month" in use:
         lists[SOURCE_POPULAR_MONTH] = Ranked.of(popularity.month_top[:depth])
-    return Retrieval(recent, recent_ts, lists, scores, ban, learned, slots)
+    return Retrieval(recent, recent_ts, lists, scores, ban, learned, slots, now)
 
 
 # The quota field of each source that has one (category: top_categories x per_category).

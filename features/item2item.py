@@ -35,8 +35,8 @@ class LearnConfig:
     # pair count stays linear in the log: at most max_lag pairs per event).
     max_lag: int = 50
     # Neighbours kept per item and kind (each costs 4 + 4 * kinds bytes). The
-    # collaborative kind, on the ease_items most active items only, keeps more:
-    # its source sums the truncated rows of twenty items.
+    # collaborative kind is learned on the ease_items most active items only;
+    # its source sums the truncated rows of the user's last ten items.
     related: int = 100
     collaborative: int = 100
     # EASE items, and its L2 weight (larger: closer to plain co-occurrence).

@@ -168,10 +168,11 @@ def _user_item(x: FeatureInput) -> np.ndarray:
     share = aff / total if total > 0 else np.full(n, np.nan)
     price = rows[:, COL_PRICE]
     mean_price = u.price_sum / u.price_n if u.price_n else np.nan
-    if mean_price > 0:  # (False for NaN) no log of 0 or of a negative, no warnings
-        log_ratio = np.where(
-            price > 0, np.log(np.where(price > 0, price, 1.0) / mean_price), np.nan
-        )
+    # log(price) - log(mean) rather than log(price / mean): no warning and a
+    # finite value even for a subnormal price; NaN without a price or a mean.
+    if mean_price > 0:
+        safe = np.where(price > 0, price, mean_price)
+        log_ratio = np.where(price > 0, np.log(safe) - np.log(mean_price), np.nan)
     else:
         log_ratio = np.full(n, np.nan)
     recent_pos = np.full(n, np.nan)
@@ -192,7 +193,8 @@ def _user_item(x: FeatureInput) -> np.ndarray:
         since_item = np.where(hit, x.now - r_ts[first_hit], np.nan)
         known = r_idx[r_idx >= 0][:COVISIT_RECENT]
         if len(known):
-            slots = x.retrieval.covisit_slots if x.retrieval is not None else None
+            r = x.retrieval
+            slots = r.covisit_slots if r is not None and r.now == x.now else None
             covisit_all, covisit_last = covisit.scores_for(items, known, cand, x.now, slots)
             # How the candidate fits what the user has been touching: as new (first
             # seen) and as popular (this month) as their recent items, or not.

@@ -31,3 +31,12 @@ def test_index_of_finds_each_query_like_a_dictionary(size: int) -> None:
     largest = int(max(keys.max(initial=0), queries.max(initial=0))) + 1
     for bound in (None, largest, arrays.INDEX_DENSE_FACTOR * 10 * largest + 10**6, 1):
         np.testing.assert_array_equal(arrays.index_of(keys, queries, bound), want)
+
+
+def test_negative_values_take_the_sorted_path_and_stay_correct() -> None:
+    keys = np.asarray([0, 4, -3])
+    queries = np.asarray([-1, 2, 4, -3])
+    for size in (None, 5):
+        assert arrays.index_of(keys, queries, size).tolist() == [-1, -1, 1, 2]
+        unique, inverse = arrays.group(np.asarray([-1, 2, 2]), size)
+        assert unique.tolist() == [-1, 2] and inverse.tolist() == [0, 1, 1]

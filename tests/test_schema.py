@@ -115,3 +115,14 @@ def test_one_decayed_column_equals_the_full_decay() -> None:
     raw[:, COL_REF] = T0 - rng.random(30) * 1e7
     for h in range(len(HALF_LIVES)):
         np.testing.assert_array_equal(decay_column(raw, T0, h), decay_rows(raw, T0)[:, :, h])
+
+
+def test_a_subnormal_price_gives_a_finite_log_ratio_without_a_warning() -> None:
+    table = ItemTable()
+    table.upsert_item("a", "c", 10.0)
+    table.upsert_item("tiny", "c", 5e-324)
+    user = UserState()
+    apply_user_event(user, EventType.VIEW, T0, "a", "c", 10.0)
+    matrix = build_matrix(user, table, np.arange(2), T0, dtype=np.float64)  # warnings are errors
+    ratio = matrix[:, FEATURE_NAMES.index("ui_log_price_ratio")]
+    assert ratio[0] == 0.0 and np.isfinite(ratio[1]) and ratio[1] < -700
