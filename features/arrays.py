@@ -65,3 +65,21 @@ def index_of(keys: np.ndarray, queries: np.ndarray, size: int | None = None) -> 
     pos = np.searchsorted(ordered, queries)
     np.minimum(pos, len(ordered) - 1, out=pos)
     return np.where(ordered[pos] == queries, order[pos], -1)
+
+
+def position_map(keys: np.ndarray, size: int) -> np.ndarray:
+    """A map of ``size + 1`` slots: ``keys[j]`` -> j, every other slot -1 (the
+    last one always). Keys must lie in ``[0, size)``; a key given twice maps to
+    one of its positions. Read it with ``where[np.minimum(values, size)]`` so
+    values at or past ``size`` fall on the -1 slot."""
+    where = np.full(size + 1, -1, dtype=np.int64)
+    where[keys] = np.arange(len(keys))
+    return where
+
+
+def member(values: np.ndarray, members: np.ndarray, size: int | None = None) -> np.ndarray:
+    """``np.isin(values, members)``; with ``size`` (members in ``[0, size)``, values
+    non-negative) and few slots per value, through a position map."""
+    if size is not None and size <= INDEX_DENSE_FACTOR * (len(values) + len(members)):
+        return np.asarray(position_map(members, size)[np.minimum(values, size)] >= 0)
+    return np.isin(values, members)

@@ -114,6 +114,8 @@ class Retrieval:
     # decayed to ``now``.
     covisit_slots: covisit.Slots | None = None
     now: float | None = None
+    # The item table's rows when retrieved (every item above is below it).
+    size: int | None = None
 
     def ranks(
         self, candidates: np.ndarray, sources: tuple[int, ...], size: int | None = None
@@ -131,12 +133,21 @@ class Retrieval:
         column = np.repeat(
             [j for j, _ in present], [min(len(r.items), RANK_DEPTH) for _, r in present]
         )
-        distinct, inverse = arrays.group(candidates, size)
-        at = arrays.index_of(distinct, items, size)
+        if size is not None and size <= arrays.INDEX_DENSE_FACTOR * (n + len(items)):
+            # Candidates are table rows (< size). Repeated candidates share the
+            # one position the map holds for them, so they read the same row.
+            where = arrays.position_map(candidates, size)
+            at = where[np.minimum(items, size)]
+            rows_of_candidates = where[candidates]
+            n_rows = n
+        else:
+            distinct, rows_of_candidates = arrays.group(candidates)
+            at = arrays.index_of(distinct, items)
+            n_rows = len(distinct)
         hit = at >= 0
-        table = np.full((len(distinct), len(sources)), np.nan)
+        table = np.full((n_rows, len(sources)), np.nan)
         table[at[hit], column[hit]] = rank[hit]  # each (item, source) once
-        return np.asarray(table[inverse])
+        return np.asarray(table[rows_of_candidates])
 
 
 def ids_to_index(table: ItemTable, item_ids: list[str] | set[str]) -> np.ndarray:
@@ -226,7 +237,7 @@ def retrieve(
         lists[SOURCE_POPULAR] = Ranked.of(popularity.top[:depth])
     if "popular_month" in use:
         lists[SOURCE_POPULAR_MONTH] = Ranked.of(popularity.month_top[:depth])
-    return Retrieval(recent, recent_ts, lists, scores, ban, learned, slots, now)
+    return Retrieval(recent, recent_ts, lists, scores, ban, learned, slots, now, table.n)
 
 
 # The quota field of each source that has one (category: top_categories x per_category).
@@ -272,7 +283,7 @@ def assemble(retrieval: Retrieval, config: CandidateConfig) -> Candidates:
     items = np.concatenate(lists).astype(np.int64, copy=False)
     source = np.repeat(np.asarray(present, dtype=np.int8), [len(x) for x in lists])
     if len(retrieval.banned) and len(items):
-        allowed = ~np.isin(items, retrieval.banned)
+        allowed = ~arrays.member(items, retrieval.banned, retrieval.size)
         items, source = items[allowed], source[allowed]
     # Position of each allowed item within its source's list, against the quota.
     counts = np.bincount(source, minlength=len(SOURCES))

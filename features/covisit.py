@@ -49,21 +49,29 @@ def scores_for(
     slots: Slots | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each candidate, its summed co-visit counts with all of ``items`` and with
-    the first of them (the user's newest): one sort of the candidates, one search
-    of all neighbour slots, two bincounts (repeated candidates get the same sums)."""
+    the first of them (the user's newest): a map from item row to candidate (or a
+    sort and a search on a large catalogue), two bincounts; repeated candidates
+    get the same sums."""
     n = len(candidates)
     idx, scores = slots if slots is not None else neighbours(table, items, now)
     if not n or not idx.size:
         return np.zeros(n), np.zeros(n)
-    # Sums per distinct candidate (one grouping, one lookup of every slot, two
-    # bincounts), then read back by every candidate, repeats included.
-    distinct, inverse = arrays.group(candidates, table.n)
     flat = idx.ravel()
-    at = arrays.index_of(distinct, np.maximum(flat, 0), table.n)
-    hit = (at >= 0) & (flat >= 0)
+    size = table.n
+    if size <= arrays.INDEX_DENSE_FACTOR * (n + len(flat)):
+        # Candidates are table rows; repeated ones share their map position.
+        where = arrays.position_map(candidates, size)
+        at = where[np.minimum(flat, size)]  # empty slots (-1) read the -1 slot
+        rows_of_candidates = where[candidates]
+        n_rows = n
+    else:
+        distinct, rows_of_candidates = arrays.group(candidates)
+        at = arrays.index_of(distinct, flat)
+        n_rows = len(distinct)
+    hit = at >= 0
     newest = hit.copy()
     newest[idx.shape[1] :] = False
     weights = scores.ravel()
-    out_all = np.bincount(at[hit], weights=weights[hit], minlength=len(distinct))
-    out_last = np.bincount(at[newest], weights=weights[newest], minlength=len(distinct))
-    return out_all[inverse], out_last[inverse]
+    out_all = np.bincount(at[hit], weights=weights[hit], minlength=n_rows)
+    out_last = np.bincount(at[newest], weights=weights[newest], minlength=n_rows)
+    return out_all[rows_of_candidates], out_last[rows_of_candidates]

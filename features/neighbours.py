@@ -205,7 +205,13 @@ class Affinity:
         """(len(candidates), columns): each candidate's scores, 0 where not listed
         (``size``: the item table's rows, for a dense map on small catalogues)."""
         out = np.zeros((len(candidates), self.values.shape[1]))
-        at = arrays.index_of(self.items, candidates, size)
+        if size is not None and size <= arrays.INDEX_DENSE_FACTOR * (
+            len(candidates) + len(self.items)
+        ):
+            # Items are rows of a binding no larger than the table (< size).
+            at = arrays.position_map(self.items, size)[np.minimum(candidates, size)]
+        else:
+            at = arrays.index_of(self.items, candidates)
         hit = at >= 0
         out[hit] = self.values[at[hit]]
         return out

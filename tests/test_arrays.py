@@ -40,3 +40,17 @@ def test_negative_values_take_the_sorted_path_and_stay_correct() -> None:
         assert arrays.index_of(keys, queries, size).tolist() == [-1, -1, 1, 2]
         unique, inverse = arrays.group(np.asarray([-1, 2, 2]), size)
         assert unique.tolist() == [-1, 2] and inverse.tolist() == [0, 1, 1]
+
+
+def test_a_position_map_reads_minus_one_past_its_size_and_for_absent_keys() -> None:
+    where = arrays.position_map(np.asarray([4, 0, 2]), 5)
+    values = np.asarray([0, 1, 2, 3, 4, 5, 99])
+    assert where[np.minimum(values, 5)].tolist() == [1, -1, 2, -1, 0, -1, -1]
+
+
+def test_member_equals_numpy_isin_on_both_paths() -> None:
+    rng = np.random.default_rng(9)
+    values, members = rng.integers(0, 300, 500), rng.integers(0, 300, 40)
+    want = np.isin(values, members)
+    for size in (None, 300):
+        np.testing.assert_array_equal(arrays.member(values, members, size), want)

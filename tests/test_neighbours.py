@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +297,7 @@ def test_assemble_equals_the_plain_definition() -> None:
                 if item not in want_items:
                     want_items.append(item)
                     want_sources.append(source)
-        got = assemble(found, config)
-        assert got.index.tolist() == want_items[: config.cap]
-        assert got.source.tolist() == want_sources[: config.cap]
+        for size in (None, 120):  # np.isin, then the position map
+            got = assemble(replace(found, size=size), config)
+            assert got.index.tolist() == want_items[: config.cap]
+            assert got.source.tolist() == want_sources[: config.cap]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
-from features import covisit
+from features import arrays, covisit
 from features.events import COVISIT_NEIGHBOURS, HALF_LIVES, EventType
 from features.popularity import decay_column, decay_rows
 from features.schema import DEVICES, FEATURE_NAMES, PAGES, Context, build_matrix
@@ -84,7 +85,12 @@ def test_user_without_history_has_missing_not_zero_features() -> None:
     assert not math.isnan(m[0, FEATURE_NAMES.index("i_price")])
 
 
-def test_covisit_sums_equal_the_comparison_matrix_with_repeated_candidates() -> None:
+@pytest.mark.parametrize("dense", [True, False])
+def test_covisit_sums_equal_the_comparison_matrix_with_repeated_candidates(
+    dense: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not dense:  # the path a large catalogue takes
+        monkeypatch.setattr(arrays, "INDEX_DENSE_FACTOR", 0)
     rng = np.random.default_rng(3)
     table = ItemTable()
     for k in range(40):
