@@ -83,3 +83,21 @@ def member(values: np.ndarray, members: np.ndarray, size: int | None = None) -> 
     if size is not None and size <= INDEX_DENSE_FACTOR * (len(values) + len(members)):
         return np.asarray(position_map(members, size)[np.minimum(values, size)] >= 0)
     return np.isin(values, members)
+
+
+def match_candidates(
+    candidates: np.ndarray, items: np.ndarray, size: int | None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Which candidate each of ``items`` is, for sums or values per candidate.
+
+    Returns ``(at, rows, n_rows)``: ``at[i]`` is the row (in ``[0, n_rows)``) of
+    the candidate equal to ``items[i]``, -1 for none; ``rows[c]`` is candidate
+    c's row, shared by repeated candidates, so a table filled at ``at`` and read
+    at ``rows`` gives every candidate its value. Candidates are table rows
+    (``< size``); with a small ``size`` a position map, else a sort and search.
+    """
+    if size is not None and size <= INDEX_DENSE_FACTOR * (len(candidates) + len(items)):
+        where = position_map(candidates, size)
+        return where[np.minimum(items, size)], where[candidates], len(candidates)
+    distinct, rows = group(candidates)
+    return index_of(distinct, items), rows, len(distinct)

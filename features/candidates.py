@@ -133,17 +133,7 @@ class Retrieval:
         column = np.repeat(
             [j for j, _ in present], [min(len(r.items), RANK_DEPTH) for _, r in present]
         )
-        if size is not None and size <= arrays.INDEX_DENSE_FACTOR * (n + len(items)):
-            # Candidates are table rows (< size). Repeated candidates share the
-            # one position the map holds for them, so they read the same row.
-            where = arrays.position_map(candidates, size)
-            at = where[np.minimum(items, size)]
-            rows_of_candidates = where[candidates]
-            n_rows = n
-        else:
-            distinct, rows_of_candidates = arrays.group(candidates)
-            at = arrays.index_of(distinct, items)
-            n_rows = len(distinct)
+        at, rows_of_candidates, n_rows = arrays.match_candidates(candidates, items, size)
         hit = at >= 0
         table = np.full((n_rows, len(sources)), np.nan)
         table[at[hit], column[hit]] = rank[hit]  # each (item, source) once

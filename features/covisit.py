@@ -56,18 +56,8 @@ def scores_for(
     idx, scores = slots if slots is not None else neighbours(table, items, now)
     if not n or not idx.size:
         return np.zeros(n), np.zeros(n)
-    flat = idx.ravel()
-    size = table.n
-    if size <= arrays.INDEX_DENSE_FACTOR * (n + len(flat)):
-        # Candidates are table rows; repeated ones share their map position.
-        where = arrays.position_map(candidates, size)
-        at = where[np.minimum(flat, size)]  # empty slots (-1) read the -1 slot
-        rows_of_candidates = where[candidates]
-        n_rows = n
-    else:
-        distinct, rows_of_candidates = arrays.group(candidates)
-        at = arrays.index_of(distinct, flat)
-        n_rows = len(distinct)
+    flat = idx.ravel()  # empty slots (-1) match no candidate
+    at, rows_of_candidates, n_rows = arrays.match_candidates(candidates, flat, table.n)
     hit = at >= 0
     newest = hit.copy()
     newest[idx.shape[1] :] = False
