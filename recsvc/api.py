@@ -244,6 +244,7 @@ class RecommendResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
             "model_error",
             "no_candidates",
             "deadline",
+            "overloaded",
         ]
         | None
     )

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from recsvc import appkeys, metrics, openapi, scoring
+from recsvc.admission import Admission, LoopLag
 from recsvc.experiments import ExperimentsHolder
 from recsvc.exposures import ExposureLog
 from recsvc.ingest import Ingestor
@@ -24,12 +25,24 @@ from recsvc.store import REDIS_FAILURES, FeatureStore, IncompatibleStore, connec
 log = logging.getLogger(__name__)
 
 
+async def _load_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Event-loop lag and the admission limit of this process (recsvc.admission)."""
+    settings = app[appkeys.SETTINGS]
+    lag = app[appkeys.LOOP_LAG] = LoopLag(interval=0.005)
+    lag.on_tick = metrics.LOOP_LAG.observe
+    app[appkeys.ADMISSION] = Admission(settings.admission_target_ms / 1000.0, settings.max_inflight)
+    lag.start()
+    yield
+    lag.stop()
+
+
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
     client = connect(app[appkeys.REDIS_URL], settings)
     writer = connect(app[appkeys.REDIS_URL], settings, writes=True)
     app[appkeys.REDIS] = client
     store = app[appkeys.STORE] = FeatureStore(client, settings, writer)
+    store.lag = app[appkeys.LOOP_LAG]
     try:
         async with asyncio.timeout(settings.redis_write_timeout_ms / 1000.0):
             await store.check_format()
@@ -103,10 +116,12 @@ async def _experiments_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     registry, store = app[appkeys.MODELS], app[appkeys.STORE]
+    admission = app[appkeys.ADMISSION]
     sampler = metrics.GaugeSampler(
         app[appkeys.ITEMS].age,
         lambda: store.breaker.state,
         lambda: {(m.name, m.version, m.scorer.name) for m in registry.models.values()},
+        lambda: (admission.limit, admission.service),
     )
     app[appkeys.METRICS_SAMPLER] = sampler
     task = asyncio.create_task(sampler.run(1.0))
@@ -123,6 +138,8 @@ async def _recommender_ctx(app: web.Application) -> AsyncIterator[None]:
         app[appkeys.MODELS],
         settings.candidate_config,
         settings.exclude_seen,
+        admission=app[appkeys.ADMISSION],
+        lag=app[appkeys.LOOP_LAG],
     )
     yield
 
@@ -147,7 +164,15 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     app[appkeys.REDIS_URL] = redis_url
     app[appkeys.OPENAPI] = openapi.text().encode()
     app.cleanup_ctx.extend(
-        [_redis_ctx, _items_ctx, _models_ctx, _experiments_ctx, _metrics_ctx, _recommender_ctx]
+        [
+            _load_ctx,
+            _redis_ctx,
+            _items_ctx,
+            _models_ctx,
+            _experiments_ctx,
+            _metrics_ctx,
+            _recommender_ctx,
+        ]
     )
     setup_routes(app)
     return app

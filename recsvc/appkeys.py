@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from recsvc.admission import Admission, LoopLag
 from recsvc.experiments import ExperimentsHolder
 from recsvc.exposures import ExposureLog
 from recsvc.ingest import Ingestor
@@ -26,3 +27,5 @@ EXPERIMENTS = web.AppKey("experiments", ExperimentsHolder)
 EXPOSURES = web.AppKey("exposures", ExposureLog)
 OPENAPI = web.AppKey("openapi", bytes)
 METRICS_SAMPLER = web.AppKey("metrics_sampler", GaugeSampler)
+ADMISSION = web.AppKey("admission", Admission)
+LOOP_LAG = web.AppKey("loop_lag", LoopLag)

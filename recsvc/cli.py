@@ -38,7 +38,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _serving(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="overrides RECSVC_HOST")
     p.add_argument("--port", type=int, help="overrides RECSVC_PORT")
-    p.add_argument("--workers", type=int, help="overrides RECSVC_WORKERS")
+    p.add_argument(
+        "--workers", type=int, help="overrides RECSVC_WORKERS (0 = one per available core)"
+    )
 
 
 def _synthetic(p: argparse.ArgumentParser) -> None:
@@ -316,13 +318,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
             params = TrainParams(num_trees=args.trees)
             _train(settings, events, items, settings.model_name, data, params)
         print(f"ready after {time.perf_counter() - started:.1f}s", file=sys.stderr)
-        server.run(settings, url, on_ready=_announce, workers=settings.workers)
+        server.run(settings, url, on_ready=_announce, workers=settings.worker_count)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     settings = _settings(args)
     with _redis(settings, embedded=args.embedded) as url:
-        server.run(settings, url, on_ready=_announce, workers=settings.workers)
+        server.run(settings, url, on_ready=_announce, workers=settings.worker_count)
 
 
 def cmd_seed(args: argparse.Namespace) -> None:

@@ -3,7 +3,8 @@
 RecsvcError
 ├── InvalidRequest            bad client input (names the field)
 ├── Unauthorized              an admin route without the right bearer token
-├── Overloaded                too many requests in flight
+├── Overloaded                this process is saturated (never blamed on Redis)
+├── BodyTimeout               the body did not arrive in time (slow client)
 ├── StoreUnavailable          Redis error, timeout or open circuit
 └── ModelError
     └── ModelRejected         a model file we refuse to serve
@@ -29,7 +30,16 @@ class Unauthorized(RecsvcError):
 
 
 class Overloaded(RecsvcError):
-    """Too many requests in flight; the client should retry shortly."""
+    """This process cannot answer in time (too many requests, a lagging event loop,
+    no free Redis connection); the client should retry shortly. Never Redis's fault."""
+
+    def __init__(self, reason: str = "admission"):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BodyTimeout(RecsvcError):
+    """The request body did not arrive within ``body_timeout_ms``."""
 
 
 class StoreUnavailable(RecsvcError):

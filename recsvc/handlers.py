@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from importlib import resources
 from typing import Any
@@ -16,6 +17,7 @@ from aiohttp import web
 from features.candidates import CandidateConfig
 from features.schema import NO_CONTEXT, Context
 from recsvc import appkeys, metrics
+from recsvc.admission import ARRIVED
 from recsvc.api import (
     MAX_GET_IDS,
     FeaturesRequest,
@@ -26,7 +28,7 @@ from recsvc.api import (
     decode_json,
     parse_flags_header,
 )
-from recsvc.errors import InvalidRequest, Unauthorized
+from recsvc.errors import BodyTimeout, InvalidRequest, Overloaded, Unauthorized
 from recsvc.middleware import DEADLINE, FROM_CALLER, REQUEST_ID, SERVED
 from recsvc.models import LoadedModel
 from recsvc.online import feature_values, user_feature_values
@@ -40,6 +42,18 @@ def json_response(
     return web.Response(
         status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
     )
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, or BodyTimeout (408, connection closed) when it does not
+    arrive within ``body_timeout_ms``: a client that trickles its body holds a
+    connection, never a place in the admission limit."""
+    timeout = request.app[appkeys.SETTINGS].body_timeout_ms / 1000.0
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        raise BodyTimeout() from None
 
 
 def _flags(request: web.Request, body_flags: dict[str, str] | None) -> dict[str, str]:
@@ -60,8 +74,27 @@ def _candidate_config(settings: Settings, parameters: dict[str, Any]) -> Candida
     )
 
 
-async def _serve(request: web.Request, req: RecommendRequest) -> web.Response:
+async def _admitted(request: web.Request, parse: Callable[[], RecommendRequest]) -> web.Response:
+    """Admission control first (recsvc.admission), before any other work, so a
+    rejection costs as little as it can: 503 + Retry-After at once, or (with
+    overload_response=default) the default strategy with reason overloaded."""
     start = time.perf_counter()
+    arrived = request.get(ARRIVED, start)
+    admission = request.app[appkeys.ADMISSION]
+    if not admission.admit(start - arrived):
+        metrics.shed("admission")
+        if request.app[appkeys.SETTINGS].overload_response == "reject":
+            raise Overloaded("admission")
+        return await _serve(request, parse(), start, arrived, admitted=False)
+    try:
+        return await _serve(request, parse(), start, arrived, admitted=True)
+    finally:
+        admission.done()
+
+
+async def _serve(
+    request: web.Request, req: RecommendRequest, start: float, arrived: float, admitted: bool
+) -> web.Response:
     settings = request.app[appkeys.SETTINGS]
     assignment = request.app[appkeys.EXPERIMENTS].current.assign(
         req.user_id, _flags(request, req.flags)
@@ -83,10 +116,17 @@ async def _serve(request: web.Request, req: RecommendRequest) -> web.Response:
         experiments=assignment.variants,
         forced=assignment.forced,
         deadline=request[DEADLINE],
+        arrived=arrived,
+        queued=start - arrived,
+        mark=(start, time.thread_time()),
         explain=req.explain,
         explain_top=int(req.explain_top),
     )
-    result = await request.app[appkeys.RECOMMENDER].recommend(query)
+    recommender = request.app[appkeys.RECOMMENDER]
+    if admitted:
+        result = await recommender.recommend(query)
+    else:
+        result = recommender.overloaded(query)
     result.timer.mark("serialise")
     if assignment.variants:
         request.app[appkeys.EXPOSURES].exposure(
@@ -124,11 +164,15 @@ async def experiments_get(request: web.Request) -> web.Response:
 
 
 async def recommend_post(request: web.Request) -> web.Response:
-    req = decode_json(await request.read(), RecommendRequest)
-    return await _serve(request, req)
+    body = await read_body(request)
+    return await _admitted(request, lambda: decode_json(body, RecommendRequest))
 
 
 async def recommend_get(request: web.Request) -> web.Response:
+    return await _admitted(request, lambda: _query_request(request))
+
+
+def _query_request(request: web.Request) -> RecommendRequest:
     params: dict[str, Any] = dict(request.query)
     for name in ("candidates", "exclude"):
         if name in params:
@@ -138,12 +182,12 @@ async def recommend_get(request: web.Request) -> web.Response:
     context = {k: params.pop(k) for k in ("category", "device", "page") if k in params}
     if context:
         params["context"] = context
-    return await _serve(request, convert_query(params, RecommendRequest))
+    return convert_query(params, RecommendRequest)
 
 
 async def events_post(request: web.Request) -> web.Response:
     """One event or ``{"events": [...]}``; a bad event in a batch is listed, not fatal."""
-    batch, events = decode_events(await request.read())
+    batch, events = decode_events(await read_body(request))
     result = await request.app[appkeys.INGESTOR].ingest(events)
     if not batch and result.rejected:  # a single event is valid or the request is bad
         raise InvalidRequest(result.rejected[0]["error"], field=result.rejected[0]["field"])
@@ -157,7 +201,7 @@ async def user_features_get(request: web.Request) -> web.Response:
 
 
 async def features_post(request: web.Request) -> web.Response:
-    req = decode_json(await request.read(), FeaturesRequest)
+    req = decode_json(await read_body(request), FeaturesRequest)
     body = await feature_values(request.app[appkeys.RECOMMENDER], req.user_ids, req.item_ids)
     return json_response(body)
 

@@ -77,7 +77,8 @@ VARIANT_LATENCY = Histogram(
 )
 STAGE_LATENCY = Histogram(
     "recsvc_stage_duration_seconds",
-    "Time per stage of a recommendation (redis, candidates, features, score, fallback, serialise).",
+    "Time per stage of a recommendation: queue (arrival to handler), redis, cpu_wait "
+    "(for the CPU section), candidates, features, score, fallback, serialise.",
     ("stage",),
     buckets=STAGE_BUCKETS,
 )
@@ -119,7 +120,30 @@ INFLIGHT = Gauge(
 )
 SHED = Counter(
     "recsvc_shed_requests_total",
-    "Requests answered 503 because too many were in flight.",
+    "Requests turned away at once by cause: admission (recommendations over the "
+    "adaptive limit; 503, or the default strategy with overload_response=default) "
+    "or max_inflight (the hard cap, every route; 503).",
+    ("cause",),
+)
+LOOP_LAG = Histogram(
+    "recsvc_event_loop_lag_seconds",
+    "How late a timer due every 5 ms ran in each worker's event loop.",
+    buckets=STAGE_BUCKETS,
+)
+POOL_WAIT = Histogram(
+    "recsvc_redis_pool_wait_seconds",
+    "Waits for a free Redis connection on the request path (only when one had to wait).",
+    buckets=STAGE_BUCKETS,
+)
+ADMISSION_LIMIT = Gauge(
+    "recsvc_admission_limit",
+    "Recommendations that may be in flight now under the adaptive limit (all live workers).",
+    multiprocess_mode="livesum",
+)
+ADMISSION_SERVICE = Gauge(
+    "recsvc_admission_service_seconds",
+    "Estimated cost of one recommendation in a busy worker (the slowest live worker's).",
+    multiprocess_mode="livemax",
 )
 EXPOSURES_DROPPED = Counter(
     "recsvc_exposures_dropped_total",
@@ -147,8 +171,10 @@ class GaugeSampler:
         age: Callable[[], float | None],
         circuit: Callable[[], str],
         models: Callable[[], set[tuple[str, str, str]]],
+        admission: Callable[[], tuple[int, float]] | None = None,
     ) -> None:
         self._age, self._circuit, self._models = age, circuit, models
+        self._admission = admission
         self._shown: set[tuple[str, str, str]] = set()
 
     def sample(self) -> None:
@@ -161,6 +187,10 @@ class GaugeSampler:
         for labels in serving:  # again each time: a version can come back
             MODEL_LOADED.labels(*labels).set(1)
         self._shown |= serving
+        if self._admission is not None:
+            limit, service = self._admission()
+            ADMISSION_LIMIT.set(limit)
+            ADMISSION_SERVICE.set(service)
 
     async def run(self, interval: float) -> None:
         while True:
@@ -196,6 +226,13 @@ def _child(metric: Any, *labels: str) -> Any:
     if child is None:
         child = _children[key] = metric.labels(*labels)
     return child
+
+
+SHED_CAUSES = ("admission", "max_inflight")
+
+
+def shed(cause: str) -> None:
+    _child(SHED, cause).inc()
 
 
 def observe_http(route: str, method: str, status: int, elapsed: float) -> None:

@@ -17,7 +17,15 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from recsvc import metrics
-from recsvc.errors import InvalidRequest, Overloaded, RecsvcError, StoreUnavailable, Unauthorized
+from recsvc.admission import ARRIVED
+from recsvc.errors import (
+    BodyTimeout,
+    InvalidRequest,
+    Overloaded,
+    RecsvcError,
+    StoreUnavailable,
+    Unauthorized,
+)
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("recsvc.access")
@@ -51,7 +59,10 @@ ERROR_TABLE: dict[type[RecsvcError], tuple[int, str, str, dict[str, str] | None]
         "a valid bearer token is required",
         {"WWW-Authenticate": 'Bearer realm="recsvc-admin"'},
     ),
-    Overloaded: (503, "overloaded", "too many requests in flight", _RETRY),
+    Overloaded: (503, "overloaded", "the service is saturated; retry shortly", _RETRY),
+    # The connection is closed (after recsvc.server.LINGERING_SECS): the rest of
+    # the body may still be on its way.
+    BodyTimeout: (408, "body_timeout", "the request body did not arrive in time", None),
     # Recommendations fall back instead; writes and feature reads get here.
     # Event ids make a retried write safe.
     StoreUnavailable: (
@@ -105,7 +116,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             log.warning("feature store unavailable: %s", exc.reason)
         elif status >= 500 and headers is None:
             log.error("unmapped domain error", exc_info=exc)
-        return error_response(status, code, message, headers=headers)
+        response = error_response(status, code, message, headers=headers)
+        if isinstance(exc, BodyTimeout):
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -128,8 +142,8 @@ def inflight_limit(limit: int) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         nonlocal count
         if count >= limit and request.path not in UNSHED:
-            metrics.SHED.inc()
-            raise Overloaded()
+            metrics.shed("max_inflight")
+            raise Overloaded("max_inflight")
         count += 1
         metrics.INFLIGHT.inc()
         try:
@@ -219,7 +233,9 @@ def observe(sample: float, slow_ms: float, deadline_ms: float) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         start = time.perf_counter()
-        request[DEADLINE] = asyncio.get_running_loop().time() + budget
+        # The deadline counts from arrival (recsvc.admission.stamp_arrivals) when known.
+        arrived = request.get(ARRIVED, start)
+        request[DEADLINE] = asyncio.get_running_loop().time() + budget - (start - arrived)
         sent = request.headers.get(REQUEST_ID_HEADER)
         from_caller = bool(sent and _REQUEST_ID_OK.fullmatch(sent))
         request_id = sent if sent and from_caller else os.urandom(8).hex()
@@ -239,7 +255,7 @@ def observe(sample: float, slow_ms: float, deadline_ms: float) -> Middleware:
             status = CLIENT_CLOSED
             raise
         finally:
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - arrived
             route = _route(request)
             method = request.method if request.method in METHODS else "other"
             metrics.observe_http(route, method, status, elapsed)

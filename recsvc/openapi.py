@@ -26,8 +26,11 @@ def _answer(description: str, ref: str) -> dict[str, Any]:
 
 _ERRORS = {
     "400": _answer("invalid input; `error.field` names the field", "ErrorResponse"),
+    "408": _answer("the body did not arrive within body_timeout_ms", "ErrorResponse"),
     "413": _answer("body too large", "ErrorResponse"),
-    "503": _answer("over the in-flight limit (Retry-After)", "ErrorResponse"),
+    "503": _answer(
+        "overloaded: over the admission or in-flight limit (Retry-After)", "ErrorResponse"
+    ),
 }
 _USER = {
     "name": "user_id",

@@ -19,7 +19,8 @@ from features.candidates import CandidateConfig, Candidates
 from features.metrics import top_n
 from features.schema import NO_CONTEXT, Context, build_matrix
 from features.state import COL_CATEGORY, ItemTable, UserState
-from recsvc.errors import StoreUnavailable
+from recsvc.admission import Admission, LoopLag
+from recsvc.errors import Overloaded, StoreUnavailable
 from recsvc.itemcache import ItemCache, ItemView
 from recsvc.models import LoadedModel, ModelRegistry
 from recsvc.store import FeatureStore
@@ -32,9 +33,13 @@ STORE_UNAVAILABLE = "feature_store_unavailable"
 MODEL_UNAVAILABLE = "model_unavailable"
 MODEL_ERROR = "model_error"
 NO_CANDIDATES = "no_candidates"
-# The request's deadline passed: during the user-state read, or before a later
-# stage could start.
+# The request's deadline passed before a stage could start, while the process
+# was keeping up (e.g. a model too slow for the deadline).
 DEADLINE = "deadline"
+# The process is saturated: the request waited in queues (the event loop, the
+# CPU section, the Redis pool) until its time ran out, or admission control
+# chose the default strategy for it. Never blamed on Redis.
+OVERLOADED = "overloaded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +61,12 @@ class Query:
     forced: frozenset[str] = frozenset()
     # Event-loop time by which the answer must be on its way (None: no deadline).
     deadline: float | None = None
+    # perf_counter() when the request arrived (None: unknown), and the seconds
+    # it waited before the handler took it up.
+    arrived: float | None = None
+    queued: float = 0.0
+    # LoopLag.mark() when the handler took the request up (None: unknown).
+    mark: tuple[float, float] | None = None
     # Feature contributions per returned item, the largest ``explain_top``.
     explain: bool = False
     explain_top: int = 5
@@ -117,11 +128,17 @@ class Recommender:
         models: ModelRegistry,
         config: CandidateConfig,
         exclude_seen: str = "auto",
+        admission: Admission | None = None,
+        lag: LoopLag | None = None,
     ) -> None:
         self.store = store
         self.items = items
         self.models = models
         self.config = config
+        # Its lock is held while a request computes, and learns the time that
+        # took (recsvc.admission); None: neither.
+        self.admission = admission
+        self.lag = lag
         # "auto": as the serving model's training log said; "always" / "never".
         self.exclude_seen = exclude_seen
 
@@ -136,20 +153,49 @@ class Recommender:
         result.experiments, result.forced = q.experiments, q.forced
         return result
 
-    def _late(self, q: Query) -> bool:
-        return q.deadline is not None and asyncio.get_running_loop().time() >= q.deadline
+    def overloaded(self, q: Query) -> Result:
+        """The default strategy at once, reason overloaded (admission control's
+        answer with overload_response=default): no Redis read, so no per-user
+        bans beyond the request's exclusions."""
+        result = self._fallback(q, None, OVERLOADED, StageTimer())
+        result.experiments, result.forced = q.experiments, q.forced
+        return result
+
+    def _late(self, q: Query, timer: StageTimer) -> str | None:
+        """None while the request is in time; else why not (overloaded or deadline)."""
+        if q.deadline is None or asyncio.get_running_loop().time() < q.deadline:
+            return None
+        return self._why_late(q, timer)
+
+    def _why_late(self, q: Query, timer: StageTimer) -> str:
+        """Overloaded when the time went to other requests: a quarter or more of it
+        spent waiting (before the handler, for the CPU section), or the process
+        busy since arrival (recsvc.admission.LoopLag.saturated); else deadline
+        (e.g. a model too slow for the deadline)."""
+        if q.arrived is None:
+            return DEADLINE
+        waited = timer.stages.get("queue", 0.0) + timer.stages.get("cpu_wait", 0.0)
+        if waited >= 0.25 * (time.perf_counter() - q.arrived):
+            return OVERLOADED
+        if self.lag is not None and q.mark is not None and self.lag.saturated(q.mark):
+            return OVERLOADED
+        return DEADLINE
 
     async def _recommend(self, q: Query) -> Result:
         timer = StageTimer()
-        if self._late(q):  # e.g. a long queue in front of this request
-            return self._fallback(q, None, DEADLINE, timer)
+        timer.stages["queue"] = q.queued
+        if late := self._late(q, timer):  # e.g. a long queue in front of this request
+            return self._fallback(q, None, late, timer)
         try:
             user = await self.store.fetch_user(q.user_id, q.deadline)
+        except Overloaded as exc:
+            log.debug("overloaded: %s", exc.reason)
+            timer.mark("redis")
+            return self._fallback(q, None, OVERLOADED, timer)
         except StoreUnavailable as exc:
             log.debug("feature store unavailable: %s", exc.reason)
             timer.mark("redis")
-            reason = DEADLINE if exc.reason == "deadline" else STORE_UNAVAILABLE
-            return self._fallback(q, None, reason, timer)
+            return self._fallback(q, None, STORE_UNAVAILABLE, timer)
         timer.mark("redis")
         if user is None:
             return self._fallback(q, None, UNKNOWN_USER, timer)
@@ -158,38 +204,66 @@ class Recommender:
         model = self.models.get(q.model) if q.model else self.models.current
         if model is None:
             return self._fallback(q, user, MODEL_UNAVAILABLE, timer)
-        if self._late(q):
-            return self._fallback(q, user, DEADLINE, timer, model=model)
-        # From here on nothing awaits: one consistent item view for the request.
+        if self.admission is None:
+            result, rows = await self._score(q, user, model, timer)
+        else:
+            async with self.admission.cpu:
+                timer.mark("cpu_wait")
+                waited = timer.stages["cpu_wait"]
+                section = time.perf_counter()
+                result, rows = await self._score(q, user, model, timer)
+            if result.strategy == "model":  # the turns of the loop are not its cost
+                took = time.perf_counter() - section - (timer.stages["cpu_wait"] - waited)
+                self.admission.computed(took)
+        if rows is not None and model is not None:
+            # TreeSHAP costs several times the scoring: in a thread (LightGBM
+            # releases the GIL), outside the CPU section, so other requests are
+            # not held up by it.
+            explained = await asyncio.to_thread(explain, model, rows, q.explain_top)
+            for item, explanation in zip(result.items, explained, strict=True):
+                item["explanation"] = explanation
+            timer.mark("explain")
+        return result
+
+    async def _score(
+        self, q: Query, user: UserState, model: LoadedModel, timer: StageTimer
+    ) -> tuple[Result, np.ndarray | None]:
+        """Candidates, features, scores and the answer's items, and the returned
+        items' feature rows when the query wants explanations.
+
+        CPU work in three slices with a turn of the event loop between them, so
+        that the loop reads its sockets (and turns away what it must) every few
+        hundred microseconds, not once per request."""
+        if late := self._late(q, timer):
+            return self._fallback(q, user, late, timer, model=model), None
+        # One consistent item view for the request, across the turns.
         view = self.items.view
         now = time.time()
         found, candidates = self._candidates(q, user, view, model, now)
         timer.mark("candidates")
         if len(candidates) == 0:
-            return self._fallback(q, user, NO_CANDIDATES, timer, model=model)
+            return self._fallback(q, user, NO_CANDIDATES, timer, model=model), None
+        await asyncio.sleep(0)
+        timer.mark("cpu_wait")
         try:
             matrix = build_matrix(
                 user, view.table, candidates.index, now, context=q.context, retrieval=found
             )
             timer.mark("features")
-            if self._late(q):  # scoring is the costliest stage: do not start it late
-                return self._fallback(q, user, DEADLINE, timer, model=model)
+            await asyncio.sleep(0)
+            timer.mark("cpu_wait")
+            if late := self._late(q, timer):  # scoring is the costliest stage: not late
+                return self._fallback(q, user, late, timer, model=model), None
             scores = model.predict(matrix)
         except Exception:  # a broken model or feature must not break the answer
             log.exception("scoring failed", extra={"model": model.version, "user": q.user_id})
-            return self._fallback(q, user, MODEL_ERROR, timer, model=model)
+            return self._fallback(q, user, MODEL_ERROR, timer, model=model), None
         timer.mark("score")
         best = top_n(scores, q.n)
         sources = [cands.SOURCES[s] for s in candidates.source[best].tolist()]
         items = _items(view.table, candidates.index[best], scores[best], sources)
-        if q.explain:
-            # TreeSHAP costs several times the scoring: in a thread (LightGBM
-            # releases the GIL), so other requests are not held up by it.
-            explained = await asyncio.to_thread(explain, model, matrix[best], q.explain_top)
-            for item, explanation in zip(items, explained, strict=True):
-                item["explanation"] = explanation
-            timer.mark("explain")
-        return Result(q.request_id, q.user_id, items, "model", None, _model_ref(model), timer)
+        result = Result(q.request_id, q.user_id, items, "model", None, _model_ref(model), timer)
+        return result, matrix[best] if q.explain else None
 
     def _candidates(
         self, q: Query, user: UserState, view: ItemView, model: LoadedModel, now: float

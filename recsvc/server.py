@@ -19,6 +19,7 @@ import uvloop
 from aiohttp import web
 
 from recsvc import appkeys, logs, metrics
+from recsvc.admission import stamp_arrivals
 from recsvc.app import create_app
 from recsvc.experiments import ExperimentsError
 from recsvc.settings import Settings
@@ -27,8 +28,28 @@ from recsvc.store import IncompatibleStore
 log = logging.getLogger(__name__)
 # In-flight requests get this long to finish after a stop signal.
 SHUTDOWN_GRACE_SECS = 10.0
+# After an answer sent before the request body was read in full (a 408 for a
+# body that did not arrive in time, a 413), aiohttp reads and discards what
+# the client still sends for this long, so that the client sees the answer
+# rather than a reset, then closes (aiohttp's default is 10 s per connection).
+LINGERING_SECS = 1.0
 # How long the parent waits for workers to listen, and to exit after a stop.
 WORKER_START_SECS = 120.0
+
+
+async def setup_runner(app: web.Application) -> web.AppRunner:
+    """The app's runner, set up (the app's resources started), with every
+    request stamped with its arrival time (recsvc.admission.stamp_arrivals)."""
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_GRACE_SECS,
+        lingering_time=LINGERING_SECS,
+    )
+    await runner.setup()
+    assert runner.server is not None  # set up above
+    stamp_arrivals(runner.server)
+    return runner
 
 
 async def serve_until_stopped(
@@ -38,8 +59,7 @@ async def serve_until_stopped(
     reuse_port: bool = False,
 ) -> None:
     app = create_app(settings, redis_url)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECS)
-    await runner.setup()
+    runner = await setup_runner(app)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -27,7 +27,8 @@ class SettingsError(ValueError):
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
-    workers: int = 1
+    # 0: one per core this process may run on (os.sched_getaffinity).
+    workers: int = 0
     # Empty: `recsvc demo` / `serve --embedded` start a private redis-server.
     redis_url: str = ""
     redis_server_bin: str = ""
@@ -69,7 +70,16 @@ class Settings:
     event_dedupe_ttl_secs: int = 86_400
     user_ttl_days: float = 90.0
     max_body_bytes: int = 64 * 1024
+    # A request body must arrive within this (408 and the connection closed).
+    body_timeout_ms: float = 2000.0
+    # Hard cap of requests in flight per process, every route (503 above).
     max_inflight: int = 512
+    # Admission control of recommendations: admitted while the requests ahead
+    # are predicted to finish, with this one, within this from its arrival.
+    admission_target_ms: float = 20.0
+    # Over the limit: "reject" (503 + Retry-After) or "default" (the default
+    # strategy at once, reason overloaded).
+    overload_response: str = "reject"
     # Browser origins allowed to call the API (comma-separated; "*" = any, which
     # is safe here: recsvc uses no cookies, so it never allows credentials).
     cors_origins: str = ""
@@ -86,6 +96,11 @@ class Settings:
         decided per model at serving."""
         base = CandidateConfig(cap=self.candidate_cap)
         return dataclasses.replace(base, **_quotas(self.candidate_quotas))
+
+    @property
+    def worker_count(self) -> int:
+        """``workers``, or one per core this process may run on when it is 0."""
+        return self.workers or len(os.sched_getaffinity(0))
 
     @property
     def cors_origin_list(self) -> list[str]:
@@ -122,7 +137,7 @@ class Settings:
             ("breaker_failures", self.breaker_failures >= 1),
             ("breaker_reset_secs", self.breaker_reset_secs > 0),
             ("item_refresh_secs", self.item_refresh_secs > 0),
-            ("workers", 1 <= self.workers <= 64),
+            ("workers", 0 <= self.workers <= 64),
             ("model_poll_secs", self.model_poll_secs > 0),
             ("model_keep_versions", self.model_keep_versions >= 1),
             ("exposure_stream_max", self.exposure_stream_max >= 1000),
@@ -137,6 +152,9 @@ class Settings:
             ("user_ttl_days", self.user_ttl_days >= 0),
             ("max_body_bytes", self.max_body_bytes >= 1024),
             ("max_inflight", self.max_inflight >= 1),
+            ("body_timeout_ms", self.body_timeout_ms > 0),
+            ("admission_target_ms", self.admission_target_ms > 0),
+            ("overload_response", self.overload_response in {"reject", "default"}),
             ("cors_origins", all(_ORIGIN.fullmatch(o) for o in self.cors_origin_list)),
             ("log_level", self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}),
             ("request_log_sample", 0.0 <= self.request_log_sample <= 1.0),
@@ -194,7 +212,11 @@ SECRETS = frozenset({"admin_token"})
 SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     ("host", "address to listen on"),
     ("port", "port to listen on"),
-    ("workers", "server processes sharing the port (SO_REUSEPORT); about one per core"),
+    (
+        "workers",
+        "server processes sharing the port (SO_REUSEPORT); 0 = one per core this process "
+        "may use (os.sched_getaffinity)",
+    ),
     ("redis_url", "Redis or Redis Cluster URL; empty = embedded redis-server (demo)"),
     (
         "redis_server_bin",
@@ -237,7 +259,7 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     (
         "request_deadline_ms",
         "deadline of a recommendation from arrival; past it, the default strategy answers "
-        "(reason deadline)",
+        "(reason overloaded when the time went to queues, else deadline)",
     ),
     ("redis_timeout_ms", "cap of the request-path Redis read (within the request deadline)"),
     (
@@ -257,7 +279,18 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     ),
     ("user_ttl_days", "idle time after which a user's state expires; 0 = never"),
     ("max_body_bytes", "largest request body (413 above)"),
-    ("max_inflight", "requests in flight before answering 503"),
+    ("body_timeout_ms", "a request body must arrive within this (else 408, connection closed)"),
+    ("max_inflight", "hard cap of requests in flight per process, every route (503 above)"),
+    (
+        "admission_target_ms",
+        "recommendations are admitted while the ones ahead are predicted to finish, with "
+        "the new one, within this from its arrival (capped at the request deadline)",
+    ),
+    (
+        "overload_response",
+        "over the admission limit: reject (503 + Retry-After) or default (the default "
+        "strategy at once, reason overloaded)",
+    ),
     (
         "cors_origins",
         "browser origins allowed to call /v1 routes, comma-separated "

@@ -42,7 +42,8 @@ from features.events import (
 )
 from features.state import ITEM_WIDTH, ItemTable, UserState, covisit_bucket
 from recsvc import keys, metrics
-from recsvc.errors import StoreUnavailable
+from recsvc.admission import LoopLag
+from recsvc.errors import Overloaded, StoreUnavailable
 from recsvc.redisurl import cluster_kwargs, is_cluster_url
 from recsvc.settings import Settings
 
@@ -56,7 +57,10 @@ RedisClient: TypeAlias = Redis | RedisCluster
 # What a Redis call can fail with. RedisClusterException (cluster unreachable at
 # discovery, slots not covered) is not a RedisError.
 REDIS_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
-CLUSTER_POOL_HEADROOM = 8
+# Connections beyond redis_pool_size for background calls (item refresh,
+# readiness pings, exposure writes): the gates hold request-path calls to
+# redis_pool_size, so those never find the pool full.
+POOL_HEADROOM = 8
 
 
 def connect(url: str, settings: Settings, writes: bool = False) -> RedisClient:
@@ -80,17 +84,15 @@ def connect(url: str, settings: Settings, writes: bool = False) -> RedisClient:
     if is_cluster_url(url):
         return RedisCluster(
             **cluster_kwargs(url),
-            # Per node. The gate holds request-path calls to redis_pool_size;
-            # the headroom is for background calls (item refresh, readiness
-            # pings, exposure writes), since a full cluster pool fails at once.
-            max_connections=settings.redis_pool_size + CLUSTER_POOL_HEADROOM,
+            # Per node; a full cluster pool fails at once (see POOL_HEADROOM).
+            max_connections=settings.redis_pool_size + POOL_HEADROOM,
             socket_timeout=socket_timeout,
             socket_connect_timeout=connect_timeout,
             retry=Retry(NoBackoff(), 0),  # no cluster-level retries either
         )
     pool = BlockingConnectionPool.from_url(
         url,
-        max_connections=settings.redis_pool_size,
+        max_connections=settings.redis_pool_size + POOL_HEADROOM,
         timeout=wait_ms / 1000.0,
         socket_timeout=socket_timeout,
         socket_connect_timeout=connect_timeout,
@@ -101,33 +103,44 @@ def connect(url: str, settings: Settings, writes: bool = False) -> RedisClient:
 
 
 class Gate:
-    """At most ``limit`` operations in flight (each holds <= 1 connection per node),
-    waiting up to ``wait_s`` for a turn: the BlockingConnectionPool behaviour that
-    RedisCluster lacks. Unlimited for a standalone client (its pool blocks)."""
+    """At most ``limit`` request-path operations in flight (each holds <= 1
+    connection per node), waiting up to ``wait_s`` for a turn.
 
-    def __init__(self, client: RedisClient, limit: int, wait_s: float) -> None:
-        self._sem = asyncio.Semaphore(limit) if isinstance(client, RedisCluster) else None
+    For a cluster client this is the BlockingConnectionPool behaviour that
+    RedisCluster lacks; for both it makes a wait for a connection visible as
+    such (``waited``), so it is never mistaken for a slow Redis.
+    """
+
+    def __init__(self, limit: int, wait_s: float) -> None:
+        self._sem = asyncio.Semaphore(limit)
         self._wait_s = wait_s
 
     @contextlib.asynccontextmanager
     async def slot(self, until: float) -> AsyncIterator[None]:
-        """Hold a slot; wait at most ``wait_s`` and never past ``until`` (loop time)."""
-        if self._sem is None:
-            yield
-            return
+        """Hold a slot; wait at most ``wait_s`` and never past ``until`` (loop time).
+        Raises PoolExhausted when no slot frees up in time."""
         if not self._sem.locked():
             await self._sem.acquire()  # the usual case: no timer needed
         else:
             wait = min(self._wait_s, until - asyncio.get_running_loop().time())
+            start = time.perf_counter()
             try:
                 async with asyncio.timeout(max(wait, 0.0)):
                     await self._sem.acquire()
             except TimeoutError:
-                raise MaxConnectionsError("no free Redis connection") from None
+                raise PoolExhausted("no free Redis connection") from None
+            finally:
+                metrics.POOL_WAIT.observe(time.perf_counter() - start)
         try:
             yield
         finally:
             self._sem.release()
+
+
+class PoolExhausted(MaxConnectionsError):
+    """Every connection of this process's pool was busy until the wait ran out: the
+    process has more requests in flight than connections, which says nothing
+    about Redis."""
 
 
 class TopologyRefresh:
@@ -351,10 +364,12 @@ class FeatureStore:
     ) -> None:
         self.client = client
         self.writer = writer if writer is not None else client
-        self._read_gate = Gate(client, settings.redis_pool_size, settings.redis_pool_wait_ms / 1000)
-        self._write_gate = Gate(
-            self.writer, settings.redis_pool_size, settings.redis_write_timeout_ms / 1000
-        )
+        # The pools hold redis_pool_size connections (plus headroom on a cluster
+        # for background calls); the gates keep request-path calls within them.
+        self._read_gate = Gate(settings.redis_pool_size, settings.redis_pool_wait_ms / 1000)
+        self._write_gate = Gate(settings.redis_pool_size, settings.redis_write_timeout_ms / 1000)
+        # Set by the app: a read that times out while the loop lagged is not Redis's fault.
+        self.lag: LoopLag | None = None
         self._read_refresh = TopologyRefresh(client)
         self._write_refresh = TopologyRefresh(self.writer)
         self.timeout = settings.redis_timeout_ms / 1000.0
@@ -378,13 +393,18 @@ class FeatureStore:
     ) -> list[UserState | None]:
         """Several users' states in one pipelined round trip (None = unknown user).
 
-        The read gets ``read_secs`` (default ``redis_timeout_ms``) or until
-        ``deadline`` (event-loop time), whichever is sooner; running out raises
-        StoreUnavailable("deadline").
+        The read gets ``read_secs`` (default ``redis_timeout_ms``) from when it
+        has a connection, and never past ``deadline`` (event-loop time).
+
+        Raises StoreUnavailable when Redis failed: refused, reset, or too slow
+        while this process was keeping up (these count toward the breaker), or
+        the circuit is open. Raises Overloaded when the time ran out because of
+        this process: no pooled connection in time, the event loop lagging, or
+        a request deadline mostly spent before the read (these never count
+        toward the breaker: an idle Redis must not be blamed for a busy worker).
         """
-        until = asyncio.get_running_loop().time() + (read_secs or self.timeout)
-        if deadline is not None:
-            until = min(until, deadline)
+        loop = asyncio.get_running_loop()
+        budget = read_secs or self.timeout
         if not self.breaker.allow():
             raise StoreUnavailable("circuit_open")
         pipe = self.client.pipeline(transaction=False)
@@ -392,16 +412,32 @@ class FeatureStore:
             pipe.hgetall(keys.user_state(user_id))
             pipe.zrevrange(keys.user_recent(user_id), 0, RECENT_MAX - 1, withscores=True)
             pipe.smembers(keys.user_purchased(user_id))
+        started = (0.0, 0.0)
         try:
             # The gate first, with its own wait: a full pool is not a slow Redis.
-            async with self._read_gate.slot(until), asyncio.timeout_at(until):
-                replies = await pipe.execute()
+            async with self._read_gate.slot(deadline or loop.time() + budget):
+                started = LoopLag.mark()
+                until = loop.time() + budget
+                cut_short = deadline is not None and deadline < until
+                async with asyncio.timeout_at(deadline if cut_short else until):
+                    replies = await pipe.execute()
+        except PoolExhausted as exc:
+            metrics.REDIS_ERRORS.labels("read", "PoolExhausted").inc()
+            raise Overloaded("redis_pool") from exc
         except REDIS_FAILURES as exc:
+            timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
+            if timed_out:
+                # The process was busy during the wait: the reply may have been
+                # waiting for us. Or the request's deadline cut the read short
+                # of its own budget: the request's time went elsewhere.
+                busy = self.lag is not None and self.lag.saturated(started)
+                if busy or cut_short:
+                    metrics.REDIS_ERRORS.labels("read", "LoopBehind").inc()
+                    raise Overloaded("event_loop" if busy else "deadline") from exc
             self.breaker.failure()
             metrics.REDIS_ERRORS.labels("read", type(exc).__name__).inc()
             self._read_refresh.after(exc)
-            timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
-            raise StoreUnavailable("deadline" if timed_out else type(exc).__name__) from exc
+            raise StoreUnavailable("timeout" if timed_out else type(exc).__name__) from exc
         self.breaker.success()
         return [decode_user(*replies[k : k + 3]) for k in range(0, len(replies), 3)]
 

@@ -104,8 +104,8 @@ def model_dir(small_files: DataFiles, tmp_path_factory: pytest.TempPathFactory) 
 def settings_for(model_dir: Path, **overrides: object) -> Settings:
     """Test settings: fast polling, data (and the scorer cache) next to the models,
     the native scorer unless a test asks for the compiled one (tests/test_scoring.py),
-    and a read deadline that a hiccup of this shared machine does not trip (the
-    fallback tests use a dead Redis, which fails at once)."""
+    and a read deadline and admission target that a hiccup of this shared machine
+    does not trip (the fallback tests use a dead Redis, which fails at once)."""
     return Settings(
         model_dir=model_dir,
         data_dir=model_dir.parent / "data",
@@ -114,6 +114,7 @@ def settings_for(model_dir: Path, **overrides: object) -> Settings:
         scorer="native",
         redis_timeout_ms=1000.0,
         request_deadline_ms=2000.0,
+        admission_target_ms=2000.0,
     ).replace(**overrides)
 
 

@@ -1,0 +1,231 @@
+"""Load control: admission, truthful attribution of lost time, slow bodies, arrival time.
+
+Real redis-server, real HTTP servers on 127.0.0.1; the overload is made by a tiny
+admission target or by blocking the event loop, never by mocking our code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import redis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+
+from features.state import UserState
+from recsvc.admission import Admission, LoopLag
+from recsvc.app import create_app
+from recsvc.errors import Overloaded, StoreUnavailable
+from recsvc.server import LINGERING_SECS, setup_runner
+from recsvc.settings import Settings
+from recsvc.store import FeatureStore, connect
+from tests.conftest import settings_for
+
+Client = TestClient[Any, Any]
+
+
+def test_admission_admits_what_fits_in_the_target_and_always_the_first() -> None:
+    # Units are seconds; round numbers keep the arithmetic exact.
+    adm = Admission(target=10.0, max_inflight=100, initial_service=2.0)
+    assert adm.limit == 5
+    assert all(adm.admit(0.0) for _ in range(5))  # the fifth finishes at 5 * 2 = 10
+    assert adm.admit(0.0) is False  # a sixth would finish at 12
+    adm.done()
+    assert adm.admit(3.0) is False  # waited 3 + 5 * 2 = 13
+    assert adm.admit(0.0) is True  # exactly 10 again
+    for _ in range(5):
+        adm.done()
+    assert adm.inflight == 0
+    assert adm.admit(100.0) is True  # nothing ahead: even a late request gets its chance
+    adm.done()
+    # The service time follows the CPU section: slower sections, a smaller limit.
+    for _ in range(300):
+        adm.computed(4.0)
+    assert adm.limit == 2
+    hard = Admission(target=1000.0, max_inflight=2, initial_service=1.0)
+    assert hard.admit(0.0) and hard.admit(0.0) and not hard.admit(0.0)
+
+
+@pytest.mark.asyncio
+async def test_loop_lag_sees_a_blocked_loop_and_a_busy_thread() -> None:
+    lag = LoopLag(interval=0.002)
+    lag.start()
+    try:
+        await asyncio.sleep(0.02)
+        quiet = LoopLag.mark()
+        await asyncio.sleep(0.03)
+        assert not lag.saturated(quiet)
+        assert lag.since(quiet[0]) < 0.02
+        busy = LoopLag.mark()
+        time.sleep(0.03)  # noqa: ASYNC251 - the point: the loop is blocked for 30 ms
+        assert lag.since(busy[0]) >= 0.02
+        assert lag.saturated(busy)
+        await asyncio.sleep(0.01)
+        assert lag.since(busy[0]) >= 0.02  # remembered once the tick has run
+    finally:
+        lag.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_read_that_times_out_in_a_blocked_loop_is_not_blamed_on_redis(
+    seeded: Redis, redis_url: str
+) -> None:
+    """Redis is busy for 10 ms (another client's DEBUG SLEEP), well inside the 20 ms
+    read deadline; meanwhile this process blocks its own loop for 50 ms. The read
+    times out, but as Overloaded: the breaker counts nothing. Without the block
+    the same read succeeds."""
+    settings = Settings(redis_timeout_ms=20.0, breaker_failures=1)
+    store = FeatureStore(connect(redis_url, settings), settings)
+    store.lag = LoopLag(interval=0.002)
+    store.lag.start()
+    admin = redis.Redis.from_url(redis_url)
+
+    async def read_while_redis_sleeps(block: float) -> UserState | None:
+        sleeper = asyncio.ensure_future(
+            asyncio.to_thread(admin.execute_command, "DEBUG", "SLEEP", "0.01")
+        )
+        await asyncio.sleep(0.002)  # Redis is asleep now
+        read = asyncio.ensure_future(store.fetch_user("u1"))
+        await asyncio.sleep(0.003)  # the read waits for its reply
+        time.sleep(block)  # noqa: ASYNC251 - the point: this process's loop is held
+        try:
+            return await read
+        finally:
+            await sleeper
+
+    try:
+        assert await read_while_redis_sleeps(0.0) is not None
+        for _ in range(3):
+            with pytest.raises(Overloaded):
+                await read_while_redis_sleeps(0.05)
+            assert store.breaker.state == "closed" and store.breaker.failures == 0
+        assert await store.fetch_user("u1") is not None
+    finally:
+        store.lag.stop()
+        admin.close()
+        await store.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_dead_redis_still_counts_toward_the_breaker(model_dir: Path) -> None:
+    settings = Settings(breaker_failures=2)
+    store = FeatureStore(connect("unix:///nonexistent/recsvc.sock", settings), settings)
+    store.lag = LoopLag()
+    store.lag.start()
+    try:
+        for _ in range(2):
+            with pytest.raises(StoreUnavailable):
+                await store.fetch_user("u1")
+        assert store.breaker.state == "open"
+    finally:
+        store.lag.stop()
+        await store.aclose()
+
+
+async def _burst(client: Client, n: int) -> list[tuple[int, dict[str, str], dict[str, Any]]]:
+    async def one(k: int) -> tuple[int, dict[str, str], dict[str, Any]]:
+        resp = await client.post("/v1/recommendations", json={"user_id": f"u{k % 50}"})
+        return resp.status, dict(resp.headers), await resp.json()
+
+    return list(await asyncio.gather(*(one(k) for k in range(n))))
+
+
+def _shed(text: str) -> float:
+    for line in text.splitlines():
+        if line.startswith('recsvc_shed_requests_total{cause="admission"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.asyncio
+async def test_over_the_admission_limit_answers_503_at_once_with_retry_after(
+    seeded: Redis, redis_url: str, model_dir: Path
+) -> None:
+    # A target far below one request's cost: only a request with nothing
+    # ahead of it is admitted.
+    app = create_app(settings_for(model_dir, admission_target_ms=0.001), redis_url)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        shed_before = _shed(await (await client.get("/metrics")).text())  # per process
+        answers = await _burst(client, 40)
+        statuses = [status for status, _, _ in answers]
+        assert 200 in statuses and 503 in statuses, statuses
+        for status, headers, body in answers:
+            if status == 503:
+                assert headers["Retry-After"] == "1"
+                assert body["error"]["code"] == "overloaded"
+            else:
+                assert status == 200 and body["strategy"] == "model", body
+        shed = _shed(await (await client.get("/metrics")).text())
+        assert shed - shed_before == statuses.count(503)
+        # Probes and scrapes are never shed.
+        assert (await client.get("/readyz")).status == 200
+
+
+@pytest.mark.asyncio
+async def test_overload_response_default_serves_popular_items_with_the_reason(
+    seeded: Redis, redis_url: str, model_dir: Path
+) -> None:
+    settings = settings_for(model_dir, admission_target_ms=0.001, overload_response="default")
+    async with TestClient(TestServer(create_app(settings, redis_url), host="127.0.0.1")) as client:
+        answers = await _burst(client, 40)
+        reasons = {body.get("fallback_reason") for _, _, body in answers}
+        assert {status for status, _, _ in answers} == {200}
+        assert "overloaded" in reasons, reasons
+        for _, _, body in answers:
+            assert len(body["items"]) == 10
+            if body["fallback_reason"] == "overloaded":
+                assert body["strategy"] == "fallback" and body["model"] is None
+
+
+def _slow_body(port: int) -> socket.socket:
+    """A connection that sends its headers and 10 of the 200 body bytes it announced."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(
+        b"POST /v1/recommendations HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 200\r\n\r\n{"user_id"'
+    )
+    return sock
+
+
+@pytest.mark.asyncio
+async def test_slow_bodies_are_cut_off_and_never_hold_up_other_requests(
+    seeded: Redis, redis_url: str, model_dir: Path
+) -> None:
+    settings = settings_for(model_dir, body_timeout_ms=500.0, admission_target_ms=1.0)
+    runner = await setup_runner(create_app(settings, redis_url))  # as `recsvc serve` does
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            async with http.get("/metrics") as resp:  # counters are per process
+                shed_before = _shed(await resp.text())
+            slow = [_slow_body(port) for _ in range(64)]
+            started = time.monotonic()
+            for k in range(20):  # served while 64 bodies trickle (and never admitted)
+                async with http.post("/v1/recommendations", json={"user_id": f"u{k}"}) as resp:
+                    assert resp.status == 200 and (await resp.json())["strategy"] == "model"
+                    # The deadline and the Server-Timing count from arrival.
+                    assert resp.headers["Server-Timing"].startswith("queue;dur=")
+            await asyncio.sleep(max(0.0, 0.8 - (time.monotonic() - started)))
+            for sock in slow:  # answered, then closed after the lingering time
+                sock.settimeout(LINGERING_SECS + 5)
+                reply = b""
+                while chunk := await asyncio.to_thread(sock.recv, 65536):
+                    reply += chunk  # until the server closes the connection
+                head, _, body = reply.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 408"), head
+                assert orjson.loads(body)["error"]["code"] == "body_timeout"
+                sock.close()
+            async with http.get("/metrics") as resp:
+                assert _shed(await resp.text()) == shed_before
+    finally:
+        await runner.cleanup()
