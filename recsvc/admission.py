@@ -11,10 +11,11 @@ of the CPU. Three pieces keep that queue honest:
 - ``LoopLag``: how late a timer scheduled every few milliseconds runs. A Redis
   read that times out while the loop was late is the process's fault, not
   Redis's: it never counts toward the circuit breaker.
-- ``Admission``: an adaptive concurrency limit. It measures what one admitted
-  recommendation costs the process (the service time, which grows when the CPU
-  is shared or throttled) and admits a request only when the requests ahead of
-  it are predicted to finish, with it, inside ``target``
+- ``Admission``: an adaptive concurrency limit. It learns what one admitted
+  recommendation costs the process from the latencies admitted requests get
+  (the service time, which grows when the CPU is shared or throttled) and
+  admits a request only when the requests ahead of it are predicted to finish,
+  with it, inside ``target``
   from its arrival: ``waited + (admitted + 1) * service <= target``. The rest are
   answered at once (503 + Retry-After, or the default strategy with reason
   ``overloaded``). ``cpu`` lets one admitted request compute at a time, so the
@@ -27,14 +28,25 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
+
+from recsvc import metrics
 
 # perf_counter() when aiohttp built the request (see stamp_arrivals).
 ARRIVED = web.RequestKey("arrived", float)
+# Set when the front door (install_front_door) decided admission: the number of
+# admitted requests ahead, or NOT_ADMITTED (serve the default strategy).
+TICKET = web.RequestKey("admission_ticket", int)
+NOT_ADMITTED = -1
+RECOMMEND_PATH = "/v1/recommendations"
+OVERLOADED_MESSAGE = "the service is saturated; retry shortly"
 
 
 def stamp_arrivals(server: web.Server) -> None:
@@ -55,21 +67,104 @@ def stamp_arrivals(server: web.Server) -> None:
     server.request_factory = factory
 
 
+def install_front_door(server: web.Server, admission: Admission, reject: bool) -> None:
+    """Decide admission for recommendations before routing and middlewares.
+
+    When a request to RECOMMEND_PATH has its whole body (or is a GET), it is
+    admitted here or, with ``reject``, answered 503 at once from a prebuilt
+    body: no routing, no middleware chain, no exception, a fraction of a
+    normal request's cost, which is what keeps turning away twice the
+    capacity affordable. Other requests (a body still arriving, a browser's CORS request, other
+    routes) go the normal way; the handler decides admission for those.
+    Call after ``stamp_arrivals``.
+    """
+    handle = server.request_handler
+    body = orjson.dumps(
+        {"error": {"code": "overloaded", "message": OVERLOADED_MESSAGE, "field": None}}
+    )
+
+    async def front(request: web.BaseRequest) -> web.StreamResponse:
+        if (
+            request.path == RECOMMEND_PATH
+            and "Origin" not in request.headers
+            and (request.method == "GET" or request.content.is_eof())
+        ):
+            now = time.perf_counter()
+            waited = now - request.get(ARRIVED, now)
+            ticket = admission.admit(waited)
+            if ticket is None:
+                metrics.shed("admission")
+                if reject:
+                    elapsed = time.perf_counter() - request.get(ARRIVED, now)
+                    metrics.observe_http(RECOMMEND_PATH, request.method, 503, elapsed)
+                    return web.Response(
+                        status=503,
+                        body=body,
+                        content_type="application/json",
+                        headers={"Retry-After": "1", "X-Request-Id": os.urandom(8).hex()},
+                    )
+            request[TICKET] = NOT_ADMITTED if ticket is None else ticket
+        return await handle(request)
+
+    server.request_handler = front
+
+
+def _cpu_stat_path() -> Path | None:
+    """This process's cgroup cpu.stat (v1 cpu controller or v2), if readable."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):  # v1: "cpu" or "cpu,cpuacct"
+            for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+                candidate = Path("/sys/fs/cgroup", mount) / path.lstrip("/") / "cpu.stat"
+                if candidate.is_file():
+                    return candidate
+        if controllers == "":  # v2
+            candidate = Path("/sys/fs/cgroup") / path.lstrip("/") / "cpu.stat"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _throttled_secs(path: Path | None) -> float:
+    """Seconds this cgroup has been throttled by its CPU quota so far (0 when unknown)."""
+    if path is None:
+        return 0.0
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == "throttled_time":  # v1, nanoseconds
+                return int(value) / 1e9
+            if name == "throttled_usec":  # v2
+                return int(value) / 1e6
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
 class LoopLag:
-    """Event-loop lag: how late a callback due every ``interval`` seconds runs.
+    """Event-loop lag: how late a callback due every ``interval`` seconds runs, and
+    how long the process's cgroup was throttled by a CPU quota (read at each tick).
 
     ``since(t)`` is the worst lag seen from ``t`` (perf_counter) to now, counting
-    a tick that is overdue right now. One timer per process; a tick costs a few
-    microseconds.
+    a tick that is overdue right now; ``saturated(mark)`` says whether the process
+    was too busy since ``mark`` to blame anything else for lost time. One timer
+    per process; a tick costs a few microseconds.
     """
 
-    def __init__(self, interval: float = 0.002, window: float = 2.0) -> None:
+    def __init__(self, interval: float = 0.005, window: float = 2.0) -> None:
         self.interval = interval
-        self._ticks: collections.deque[tuple[float, float]] = collections.deque(
+        # (perf_counter, lag, throttled seconds so far) per tick.
+        self._ticks: collections.deque[tuple[float, float, float]] = collections.deque(
             maxlen=max(16, int(window / interval))
         )
         self._due = 0.0
         self._handle: asyncio.TimerHandle | None = None
+        self._stat: Path | None = None
+        self._stat_found = 0.0
         self.on_tick: Callable[[float], None] | None = None
 
     def start(self) -> None:
@@ -84,7 +179,9 @@ class LoopLag:
     def _tick(self) -> None:
         now = time.perf_counter()
         lag = max(now - self._due, 0.0)
-        self._ticks.append((now, lag))
+        if now - self._stat_found > 1.0:  # the process may be moved to another cgroup
+            self._stat, self._stat_found = _cpu_stat_path(), now
+        self._ticks.append((now, lag, _throttled_secs(self._stat)))
         if self.on_tick is not None:
             self.on_tick(lag)
         self._due = now + self.interval
@@ -97,19 +194,33 @@ class LoopLag:
 
     def saturated(self, mark: tuple[float, float]) -> bool:
         """Whether the process was too busy since ``mark`` to blame anything else
-        for lost time: the loop's thread ran for half the time or more (callbacks
-        of other requests), or the loop ran late by a quarter of it or more (a
-        long callback, or the CPU throttled, when the thread cannot run at all)."""
+        for lost time: the loop's thread ran for half the time or more (other
+        requests' callbacks), the loop ran late by a quarter of it or more (a
+        long callback), or a CPU quota throttled the process for a quarter of it
+        or more (when the thread cannot run at all)."""
         wall = time.perf_counter() - mark[0]
         if wall <= 0.0:
             return False
-        return time.thread_time() - mark[1] >= 0.5 * wall or self.since(mark[0]) >= 0.25 * wall
+        if time.thread_time() - mark[1] >= 0.5 * wall or self.since(mark[0]) >= 0.25 * wall:
+            return True
+        return self.throttled_since(mark[0]) >= 0.25 * wall
+
+    def throttled_since(self, start: float) -> float:
+        """Seconds of CPU-quota throttling seen by the ticks after ``start``."""
+        first = last = None
+        for at, _, throttled in reversed(self._ticks):
+            if last is None:
+                last = throttled
+            first = throttled
+            if at < start:
+                break
+        return (last - first) if last is not None and first is not None else 0.0
 
     def since(self, start: float) -> float:
         """The largest lag observed after ``start`` (perf_counter), now included."""
         now = time.perf_counter()
         worst = max(now - self._due, 0.0) if self._handle is not None else 0.0
-        for at, lag in reversed(self._ticks):
+        for at, lag, _ in reversed(self._ticks):
             if at < start:
                 break
             worst = max(worst, lag)
@@ -119,18 +230,31 @@ class LoopLag:
 class Admission:
     """The adaptive concurrency limit of recommendations in one process.
 
-    ``service`` estimates what one admitted recommendation costs: an EWMA of
-    the wall time of its CPU section (candidates, features, scoring; the turns
-    of the loop between those slices excluded). It grows when the CPU is shared
-    or throttled, and does not grow with the number of rejections: an estimate
-    that counted the work of turning clients away would admit fewer as more
-    are turned away, and clients that retry at once would spiral it down.
-    Queues other than the CPU section (HTTP, the Redis round trip) are what
-    the gap between ``target`` and the request deadline is for.
+    Two estimates of what one admitted recommendation costs this process:
 
-    A request is admitted when ``waited + (admitted + 1) * service <= target``;
+    - ``service``, as admitted requests experience it: one that had ``ahead``
+      requests in front of it and answered ``latency`` after arriving, having
+      ``waited`` before admission, is a sample of
+      ``(latency - waited) / (ahead + 1)``. It grows when the CPU is shared or
+      throttled and with the work of turning others away.
+    - ``section``, the wall time of the CPU section of requests that scored
+      (candidates, features, scoring; the loop's turns between them excluded).
+      It grows when the CPU is shared or throttled, but not with rejections.
+
+    The prediction uses ``min(service, SECTION_CAP * section)``. ``service``
+    alone spirals when clients retry a 503 at once (wrk, a careless frontend):
+    more rejections, a larger estimate, more rejections, down to one request
+    at a time. The cap bounds how much rejection work can shrink the limit.
+    When an admitted request still misses its deadline, ``section`` was too
+    optimistic (or stale: late requests never score, so they never sample
+    it): it grows by ``MISS_GROWTH``.
+
+    A request is admitted when ``waited + (ahead + 1) * estimate <= target``;
     ``limit`` is the same rule for a request that has not waited.
     """
+
+    SECTION_CAP = 2.0
+    MISS_GROWTH = 1.1
 
     def __init__(
         self,
@@ -142,31 +266,44 @@ class Admission:
         self.target = target
         self.max_inflight = max_inflight
         self.service = initial_service
+        self.section = initial_service
         self.smoothing = smoothing
         self.inflight = 0
         # One admitted request computes at a time (see the module docstring).
         self.cpu = asyncio.Lock()
 
     @property
+    def estimate(self) -> float:
+        """Seconds one more admitted request adds to the queue."""
+        return min(self.service, self.SECTION_CAP * self.section)
+
+    @property
     def limit(self) -> int:
         """Requests in flight that still fit in ``target`` (>= 1)."""
-        return max(1, min(self.max_inflight, int(self.target / self.service)))
+        return max(1, min(self.max_inflight, int(self.target / self.estimate)))
 
-    def admit(self, waited: float) -> bool:
-        """Whether a request that has already waited ``waited`` seconds since its
-        arrival can be answered in time; counts it in when it can."""
-        if self.inflight >= self.max_inflight:
-            return False
+    def admit(self, waited: float) -> int | None:
+        """For a request that has already waited ``waited`` seconds since its
+        arrival: the number of admitted requests ahead of it when it can be
+        answered in time (it is counted in), else None."""
+        ahead = self.inflight
+        if ahead >= self.max_inflight:
+            return None
         # With nothing ahead, a request has the best chance it will ever get.
-        if self.inflight and waited + (self.inflight + 1) * self.service > self.target:
-            return False
+        if ahead and waited + (ahead + 1) * self.estimate > self.target:
+            return None
         self.inflight += 1
-        return True
+        return ahead
 
-    def done(self) -> None:
-        """An admitted request answered."""
+    def done(self, ahead: int, waited: float, latency: float, missed: bool = False) -> None:
+        """An admitted request answered ``latency`` seconds after its arrival;
+        ``missed``: by the default strategy, because its deadline had passed."""
         self.inflight -= 1
+        sample = max(latency - waited, 0.0) / (ahead + 1)
+        self.service += self.smoothing * (sample - self.service)
+        if missed:
+            self.section *= self.MISS_GROWTH
 
     def computed(self, seconds: float) -> None:
-        """An admitted request's CPU section took ``seconds`` (wall time)."""
-        self.service += self.smoothing * (seconds - self.service)
+        """A request's CPU section took ``seconds`` (wall time, turns excluded)."""
+        self.section += self.smoothing * (seconds - self.section)

@@ -17,7 +17,7 @@ from aiohttp import web
 from features.candidates import CandidateConfig
 from features.schema import NO_CONTEXT, Context
 from recsvc import appkeys, metrics
-from recsvc.admission import ARRIVED
+from recsvc.admission import ARRIVED, NOT_ADMITTED, TICKET
 from recsvc.api import (
     MAX_GET_IDS,
     FeaturesRequest,
@@ -32,7 +32,8 @@ from recsvc.errors import BodyTimeout, InvalidRequest, Overloaded, Unauthorized
 from recsvc.middleware import DEADLINE, FROM_CALLER, REQUEST_ID, SERVED
 from recsvc.models import LoadedModel
 from recsvc.online import feature_values, user_feature_values
-from recsvc.recommend import Query
+from recsvc.recommend import DEADLINE as DEADLINE_REASON
+from recsvc.recommend import OVERLOADED, Query
 from recsvc.settings import Settings
 
 
@@ -81,20 +82,30 @@ async def _admitted(request: web.Request, parse: Callable[[], RecommendRequest])
     start = time.perf_counter()
     arrived = request.get(ARRIVED, start)
     admission = request.app[appkeys.ADMISSION]
-    if not admission.admit(start - arrived):
-        metrics.shed("admission")
+    waited = start - arrived
+    if TICKET in request:  # decided at the front door (recsvc.admission)
+        ahead = None if request[TICKET] == NOT_ADMITTED else request[TICKET]
+    else:
+        ahead = admission.admit(waited)
+        if ahead is None:
+            metrics.shed("admission")
+    if ahead is None:
         if request.app[appkeys.SETTINGS].overload_response == "reject":
             raise Overloaded("admission")
-        return await _serve(request, parse(), start, arrived, admitted=False)
+        return (await _serve(request, parse(), start, arrived, admitted=False))[0]
+    reason = None
     try:
-        return await _serve(request, parse(), start, arrived, admitted=True)
+        response, reason = await _serve(request, parse(), start, arrived, admitted=True)
+        return response
     finally:
-        admission.done()
+        missed = reason in (OVERLOADED, DEADLINE_REASON)
+        admission.done(ahead, waited, time.perf_counter() - arrived, missed)
 
 
 async def _serve(
     request: web.Request, req: RecommendRequest, start: float, arrived: float, admitted: bool
-) -> web.Response:
+) -> tuple[web.Response, str | None]:
+    """The answer, and its fallback reason."""
     settings = request.app[appkeys.SETTINGS]
     assignment = request.app[appkeys.EXPERIMENTS].current.assign(
         req.user_id, _flags(request, req.flags)
@@ -153,7 +164,7 @@ async def _serve(
         "experiments": assignment.variants,
         "model_version": result.model["version"] if result.model else None,
     }
-    return response
+    return response, result.fallback_reason
 
 
 async def experiments_get(request: web.Request) -> web.Response:

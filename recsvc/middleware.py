@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from recsvc import metrics
-from recsvc.admission import ARRIVED
+from recsvc.admission import ARRIVED, OVERLOADED_MESSAGE
 from recsvc.errors import (
     BodyTimeout,
     InvalidRequest,
@@ -59,7 +59,7 @@ ERROR_TABLE: dict[type[RecsvcError], tuple[int, str, str, dict[str, str] | None]
         "a valid bearer token is required",
         {"WWW-Authenticate": 'Bearer realm="recsvc-admin"'},
     ),
-    Overloaded: (503, "overloaded", "the service is saturated; retry shortly", _RETRY),
+    Overloaded: (503, "overloaded", OVERLOADED_MESSAGE, _RETRY),
     # The connection is closed (after recsvc.server.LINGERING_SECS): the rest of
     # the body may still be on its way.
     BodyTimeout: (408, "body_timeout", "the request body did not arrive in time", None),

@@ -135,7 +135,7 @@ class Recommender:
         self.items = items
         self.models = models
         self.config = config
-        # Its lock is held while a request computes, and learns the time that
+        # Its lock is held while a request computes, and learns how long that
         # took (recsvc.admission); None: neither.
         self.admission = admission
         self.lag = lag

@@ -19,7 +19,7 @@ import uvloop
 from aiohttp import web
 
 from recsvc import appkeys, logs, metrics
-from recsvc.admission import stamp_arrivals
+from recsvc.admission import install_front_door, stamp_arrivals
 from recsvc.app import create_app
 from recsvc.experiments import ExperimentsError
 from recsvc.settings import Settings
@@ -39,7 +39,8 @@ WORKER_START_SECS = 120.0
 
 async def setup_runner(app: web.Application) -> web.AppRunner:
     """The app's runner, set up (the app's resources started), with every
-    request stamped with its arrival time (recsvc.admission.stamp_arrivals)."""
+    request stamped with its arrival time and recommendations admitted (or
+    turned away) before routing (recsvc.admission)."""
     runner = web.AppRunner(
         app,
         access_log=None,
@@ -49,6 +50,8 @@ async def setup_runner(app: web.Application) -> web.AppRunner:
     await runner.setup()
     assert runner.server is not None  # set up above
     stamp_arrivals(runner.server)
+    reject = app[appkeys.SETTINGS].overload_response == "reject"
+    install_front_door(runner.server, app[appkeys.ADMISSION], reject)
     return runner
 
 

@@ -36,22 +36,38 @@ def test_admission_admits_what_fits_in_the_target_and_always_the_first() -> None
     # Units are seconds; round numbers keep the arithmetic exact.
     adm = Admission(target=10.0, max_inflight=100, initial_service=2.0)
     assert adm.limit == 5
-    assert all(adm.admit(0.0) for _ in range(5))  # the fifth finishes at 5 * 2 = 10
-    assert adm.admit(0.0) is False  # a sixth would finish at 12
-    adm.done()
-    assert adm.admit(3.0) is False  # waited 3 + 5 * 2 = 13
-    assert adm.admit(0.0) is True  # exactly 10 again
-    for _ in range(5):
-        adm.done()
-    assert adm.inflight == 0
-    assert adm.admit(100.0) is True  # nothing ahead: even a late request gets its chance
-    adm.done()
-    # The service time follows the CPU section: slower sections, a smaller limit.
+    assert [adm.admit(0.0) for _ in range(5)] == [0, 1, 2, 3, 4]  # the fifth ends at 10
+    assert adm.admit(0.0) is None  # a sixth would end at 12
+    adm.done(0, 0.0, 2.0)  # as predicted: the estimate stays
+    assert adm.service == 2.0
+    assert adm.admit(3.0) is None  # waited 3 + 5 * 2 = 13
+    assert adm.admit(0.0) == 4  # exactly 10 again
+    for ahead in range(5):
+        adm.done(ahead, 0.0, 2.0 * (ahead + 1))
+    assert adm.inflight == 0 and adm.service == 2.0
+    assert adm.admit(100.0) == 0  # nothing ahead: even a late request gets its chance
+    adm.done(0, 100.0, 102.0)
+    # Admitted requests answering later than predicted: a larger estimate, a
+    # smaller limit (each took 3.2, not 2; the scoring section still takes 2).
     for _ in range(300):
-        adm.computed(4.0)
-    assert adm.limit == 2
+        adm.done(adm.admit(0.0) or 0, 0.0, 3.2)
+    assert abs(adm.service - 3.2) < 1e-3 and adm.limit == 3
+    # However slow answers get (clients hammering with retries, each turned away
+    # at a cost), the estimate is capped at 2 x the scoring section: 4.
+    for _ in range(300):
+        adm.done(adm.admit(0.0) or 0, 0.0, 50.0)
+    assert adm.estimate == 4.0 and adm.limit == 2
+    # Unless admitted requests miss their deadline: then the section estimate
+    # was too optimistic, and grows.
+    for _ in range(10):
+        adm.done(adm.admit(0.0) or 0, 0.0, 50.0, missed=True)
+    assert adm.estimate > 10.0 and adm.limit == 1
+    # Sections measured at 1 bring it back down.
+    for _ in range(300):
+        adm.computed(1.0)
+    assert abs(adm.estimate - 2.0) < 1e-3
     hard = Admission(target=1000.0, max_inflight=2, initial_service=1.0)
-    assert hard.admit(0.0) and hard.admit(0.0) and not hard.admit(0.0)
+    assert hard.admit(0.0) == 0 and hard.admit(0.0) == 1 and hard.admit(0.0) is None
 
 
 @pytest.mark.asyncio

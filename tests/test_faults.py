@@ -221,17 +221,24 @@ async def under_fault(client: Client, reasons: set[str], n: int = 30) -> set[str
     return seen
 
 
-async def circuit_opened_on_timeouts(client: Client) -> None:
-    """The reads timed out with an idle event loop, so they were Redis's fault:
-    counted as timeouts (never as the loop falling behind) and the circuit is open."""
+async def read_errors(client: Client) -> dict[str, float]:
+    """recsvc_redis_errors_total{operation="read"} by error (process-wide counters)."""
     text = await (await client.get("/metrics")).text()
-    errors = {
+    return {
         line.split("error=")[1].split('"')[1]: float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
         if line.startswith("recsvc_redis_errors_total{") and 'operation="read"' in line
     }
-    assert errors.get("TimeoutError", 0) >= 5, errors
-    assert "LoopBehind" not in errors and "PoolExhausted" not in errors, errors
+
+
+async def circuit_opened_on_timeouts(client: Client, before: dict[str, float]) -> None:
+    """The reads timed out with an idle event loop, so they were Redis's fault:
+    counted as timeouts (never as the loop falling behind) and the circuit is open."""
+    after = await read_errors(client)
+    new = {k: v - before.get(k, 0.0) for k, v in after.items() if v > before.get(k, 0.0)}
+    assert new.get("TimeoutError", 0) >= 5, new
+    assert "LoopBehind" not in new and "PoolExhausted" not in new, new
+    text = await (await client.get("/metrics")).text()
     state = [line for line in text.splitlines() if line.startswith("recsvc_redis_circuit_state ")]
     assert state and float(state[0].split()[1]) >= 1, state  # open or half-open
 
@@ -279,6 +286,7 @@ async def test_redis_hung(seeded_server: Server, model_dir: Path, how: str) -> N
         await recovers(client)
         admin = seeded_server.admin()
         sleeper: asyncio.Task[Any] | None = None
+        before = await read_errors(client)
         if how == "sigstop":
             seeded_server.signal(signal.SIGSTOP)
         elif how == "client_pause":
@@ -290,7 +298,7 @@ async def test_redis_hung(seeded_server: Server, model_dir: Path, how: str) -> N
             await asyncio.sleep(0.1)
         try:
             await under_fault(client, {"feature_store_unavailable"})
-            await circuit_opened_on_timeouts(client)
+            await circuit_opened_on_timeouts(client, before)
         finally:
             if how == "sigstop":
                 seeded_server.signal(signal.SIGCONT)
@@ -309,9 +317,10 @@ async def test_slow_or_silent_network(seeded_server: Server, model_dir: Path, mo
     try:
         async with serving(model_dir, proxy.url) as client:
             await recovers(client)
+            before = await read_errors(client)
             proxy.set_mode(mode, 0.1)
             await under_fault(client, {"feature_store_unavailable"})
-            await circuit_opened_on_timeouts(client)
+            await circuit_opened_on_timeouts(client, before)
             proxy.set_mode("pass")
             await recovers(client)
     finally:
