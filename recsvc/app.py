@@ -15,7 +15,7 @@ from recsvc.experiments import ExperimentsHolder
 from recsvc.exposures import ExposureLog
 from recsvc.ingest import Ingestor
 from recsvc.itemcache import ItemCache
-from recsvc.middleware import body_limit, cors, errors, inflight_limit, observe
+from recsvc.middleware import Guard, cors, observe
 from recsvc.models import ModelRegistry
 from recsvc.recommend import Recommender
 from recsvc.routes import setup_routes
@@ -40,8 +40,9 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
     client = connect(app[appkeys.REDIS_URL], settings)
     writer = connect(app[appkeys.REDIS_URL], settings, writes=True)
-    app[appkeys.REDIS] = client
-    store = app[appkeys.STORE] = FeatureStore(client, settings, writer)
+    reader = connect(app[appkeys.REDIS_URL], settings, request_path=True)
+    app[appkeys.REDIS] = reader
+    store = app[appkeys.STORE] = FeatureStore(client, settings, writer, reader)
     store.lag = app[appkeys.LOOP_LAG]
     try:
         async with asyncio.timeout(settings.redis_write_timeout_ms / 1000.0):
@@ -121,7 +122,8 @@ async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
         app[appkeys.ITEMS].age,
         lambda: store.breaker.state,
         lambda: {(m.name, m.version, m.scorer.name) for m in registry.models.values()},
-        lambda: (admission.limit, admission.service),
+        lambda: (admission.limit, admission.estimate),
+        lambda: app[appkeys.GUARD].inflight,
     )
     app[appkeys.METRICS_SAMPLER] = sampler
     task = asyncio.create_task(sampler.run(1.0))
@@ -146,6 +148,7 @@ async def _recommender_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, redis_url: str) -> web.Application:
     """The recsvc web application for one Redis URL."""
+    guard = Guard(settings.max_inflight, settings.max_body_bytes)
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[
@@ -155,11 +158,10 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
                 settings.request_deadline_ms,
             ),
             cors(settings.cors_origin_list),
-            errors,
-            body_limit(settings.max_body_bytes),
-            inflight_limit(settings.max_inflight),
+            guard.middleware,
         ],
     )
+    app[appkeys.GUARD] = guard
     app[appkeys.SETTINGS] = settings
     app[appkeys.REDIS_URL] = redis_url
     app[appkeys.OPENAPI] = openapi.text().encode()

@@ -10,6 +10,7 @@ from recsvc.exposures import ExposureLog
 from recsvc.ingest import Ingestor
 from recsvc.itemcache import ItemCache
 from recsvc.metrics import GaugeSampler
+from recsvc.middleware import Guard
 from recsvc.models import ModelRegistry
 from recsvc.recommend import Recommender
 from recsvc.settings import Settings
@@ -29,3 +30,4 @@ OPENAPI = web.AppKey("openapi", bytes)
 METRICS_SAMPLER = web.AppKey("metrics_sampler", GaugeSampler)
 ADMISSION = web.AppKey("admission", Admission)
 LOOP_LAG = web.AppKey("loop_lag", LoopLag)
+GUARD = web.AppKey("guard", Guard)

@@ -115,7 +115,7 @@ ITEM_DATA_AGE = Gauge(
 )
 INFLIGHT = Gauge(
     "recsvc_inflight_requests",
-    "Requests being served now (all live workers).",
+    "Requests being served (all live workers; sampled every second and at a scrape).",
     multiprocess_mode="livesum",
 )
 SHED = Counter(
@@ -172,9 +172,10 @@ class GaugeSampler:
         circuit: Callable[[], str],
         models: Callable[[], set[tuple[str, str, str]]],
         admission: Callable[[], tuple[int, float]] | None = None,
+        inflight: Callable[[], int] | None = None,
     ) -> None:
         self._age, self._circuit, self._models = age, circuit, models
-        self._admission = admission
+        self._admission, self._inflight = admission, inflight
         self._shown: set[tuple[str, str, str]] = set()
 
     def sample(self) -> None:
@@ -191,6 +192,8 @@ class GaugeSampler:
             limit, service = self._admission()
             ADMISSION_LIMIT.set(limit)
             ADMISSION_SERVICE.set(service)
+        if self._inflight is not None:
+            INFLIGHT.set(self._inflight())
 
     async def run(self, interval: float) -> None:
         while True:

@@ -1,5 +1,5 @@
-"""The one place where errors become HTTP statuses; the in-flight limit; request
-ids, metrics and the per-request log line."""
+"""The one place where errors become HTTP statuses; the in-flight cap and the body
+limit; CORS; request ids, metrics and the per-request log line."""
 
 from __future__ import annotations
 
@@ -103,9 +103,9 @@ def _lookup(exc: RecsvcError) -> tuple[int, str, str, dict[str, str] | None]:
     return 500, "internal", "internal error", None
 
 
-@web.middleware
-async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map every failure to the JSON error form; a client never sees a traceback."""
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The handler's answer, with every failure mapped to the JSON error form; a
+    client never sees a traceback."""
     try:
         return await handler(request)
     except RecsvcError as exc:
@@ -134,25 +134,48 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(500, "internal", "internal error")
 
 
-def inflight_limit(limit: int) -> Middleware:
-    """Answer 503 with Retry-After once ``limit`` requests are in flight in this process."""
-    count = 0
+class Guard:
+    """One middleware for the checks every request goes through (one layer, not
+    three: aiohttp builds the middleware chain per request): the hard in-flight
+    cap (503 with Retry-After above ``limit`` in this process; probes and
+    scrapes exempt), the body-size limit from Content-Length (413 before the
+    handler runs; a chunked body is stopped at the same size by aiohttp's
+    ``client_max_size`` while it is read), and the mapping of errors to answers.
+    ``inflight`` is read by the metrics sampler (recsvc_inflight_requests)."""
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        nonlocal count
-        if count >= limit and request.path not in UNSHED:
+    def __init__(self, limit: int, max_bytes: int) -> None:
+        self.limit = limit
+        self.max_bytes = max_bytes
+        self.inflight = 0
+        guard = self._guard
+
+        @web.middleware
+        async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+            return await guard(request, handler)
+
+        self.middleware: Middleware = middleware
+
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self.inflight >= self.limit and request.path not in UNSHED:
             metrics.shed("max_inflight")
-            raise Overloaded("max_inflight")
-        count += 1
-        metrics.INFLIGHT.inc()
+            return await _answer(request, _overloaded)
+        length = request.content_length
+        if length is not None and length > self.max_bytes:
+            return await _answer(request, self._too_large)
+        self.inflight += 1
         try:
-            return await handler(request)
+            return await _answer(request, handler)
         finally:
-            count -= 1
-            metrics.INFLIGHT.dec()
+            self.inflight -= 1
 
-    return middleware
+    async def _too_large(self, request: web.Request) -> web.StreamResponse:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=self.max_bytes, actual_size=request.content_length or 0
+        )
+
+
+async def _overloaded(request: web.Request) -> web.StreamResponse:
+    raise Overloaded("max_inflight")
 
 
 CORS_ALLOW_HEADERS = "Content-Type, X-Request-Id, X-Recsvc-Flags"
@@ -194,21 +217,6 @@ def cors(origins: list[str]) -> Middleware:
             response.headers["Timing-Allow-Origin"] = value  # Server-Timing in devtools
             response.headers.add("Vary", "Origin")
         return response
-
-    return middleware
-
-
-def body_limit(max_bytes: int) -> Middleware:
-    """413 before the handler runs when Content-Length says the body is too large.
-    A chunked body has no length up front; aiohttp's ``client_max_size`` stops it
-    at the same size while it is read."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        length = request.content_length
-        if length is not None and length > max_bytes:
-            raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=length)
-        return await handler(request)
 
     return middleware
 

@@ -63,8 +63,16 @@ REDIS_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 POOL_HEADROOM = 8
 
 
-def connect(url: str, settings: Settings, writes: bool = False) -> RedisClient:
+def connect(
+    url: str, settings: Settings, writes: bool = False, request_path: bool = False
+) -> RedisClient:
     """A client with a bounded pool and no hidden retries.
+
+    ``request_path``: for reads that always run under their own deadline
+    (``FeatureStore.fetch_users``), without a socket timeout: redis-py wraps
+    every send in ``asyncio.wait_for`` (a task and an extra loop turn) and
+    every reply in a timeout context when one is set, which cost more than the
+    rest of the read.
 
     Reads wait briefly for a pooled connection (they fall back instead); the
     separate write client waits up to the write deadline, so a burst of event
@@ -74,7 +82,11 @@ def connect(url: str, settings: Settings, writes: bool = False) -> RedisClient:
     """
     wait_ms = settings.redis_write_timeout_ms if writes else settings.redis_pool_wait_ms
     # Deadlines are set per call (asyncio.timeout); this only catches a dead peer.
-    socket_timeout = max(settings.redis_timeout_ms, settings.redis_write_timeout_ms) / 1000.0
+    socket_timeout: float | None = (
+        None
+        if request_path
+        else max(settings.redis_timeout_ms, settings.redis_write_timeout_ms) / 1000.0
+    )
     # Writes may take their whole deadline to connect: a burst of events after
     # a quiet spell opens many connections at once, and a busy event loop
     # makes each handshake slow; failing those would lose a burst to 503s.
@@ -332,10 +344,19 @@ def _names(blob: bytes) -> list[str]:
     return out
 
 
+def _pairs(reply: list[Any]) -> Any:
+    """(member, score) pairs from a raw WITHSCORES reply: [[m, s], ...] in RESP3,
+    [m, s, m, s, ...] in RESP2."""
+    if reply and isinstance(reply[0], list):
+        return reply
+    return zip(reply[::2], reply[1::2], strict=True)
+
+
 def decode_user(
-    state: dict[bytes, bytes], recent: list[tuple[bytes, float]], purchased: set[bytes]
+    state: dict[bytes, bytes], recent: list[Any], purchased: set[bytes]
 ) -> UserState | None:
-    """UserState from the three user keys; None when the user has no state."""
+    """UserState from the three user keys (``recent`` as ZREVRANGE ... WITHSCORES
+    sends it, see _pairs); None when the user has no state."""
     packed = state.get(b"x")
     if not packed:
         return None
@@ -346,7 +367,7 @@ def decode_user(
         ref=ref,
         counts=counts,
         category_affinity=dict(zip(names, values, strict=True)),
-        recent={item.decode(): float(ts) for item, ts in recent},
+        recent={i.decode(): float(t) for i, t in _pairs(recent)},
         purchased={p.decode() for p in purchased},
         last_ts=last,
         last_purchase_ts=last_purchase,
@@ -360,10 +381,16 @@ class FeatureStore:
     """All reads and writes of behaviour state in Redis."""
 
     def __init__(
-        self, client: RedisClient, settings: Settings, writer: RedisClient | None = None
+        self,
+        client: RedisClient,
+        settings: Settings,
+        writer: RedisClient | None = None,
+        reader: RedisClient | None = None,
     ) -> None:
         self.client = client
         self.writer = writer if writer is not None else client
+        # Request-path reads (connect(..., request_path=True)); default: client.
+        self.reader = reader if reader is not None else client
         # The pools hold redis_pool_size connections (plus headroom on a cluster
         # for background calls); the gates keep request-path calls within them.
         self._read_gate = Gate(settings.redis_pool_size, settings.redis_pool_wait_ms / 1000)
@@ -372,7 +399,7 @@ class FeatureStore:
         self.lag: LoopLag | None = None
         # When the latest successful request-path read was sent (perf_counter).
         self._last_ok_sent = 0.0
-        self._read_refresh = TopologyRefresh(client)
+        self._read_refresh = TopologyRefresh(self.reader)
         self._write_refresh = TopologyRefresh(self.writer)
         self.timeout = settings.redis_timeout_ms / 1000.0
         self.write_timeout = settings.redis_write_timeout_ms / 1000.0
@@ -409,10 +436,13 @@ class FeatureStore:
         budget = read_secs or self.timeout
         if not self.breaker.allow():
             raise StoreUnavailable("circuit_open")
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.reader.pipeline(transaction=False)
         for user_id in user_ids:
             pipe.hgetall(keys.user_state(user_id))
-            pipe.zrevrange(keys.user_recent(user_id), 0, RECENT_MAX - 1, withscores=True)
+            # Without redis-py's withscores option: no per-item reply callback.
+            pipe.execute_command(
+                "ZREVRANGE", keys.user_recent(user_id), 0, RECENT_MAX - 1, "WITHSCORES"
+            )
             pipe.smembers(keys.user_purchased(user_id))
         started = (0.0, 0.0)
         try:
@@ -607,6 +637,8 @@ class FeatureStore:
         await self.client.aclose()
         if self.writer is not self.client:
             await self.writer.aclose()
+        if self.reader is not self.client:
+            await self.reader.aclose()
 
     async def ping(self) -> bool:
         try:
