@@ -142,7 +142,9 @@ class Run:
     latencies_ms: dict[int, list[float]]  # by HTTP status
 
 
-async def closed_loop(host: str, port: int, requests: int, connections: int) -> Run:
+async def closed_loop(
+    host: str, port: int, requests: int, connections: int, users: int = USERS
+) -> Run:
     """Exactly ``requests`` requests over ``connections`` connections, no think time."""
     conns = [await asyncio.open_connection(host, port) for _ in range(connections)]
     left = requests
@@ -153,7 +155,7 @@ async def closed_loop(host: str, port: int, requests: int, connections: int) -> 
         while left > 0:
             left -= 1
             t0 = time.perf_counter()
-            status = await _call(reader, writer, _request(f"u{random.randint(1, USERS)}"))
+            status = await _call(reader, writer, _request(f"u{random.randint(1, users)}"))
             latencies.setdefault(status, []).append((time.perf_counter() - t0) * 1000.0)
 
     start = time.perf_counter()
@@ -173,13 +175,13 @@ end
 """
 
 
-def wrk(base: str, seconds: float, connections: int) -> dict[str, float]:
+def wrk(base: str, seconds: float, connections: int, users: int = USERS) -> dict[str, float]:
     """Run wrk; its request count, rate and latency percentiles (ms)."""
     exe = shutil.which("wrk")
     if exe is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
-        script.write(WRK_SCRIPT % USERS)
+        script.write(WRK_SCRIPT % users)
         script.flush()
         cmd = [exe, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", script.name]
         text = subprocess.run(
@@ -206,7 +208,9 @@ def _pct(values: list[float], q: float) -> float:
     return round(values[min(len(values) - 1, int(q * len(values)))], 3) if values else float("nan")
 
 
-def measure(base: str, requests: int, connections: int, wrk_secs: float = 0.0) -> dict[str, object]:
+def measure(
+    base: str, requests: int, connections: int, wrk_secs: float = 0.0, users: int = USERS
+) -> dict[str, object]:
     """One measured run against the service at ``base``; the report as a dict."""
     url = urlsplit(base)
     host, port = url.hostname or "127.0.0.1", url.port or 80
@@ -216,11 +220,11 @@ def measure(base: str, requests: int, connections: int, wrk_secs: float = 0.0) -
     before, cpu0 = scrape(base), cpu_seconds(pids)
     report: dict[str, object] = {"workers": len(pids), "connections": connections}
     if wrk_secs:
-        result = wrk(base, wrk_secs, connections)
+        result = wrk(base, wrk_secs, connections, users)
         seconds = result.pop("seconds", wrk_secs)
         report.update(result)
     else:
-        run = asyncio.run(closed_loop(host, port, requests, connections))
+        run = asyncio.run(closed_loop(host, port, requests, connections, users))
         seconds = run.seconds
         every = [ms for values in run.latencies_ms.values() for ms in values]
         report.update(
@@ -258,10 +262,13 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=20_000, help="closed-loop request count")
     p.add_argument("--connections", type=int, default=4)
     p.add_argument("--wrk", type=float, default=0.0, help="run wrk for this many seconds instead")
+    p.add_argument("--user-ids", type=int, default=USERS, help="requests go to users u1..uN")
     args = p.parse_args()
     if args.requests < 1 or args.connections < 1 or args.wrk < 0:
         p.error("--requests and --connections must be >= 1, --wrk >= 0")
-    report = measure(args.host.rstrip("/"), args.requests, args.connections, args.wrk)
+    report = measure(
+        args.host.rstrip("/"), args.requests, args.connections, args.wrk, args.user_ids
+    )
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
 
 

@@ -58,6 +58,9 @@ WEIGHTS = dict(
 )
 SLO_P99_MS = float(_env("RECSVC_SLO_P99_MS", "35"))
 MAX_FAILURE_RATIO = float(_env("RECSVC_SLO_MAX_FAILURE_RATIO", "0.001"))
+MIN_MODEL_SHARE = float(_env("RECSVC_SLO_MIN_MODEL_SHARE", "0.99"))
+# Answers to requests for known users, by strategy ("model") or fallback reason.
+ANSWERS: dict[str, int] = {}
 HEADERS = {"content-type": "application/json"}
 
 
@@ -69,7 +72,7 @@ class Shopper(FastHttpUser):
     def on_start(self) -> None:
         self.last: tuple[str, str, list[str]] | None = None  # user, request_id, items
 
-    def _recommend(self, body: dict[str, Any]) -> None:
+    def _recommend(self, body: dict[str, Any], known: bool = True) -> None:
         with self.client.post(
             slo.RECOMMEND,
             data=json.dumps(body),
@@ -81,6 +84,9 @@ class Shopper(FastHttpUser):
                 resp.failure(f"status {resp.status_code}")
                 return
             answer = resp.json()
+            if known:
+                what = answer.get("fallback_reason") or answer.get("strategy", "?")
+                ANSWERS[what] = ANSWERS.get(what, 0) + 1
             items = [i["item_id"] for i in answer.get("items", [])]
             if not items:
                 resp.failure("no items in the answer")
@@ -91,7 +97,7 @@ class Shopper(FastHttpUser):
         self._recommend({"user_id": f"u{random.randrange(KNOWN_USERS)}", "n": 10})
 
     def unknown(self) -> None:
-        self._recommend({"user_id": f"visitor-{uuid.uuid4().hex[:12]}", "n": 10})
+        self._recommend({"user_id": f"visitor-{uuid.uuid4().hex[:12]}", "n": 10}, known=False)
 
     def candidates(self) -> None:
         ids = [f"i{k}" for k in random.sample(range(ITEMS), min(CANDIDATES, ITEMS))]
@@ -148,10 +154,13 @@ def _rows(environment: Environment) -> list[slo.Row]:
 @events.quitting.add_listener
 def gate(environment: Environment, **_: object) -> None:
     rows = _rows(environment)
-    passed, reasons = slo.verdict(rows, SLO_P99_MS, MAX_FAILURE_RATIO)
+    passed, reasons = slo.verdict(
+        rows, SLO_P99_MS, MAX_FAILURE_RATIO, dict(ANSWERS), MIN_MODEL_SHARE
+    )
     mode = f"fixed rate {RATE:g}/s" if RATE > 0 else "closed loop"
     print(f"\nrecsvc load test ({mode}), SLO p99 <= {SLO_P99_MS:g} ms on {slo.RECOMMEND}")
     print(slo.table(rows))
+    print(slo.answers_line(ANSWERS))
     print(("PASS: " if passed else "FAIL: ") + "; ".join(reasons), flush=True)
     results = os.environ.get("RECSVC_LOADTEST_RESULTS")
     if results:
@@ -163,6 +172,9 @@ def gate(environment: Environment, **_: object) -> None:
             "passed": passed,
             "reasons": reasons,
             "rows": [r.as_dict() for r in rows],
+            "answers_for_known_users": dict(ANSWERS),
+            "model_share": slo.model_share(ANSWERS),
+            "min_model_share": MIN_MODEL_SHARE,
         }
         (Path(results) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     environment.process_exit_code = 0 if passed else 1

@@ -81,8 +81,11 @@ def _pct(values: list[float], q: float) -> float:
     return round(values[min(len(values) - 1, int(q * len(values)))] * 1000.0, 2)
 
 
+USER_IDS = [USERS]  # set from --user-ids
+
+
 def _user() -> bytes:
-    return _request(f"u{random.randint(1, USERS)}")
+    return _request(f"u{random.randint(1, USER_IDS[0])}")
 
 
 async def capacity(host: str, port: int, users: int, seconds: float, deadline: float) -> float:
@@ -262,7 +265,9 @@ def main() -> None:
     ap.add_argument("--throttle", type=float, default=0.0, help="CPU quota, share of a core")
     ap.add_argument("--min-goodput", type=float, default=0.9, help="share of capacity")
     ap.add_argument("--max-reject-ms", type=float, default=5.0)
+    ap.add_argument("--user-ids", type=int, default=USERS, help="requests go to users u1..uN")
     args = ap.parse_args()
+    USER_IDS[0] = args.user_ids
     args.host = args.host.rstrip("/")
     port = urlsplit(args.host).port or 80
     with throttled(port, args.throttle) if args.throttle else contextlib.nullcontext():

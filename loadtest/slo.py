@@ -38,23 +38,53 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def verdict(rows: list[Row], slo_p99_ms: float, max_failure_ratio: float) -> tuple[bool, list[str]]:
-    """Pass when the recommendation endpoint's p99 is within the SLO and failures
-    (over every endpoint) are at most the ratio. No recommendation requests: fail.
-    Returns (passed, the reasons)."""
+def model_share(answers: dict[str, int]) -> float:
+    """Share of ``answers`` (counts by "model" or fallback reason) that were the model's."""
+    total = sum(answers.values())
+    return answers.get("model", 0) / total if total else 0.0
+
+
+def answers_line(answers: dict[str, int]) -> str:
+    """'model 99.2% of 1,234 answers for known users (fallbacks: overloaded 3, ...)'."""
+    total = sum(answers.values())
+    others = ", ".join(
+        f"{k} {v}" for k, v in sorted(answers.items(), key=lambda kv: -kv[1]) if k != "model"
+    )
+    line = f"model {model_share(answers):.2%} of {total:,} answers for known users"
+    return line + (f" (fallbacks: {others})" if others else "")
+
+
+def verdict(
+    rows: list[Row],
+    slo_p99_ms: float,
+    max_failure_ratio: float,
+    answers: dict[str, int] | None = None,
+    min_model_share: float = 0.99,
+) -> tuple[bool, list[str]]:
+    """Pass when the recommendation endpoint's p99 is within the SLO, failures
+    (over every endpoint) are at most the ratio, and (``answers`` given: counts by
+    strategy or fallback reason of the requests that should get the model, known
+    users) at least ``min_model_share`` of them were the model's: a fast answer
+    that fell back to popular items is not what the load test measures. No
+    recommendation requests: fail. Returns (passed, the reasons)."""
     rec = next((r for r in rows if r.name == RECOMMEND), None)
     if rec is None or rec.requests == 0:
         return False, [f"no {RECOMMEND} requests were made"]
     total = sum(r.requests for r in rows)
     failed = sum(r.failures for r in rows)
     problems = []
+    if answers is not None and model_share(answers) < min_model_share:
+        problems.append(f"{answers_line(answers)} < {min_model_share:.0%}")
     if rec.p99 > slo_p99_ms:
         problems.append(f"{RECOMMEND} p99 {rec.p99:.0f} ms > SLO {slo_p99_ms:g} ms")
     if failed > max_failure_ratio * total:
         problems.append(f"{failed} failures in {total} requests > {max_failure_ratio:.2%}")
     if problems:
         return False, problems
-    return True, [
+    reasons = [
         f"{RECOMMEND} p99 {rec.p99:.0f} ms <= SLO {slo_p99_ms:g} ms; "
         f"{failed} failures in {total} requests <= {max_failure_ratio:.2%}"
     ]
+    if answers is not None:
+        reasons.append(f"{answers_line(answers)} >= {min_model_share:.0%}")
+    return True, reasons

@@ -11,16 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from loadtest import bench, slo
 from recsvc import seed
 from recsvc.app import create_app
+from recsvc.server import setup_runner
 from recsvc.settings import Settings
 from tests.conftest import SMALL, DataFiles, settings_for
 
-LOCUSTFILE = Path(__file__).resolve().parent.parent / "loadtest" / "locustfile.py"
+LOADTEST = Path(__file__).resolve().parent.parent / "loadtest"
+LOCUSTFILE = LOADTEST / "locustfile.py"
 
 
 def _row(name: str, requests: int = 1000, failures: int = 0, p99: float = 12.0) -> slo.Row:
@@ -45,6 +48,17 @@ def test_gate_passes_within_the_slo_and_names_the_figures() -> None:
 def test_gate_fails_with_the_reason(rows: list[slo.Row], reason: str) -> None:
     passed, reasons = slo.verdict(rows, 35, 0.001)
     assert not passed and any(reason in r for r in reasons), reasons
+
+
+def test_gate_fails_when_fast_answers_were_fallbacks() -> None:
+    rows = [_row(slo.RECOMMEND)]
+    answers = {"model": 980, "overloaded": 15, "feature_store_unavailable": 5}
+    passed, reasons = slo.verdict(rows, 35, 0.001, answers, 0.99)
+    assert not passed
+    assert "model 98.00% of 1,000 answers" in reasons[0], reasons
+    assert "overloaded 15, feature_store_unavailable 5" in reasons[0], reasons
+    passed, reasons = slo.verdict(rows, 35, 0.001, {"model": 995, "overloaded": 5}, 0.99)
+    assert passed and "model 99.50%" in reasons[1], reasons
 
 
 def test_the_table_has_a_row_per_endpoint() -> None:
@@ -99,9 +113,24 @@ async def test_locust_run_passes_a_generous_slo_and_fails_an_impossible_one(
         names = {r["name"] for r in summary["rows"]}
         assert names == {slo.RECOMMEND, slo.EVENTS}
         assert all(r["failures"] == 0 for r in summary["rows"])
+        assert summary["model_share"] >= 0.99 and "model" in summary["answers_for_known_users"]
         code, out, summary = await _locust(host, tmp_path / "impossible", "0.1")
         assert code == 1, out
         assert "FAIL:" in out and summary["passed"] is False
+    finally:
+        await server.close()
+    # Redis gone: every answer is a fast 200 from the default strategy, and the
+    # gate fails on the model share, not on latency.
+    dead = create_app(settings_for(model_dir), "unix:///nonexistent/recsvc.sock")
+    server = TestServer(dead, host="127.0.0.1")
+    await server.start_server()
+    try:
+        host = str(server.make_url("")).rstrip("/")
+        code, out, summary = await _locust(host, tmp_path / "dead", "10000")
+        assert code == 1, out
+        assert summary["model_share"] == 0.0, summary
+        assert "feature_store_unavailable" in summary["answers_for_known_users"], summary
+        assert any("answers for known users" in r for r in summary["reasons"]), summary
     finally:
         await server.close()
 
@@ -128,3 +157,46 @@ async def test_the_stage_benchmark_runs_on_a_tiny_shop(
     assert row[1] == "50" and len(row) >= 11, out
     p50, p99, share = float(row[8]), float(row[9]), float(row[11])
     assert 0 < p50 <= p99 and share > 50.0, out
+
+
+@pytest.mark.e2e
+@pytest.mark.asyncio
+async def test_the_capacity_and_overload_tools_run_against_a_real_server(
+    seeded: Redis, redis_url: str, model_dir: Path
+) -> None:
+    """loadtest/capacity.py and loadtest/overload.py end to end at a tiny size
+    against the server as `recsvc serve` sets it up (front door included)."""
+    runner = await setup_runner(create_app(settings_for(model_dir), redis_url))
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host = f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    async def run(*argv: str) -> tuple[int, dict[str, Any]]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *argv,
+            "--host",
+            host,
+            "--user-ids",
+            str(SMALL.n_users - 1),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
+        return proc.returncode or 0, json.loads(out)
+
+    try:
+        code, report = await run(str(LOADTEST / "capacity.py"), "--requests", "60")
+        assert code == 0 and report["requests"] == 60, report
+        assert sum(report["answers"].values()) == 60, report  # from /metrics deltas
+        assert report["answers"]["model"] >= 55 and report["cpu_ms_per_model_answer"] > 0
+        code, report = await run(
+            str(LOADTEST / "overload.py"),
+            *("--capacity-time", "1", "--run-time", "1", "--multiple", "2"),
+            *("--users", "2", "--connections", "16", "--max-reject-ms", "1000"),
+        )
+        assert report["capacity_per_s"] > 0 and report["offered_per_s"] > 0, report
+        assert report["answers"] and set(report["checks"]) >= {"goodput", "circuit_never_open"}
+        assert report["checks"]["no_feature_store_unavailable"], report
+        assert code == (0 if report["passed"] else 1)
+    finally:
+        await runner.cleanup()
