@@ -12,10 +12,10 @@ of the CPU. Three pieces keep that queue honest:
   read that times out while the loop was late is the process's fault, not
   Redis's: it never counts toward the circuit breaker.
 - ``Admission``: an adaptive concurrency limit. It learns what one admitted
-  recommendation costs the process from the latencies admitted requests get
-  (the service time, which grows when the CPU is shared or throttled) and
-  admits a request only when the requests ahead of it are predicted to finish,
-  with it, inside ``target``
+  recommendation costs the process from the intervals between completions
+  while busy (the service time, which grows when the CPU is shared or
+  throttled) and admits a request only when the requests ahead of it are
+  predicted to finish, with it, inside ``target``
   from its arrival: ``waited + (admitted + 1) * service <= target``. The rest are
   answered at once (503 + Retry-After, or the default strategy with reason
   ``overloaded``). ``cpu`` lets one admitted request compute at a time, so the
@@ -41,10 +41,10 @@ from recsvc import metrics
 
 # perf_counter() when aiohttp built the request (see stamp_arrivals).
 ARRIVED = web.RequestKey("arrived", float)
-# Set when the front door (install_front_door) decided admission: the number of
-# admitted requests ahead, or NOT_ADMITTED (serve the default strategy).
-TICKET = web.RequestKey("admission_ticket", int)
-NOT_ADMITTED = -1
+# Set when the front door (install_front_door) decided admission: the time the
+# request was admitted (perf_counter), or NOT_ADMITTED (serve the default strategy).
+TICKET = web.RequestKey("admission_ticket", float)
+NOT_ADMITTED = -1.0
 RECOMMEND_PATH = "/v1/recommendations"
 OVERLOADED_MESSAGE = "the service is saturated; retry shortly"
 
@@ -109,45 +109,22 @@ def install_front_door(server: web.Server, admission: Admission, reject: bool) -
     server.request_handler = front
 
 
-def _cpu_stat_path() -> Path | None:
-    """This process's cgroup cpu.stat (v1 cpu controller or v2), if readable."""
+SCHEDSTAT = Path("/proc/thread-self/schedstat")
+
+
+def _run_delay() -> float:
+    """Seconds the calling thread has spent runnable but not running so far: waiting
+    for a CPU another process holds, or for a CPU quota's next period (Linux
+    schedstat; 0 where it is not available)."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "cpu" in controllers.split(","):  # v1: "cpu" or "cpu,cpuacct"
-            for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
-                candidate = Path("/sys/fs/cgroup", mount) / path.lstrip("/") / "cpu.stat"
-                if candidate.is_file():
-                    return candidate
-        if controllers == "":  # v2
-            candidate = Path("/sys/fs/cgroup") / path.lstrip("/") / "cpu.stat"
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def _throttled_secs(path: Path | None) -> float:
-    """Seconds this cgroup has been throttled by its CPU quota so far (0 when unknown)."""
-    if path is None:
+        return int(SCHEDSTAT.read_bytes().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
         return 0.0
-    try:
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == "throttled_time":  # v1, nanoseconds
-                return int(value) / 1e9
-            if name == "throttled_usec":  # v2
-                return int(value) / 1e6
-    except (OSError, ValueError):
-        pass
-    return 0.0
 
 
 class LoopLag:
     """Event-loop lag: how late a callback due every ``interval`` seconds runs, and
-    how long the process's cgroup was throttled by a CPU quota (read at each tick).
+    how long the loop's thread waited for a CPU (read at each tick).
 
     ``since(t)`` is the worst lag seen from ``t`` (perf_counter) to now, counting
     a tick that is overdue right now; ``saturated(mark)`` says whether the process
@@ -157,14 +134,12 @@ class LoopLag:
 
     def __init__(self, interval: float = 0.005, window: float = 2.0) -> None:
         self.interval = interval
-        # (perf_counter, lag, throttled seconds so far) per tick.
+        # (perf_counter, lag, run delay so far) per tick.
         self._ticks: collections.deque[tuple[float, float, float]] = collections.deque(
             maxlen=max(16, int(window / interval))
         )
         self._due = 0.0
         self._handle: asyncio.TimerHandle | None = None
-        self._stat: Path | None = None
-        self._stat_found = 0.0
         self.on_tick: Callable[[float], None] | None = None
 
     def start(self) -> None:
@@ -179,9 +154,7 @@ class LoopLag:
     def _tick(self) -> None:
         now = time.perf_counter()
         lag = max(now - self._due, 0.0)
-        if now - self._stat_found > 1.0:  # the process may be moved to another cgroup
-            self._stat, self._stat_found = _cpu_stat_path(), now
-        self._ticks.append((now, lag, _throttled_secs(self._stat)))
+        self._ticks.append((now, lag, _run_delay()))
         if self.on_tick is not None:
             self.on_tick(lag)
         self._due = now + self.interval
@@ -196,25 +169,25 @@ class LoopLag:
         """Whether the process was too busy since ``mark`` to blame anything else
         for lost time: the loop's thread ran for half the time or more (other
         requests' callbacks), the loop ran late by a quarter of it or more (a
-        long callback), or a CPU quota throttled the process for a quarter of it
-        or more (when the thread cannot run at all)."""
+        long callback), or the thread waited for a CPU for a quarter of it or more
+        (another process on its core, or a CPU quota throttling it: then it
+        cannot run at all)."""
         wall = time.perf_counter() - mark[0]
         if wall <= 0.0:
             return False
         if time.thread_time() - mark[1] >= 0.5 * wall or self.since(mark[0]) >= 0.25 * wall:
             return True
-        return self.throttled_since(mark[0]) >= 0.25 * wall
+        return self.waited_since(mark[0]) >= 0.25 * wall
 
-    def throttled_since(self, start: float) -> float:
-        """Seconds of CPU-quota throttling seen by the ticks after ``start``."""
-        first = last = None
-        for at, _, throttled in reversed(self._ticks):
-            if last is None:
-                last = throttled
-            first = throttled
+    def waited_since(self, start: float) -> float:
+        """Seconds the loop's thread waited for a CPU from the last tick before
+        ``start`` to now (reads schedstat: for the rare cases that need it)."""
+        first = None
+        for at, _, delay in reversed(self._ticks):
+            first = delay
             if at < start:
                 break
-        return (last - first) if last is not None and first is not None else 0.0
+        return 0.0 if first is None else _run_delay() - first
 
     def since(self, start: float) -> float:
         """The largest lag observed after ``start`` (perf_counter), now included."""
@@ -230,16 +203,17 @@ class LoopLag:
 class Admission:
     """The adaptive concurrency limit of recommendations in one process.
 
-    Two estimates of what one admitted recommendation costs this process:
+    Two estimates of the time one more admitted request adds to the queue:
 
-    - ``service``, as admitted requests experience it: one that had ``ahead``
-      requests in front of it and answered ``latency`` after arriving, having
-      ``waited`` before admission, is a sample of
-      ``(latency - waited) / (ahead + 1)``. It grows when the CPU is shared or
-      throttled and with the work of turning others away.
-    - ``section``, the wall time of the CPU section of requests that scored
+    - ``service``: the interval between two completions while this process was
+      busy (the completing request was admitted before the previous one
+      completed, so the process had work all along): what a request costs in
+      wall time, all of it (HTTP, Redis client, scoring, and the share of
+      turning others away), at the CPU speed the process gets now (shared or
+      throttled). Intervals that include idle time are not samples.
+    - ``section``: the wall time of the CPU section of requests that scored
       (candidates, features, scoring; the loop's turns between them excluded).
-      It grows when the CPU is shared or throttled, but not with rejections.
+      It follows the CPU speed too, but not the work of rejections.
 
     The prediction uses ``min(service, SECTION_CAP * section)``. ``service``
     alone spirals when clients retry a 503 at once (wrk, a careless frontend):
@@ -262,13 +236,16 @@ class Admission:
         max_inflight: int,
         initial_service: float = 0.002,
         smoothing: float = 0.05,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.target = target
         self.max_inflight = max_inflight
         self.service = initial_service
         self.section = initial_service
         self.smoothing = smoothing
+        self.clock = clock
         self.inflight = 0
+        self._last_done = 0.0
         # One admitted request computes at a time (see the module docstring).
         self.cpu = asyncio.Lock()
 
@@ -282,10 +259,10 @@ class Admission:
         """Requests in flight that still fit in ``target`` (>= 1)."""
         return max(1, min(self.max_inflight, int(self.target / self.estimate)))
 
-    def admit(self, waited: float) -> int | None:
+    def admit(self, waited: float) -> float | None:
         """For a request that has already waited ``waited`` seconds since its
-        arrival: the number of admitted requests ahead of it when it can be
-        answered in time (it is counted in), else None."""
+        arrival: its admission time (perf_counter) when it can be answered in
+        time (it is counted in), else None."""
         ahead = self.inflight
         if ahead >= self.max_inflight:
             return None
@@ -293,14 +270,16 @@ class Admission:
         if ahead and waited + (ahead + 1) * self.estimate > self.target:
             return None
         self.inflight += 1
-        return ahead
+        return self.clock()
 
-    def done(self, ahead: int, waited: float, latency: float, missed: bool = False) -> None:
-        """An admitted request answered ``latency`` seconds after its arrival;
-        ``missed``: by the default strategy, because its deadline had passed."""
+    def done(self, admitted: float, missed: bool = False) -> None:
+        """A request admitted at ``admitted`` answered; ``missed``: by the default
+        strategy, because its deadline had passed."""
         self.inflight -= 1
-        sample = max(latency - waited, 0.0) / (ahead + 1)
-        self.service += self.smoothing * (sample - self.service)
+        now = self.clock()
+        if admitted < self._last_done:  # busy since the previous completion
+            self.service += self.smoothing * (now - self._last_done - self.service)
+        self._last_done = now
         if missed:
             self.section *= self.MISS_GROWTH
 

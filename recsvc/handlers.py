@@ -84,12 +84,12 @@ async def _admitted(request: web.Request, parse: Callable[[], RecommendRequest])
     admission = request.app[appkeys.ADMISSION]
     waited = start - arrived
     if TICKET in request:  # decided at the front door (recsvc.admission)
-        ahead = None if request[TICKET] == NOT_ADMITTED else request[TICKET]
+        admitted = None if request[TICKET] == NOT_ADMITTED else request[TICKET]
     else:
-        ahead = admission.admit(waited)
-        if ahead is None:
+        admitted = admission.admit(waited)
+        if admitted is None:
             metrics.shed("admission")
-    if ahead is None:
+    if admitted is None:
         if request.app[appkeys.SETTINGS].overload_response == "reject":
             raise Overloaded("admission")
         return (await _serve(request, parse(), start, arrived, admitted=False))[0]
@@ -99,7 +99,7 @@ async def _admitted(request: web.Request, parse: Callable[[], RecommendRequest])
         return response
     finally:
         missed = reason in (OVERLOADED, DEADLINE_REASON)
-        admission.done(ahead, waited, time.perf_counter() - arrived, missed)
+        admission.done(admitted, missed)
 
 
 async def _serve(

@@ -397,8 +397,6 @@ class FeatureStore:
         self._write_gate = Gate(settings.redis_pool_size, settings.redis_write_timeout_ms / 1000)
         # Set by the app: a read that times out while the loop lagged is not Redis's fault.
         self.lag: LoopLag | None = None
-        # When the latest successful request-path read was sent (perf_counter).
-        self._last_ok_sent = 0.0
         self._read_refresh = TopologyRefresh(self.reader)
         self._write_refresh = TopologyRefresh(self.writer)
         self.timeout = settings.redis_timeout_ms / 1000.0
@@ -462,9 +460,7 @@ class FeatureStore:
                 # The process was busy during the wait: the reply may have been
                 # waiting for us. Or the request's deadline cut the read short
                 # of its own budget: the request's time went elsewhere.
-                # A read sent after this one succeeded: Redis is answering.
-                busy = self._last_ok_sent > started[0]
-                busy = busy or (self.lag is not None and self.lag.saturated(started))
+                busy = self.lag is not None and self.lag.saturated(started)
                 if busy or cut_short:
                     metrics.REDIS_ERRORS.labels("read", "LoopBehind").inc()
                     raise Overloaded("event_loop" if busy else "deadline") from exc
@@ -473,7 +469,6 @@ class FeatureStore:
             self._read_refresh.after(exc)
             raise StoreUnavailable("timeout" if timed_out else type(exc).__name__) from exc
         self.breaker.success()
-        self._last_ok_sent = max(self._last_ok_sent, started[0])
         return [decode_user(*replies[k : k + 3]) for k in range(0, len(replies), 3)]
 
     def _user_call(
