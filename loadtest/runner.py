@@ -95,7 +95,14 @@ def _locust(
 
 
 def _total_rps(summary: dict[str, Any]) -> float:
-    return float(sum(r["rps"] for r in summary.get("rows", [])))
+    """Answered requests per second (failures, such as 503s, are not capacity)."""
+    return float(
+        sum(
+            r["rps"] * (1.0 - r["failures"] / r["requests"])
+            for r in summary.get("rows", [])
+            if r["requests"]
+        )
+    )
 
 
 def main() -> int:
@@ -107,6 +114,13 @@ def main() -> int:
     p.add_argument("--users", type=int, default=32, help="simulated frontend tabs")
     p.add_argument("--run-time", type=int, default=60, help="seconds of the gated run")
     p.add_argument("--capacity-time", type=int, default=20, help="seconds of the capacity run")
+    p.add_argument(
+        "--capacity-users",
+        type=int,
+        default=8,
+        help="closed-loop tabs of the capacity run: enough to keep the workers busy, few "
+        "enough that admission control turns none away (a tab retries a 503 at once)",
+    )
     p.add_argument("--fraction", type=float, default=0.7, help="share of capacity to offer")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--rate", type=float, help="fixed total requests/s (skips capacity)")
@@ -142,9 +156,10 @@ def main() -> int:
         else:
             rate = args.rate
             if rate is None:
-                print(f"\ncapacity: closed loop, {args.users} users, {args.capacity_time} s")
+                users = args.capacity_users
+                print(f"\ncapacity: closed loop, {users} users, {args.capacity_time} s")
                 _, cap = _locust(
-                    host, out / "capacity", args.users, args.capacity_time, 0, args.slo_p99_ms
+                    host, out / "capacity", users, args.capacity_time, 0, args.slo_p99_ms
                 )
                 capacity = _total_rps(cap)
                 if capacity <= 0:

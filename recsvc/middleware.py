@@ -137,10 +137,11 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
 class Guard:
     """One middleware for the checks every request goes through (one layer, not
     three: aiohttp builds the middleware chain per request): the hard in-flight
-    cap (503 with Retry-After above ``limit`` in this process; probes and
-    scrapes exempt), the body-size limit from Content-Length (413 before the
-    handler runs; a chunked body is stopped at the same size by aiohttp's
-    ``client_max_size`` while it is read), and the mapping of errors to answers.
+    cap (503 with Retry-After above ``limit`` requests in this process whose
+    body has arrived; probes and scrapes exempt), the body-size limit from
+    Content-Length (413 before the handler runs; a chunked body is stopped at
+    the same size by aiohttp's ``client_max_size`` while it is read), and the
+    mapping of errors to answers.
     ``inflight`` is read by the metrics sampler (recsvc_inflight_requests)."""
 
     def __init__(self, limit: int, max_bytes: int) -> None:
@@ -156,12 +157,17 @@ class Guard:
         self.middleware: Middleware = middleware
 
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self.inflight >= self.limit and request.path not in UNSHED:
-            metrics.shed("max_inflight")
-            return await _answer(request, _overloaded)
         length = request.content_length
         if length is not None and length > self.max_bytes:
             return await _answer(request, self._too_large)
+        # A request whose body is still arriving is not counted: it costs a
+        # socket, not work, and body_timeout_ms bounds it. Counting it let 512
+        # slow clients take every place under the cap.
+        if not request.content.is_eof():
+            return await _answer(request, handler)
+        if self.inflight >= self.limit and request.path not in UNSHED:
+            metrics.shed("max_inflight")
+            return await _answer(request, _overloaded)
         self.inflight += 1
         try:
             return await _answer(request, handler)

@@ -259,7 +259,11 @@ def _slow_body(port: int) -> socket.socket:
 async def test_slow_bodies_are_cut_off_and_never_hold_up_other_requests(
     seeded: Redis, redis_url: str, model_dir: Path
 ) -> None:
-    settings = settings_for(model_dir, body_timeout_ms=500.0, admission_target_ms=1.0)
+    # 64 slow bodies against a hard cap of 16 and an admission target of 1 ms:
+    # neither counts a request whose body is still arriving.
+    settings = settings_for(
+        model_dir, body_timeout_ms=500.0, admission_target_ms=1.0, max_inflight=16
+    )
     runner = await setup_runner(create_app(settings, redis_url))  # as `recsvc serve` does
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
