@@ -30,7 +30,9 @@ async def _load_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
     lag = app[appkeys.LOOP_LAG] = LoopLag(interval=0.005)
     lag.on_tick = metrics.LOOP_LAG.observe
-    app[appkeys.ADMISSION] = Admission(settings.admission_target_ms / 1000.0, settings.max_inflight)
+    # The target never exceeds the request deadline (the settings table says so).
+    target = min(settings.admission_target_ms, settings.request_deadline_ms) / 1000.0
+    app[appkeys.ADMISSION] = Admission(target, settings.max_inflight)
     lag.start()
     yield
     lag.stop()
@@ -148,7 +150,12 @@ async def _recommender_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, redis_url: str) -> web.Application:
     """The recsvc web application for one Redis URL."""
-    guard = Guard(settings.max_inflight, settings.max_body_bytes)
+    guard = Guard(
+        settings.max_inflight,
+        settings.max_body_bytes,
+        settings.body_timeout_ms,
+        settings.request_deadline_ms,
+    )
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[

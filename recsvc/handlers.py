@@ -17,7 +17,7 @@ from aiohttp import web
 from features.candidates import CandidateConfig
 from features.schema import NO_CONTEXT, Context
 from recsvc import appkeys, metrics
-from recsvc.admission import ARRIVED, NOT_ADMITTED, TICKET
+from recsvc.admission import ARRIVED, MISSED, NOT_ADMITTED, TICKET
 from recsvc.api import (
     MAX_GET_IDS,
     FeaturesRequest,
@@ -82,14 +82,15 @@ async def _admitted(request: web.Request, parse: Callable[[], RecommendRequest])
     start = time.perf_counter()
     arrived = request.get(ARRIVED, start)
     admission = request.app[appkeys.ADMISSION]
-    waited = start - arrived
-    if TICKET in request:  # decided at the front door (recsvc.admission)
-        admitted = None if request[TICKET] == NOT_ADMITTED else request[TICKET]
-    else:
-        admitted = admission.admit(waited)
-        if admitted is None:
-            metrics.shed("admission")
+    if TICKET in request:  # decided at the front door, which also gives the place back
+        if request[TICKET] == NOT_ADMITTED:  # overload_response=default
+            return (await _serve(request, parse(), start, arrived, admitted=False))[0]
+        response, reason = await _serve(request, parse(), start, arrived, admitted=True)
+        request[MISSED] = reason in (OVERLOADED, DEADLINE_REASON)
+        return response
+    admitted = admission.admit(start - arrived)
     if admitted is None:
+        metrics.shed("admission")
         if request.app[appkeys.SETTINGS].overload_response == "reject":
             raise Overloaded("admission")
         return (await _serve(request, parse(), start, arrived, admitted=False))[0]
@@ -98,8 +99,7 @@ async def _admitted(request: web.Request, parse: Callable[[], RecommendRequest])
         response, reason = await _serve(request, parse(), start, arrived, admitted=True)
         return response
     finally:
-        missed = reason in (OVERLOADED, DEADLINE_REASON)
-        admission.done(admitted, missed)
+        admission.done(admitted, reason in (OVERLOADED, DEADLINE_REASON))
 
 
 async def _serve(

@@ -144,9 +144,13 @@ class Guard:
     mapping of errors to answers.
     ``inflight`` is read by the metrics sampler (recsvc_inflight_requests)."""
 
-    def __init__(self, limit: int, max_bytes: int) -> None:
+    def __init__(
+        self, limit: int, max_bytes: int, body_timeout_ms: float, deadline_ms: float
+    ) -> None:
         self.limit = limit
         self.max_bytes = max_bytes
+        self.body_timeout = body_timeout_ms / 1000.0
+        self.budget = deadline_ms / 1000.0
         self.inflight = 0
         guard = self._guard
 
@@ -160,11 +164,15 @@ class Guard:
         length = request.content_length
         if length is not None and length > self.max_bytes:
             return await _answer(request, self._too_large)
-        # A request whose body is still arriving is not counted: it costs a
-        # socket, not work, and body_timeout_ms bounds it. Counting it let 512
-        # slow clients take every place under the cap.
         if not request.content.is_eof():
-            return await _answer(request, handler)
+            # The body is still arriving: wait for it here (aiohttp keeps it for
+            # the handler), within body_timeout_ms, before the request counts;
+            # then it counts, and its deadline starts, from now.
+            failed = await self._read_body(request)
+            if failed is not None:
+                return failed
+            request[ARRIVED] = time.perf_counter()
+            request[DEADLINE] = asyncio.get_running_loop().time() + self.budget
         if self.inflight >= self.limit and request.path not in UNSHED:
             metrics.shed("max_inflight")
             return await _answer(request, _overloaded)
@@ -174,6 +182,18 @@ class Guard:
         finally:
             self.inflight -= 1
 
+    async def _read_body(self, request: web.Request) -> web.StreamResponse | None:
+        """None once the body is in; else the answer: 408 (BodyTimeout, the
+        connection closed) or aiohttp's 413 for a chunked body over the limit."""
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                await request.read()
+        except TimeoutError:
+            return await _answer(request, _raising(BodyTimeout()))
+        except web.HTTPException as exc:
+            return await _answer(request, _raising(exc))
+        return None
+
     async def _too_large(self, request: web.Request) -> web.StreamResponse:
         raise web.HTTPRequestEntityTooLarge(
             max_size=self.max_bytes, actual_size=request.content_length or 0
@@ -182,6 +202,15 @@ class Guard:
 
 async def _overloaded(request: web.Request) -> web.StreamResponse:
     raise Overloaded("max_inflight")
+
+
+def _raising(exc: BaseException) -> Handler:
+    """A handler that raises ``exc`` (for _answer's mapping)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        raise exc
+
+    return handler
 
 
 CORS_ALLOW_HEADERS = "Content-Type, X-Request-Id, X-Recsvc-Flags"

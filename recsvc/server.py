@@ -50,8 +50,10 @@ async def setup_runner(app: web.Application) -> web.AppRunner:
     await runner.setup()
     assert runner.server is not None  # set up above
     stamp_arrivals(runner.server)
-    reject = app[appkeys.SETTINGS].overload_response == "reject"
-    install_front_door(runner.server, app[appkeys.ADMISSION], reject)
+    settings = app[appkeys.SETTINGS]
+    reject = settings.overload_response == "reject"
+    origins = frozenset(settings.cors_origin_list)
+    install_front_door(runner.server, app[appkeys.ADMISSION], reject, origins)
     return runner
 
 

@@ -99,8 +99,12 @@ class Settings:
 
     @property
     def worker_count(self) -> int:
-        """``workers``, or one per core this process may run on when it is 0."""
-        return self.workers or len(os.sched_getaffinity(0))
+        """``workers``, or when it is 0 one per core this process may use: the
+        cores it may run on, fewer under a CPU quota (a container limited to 2
+        CPUs on a 96-core host gets 2), at most 64."""
+        if self.workers:
+            return self.workers
+        return max(1, min(64, len(os.sched_getaffinity(0)), _quota_cores() or 64))
 
     @property
     def cors_origin_list(self) -> list[str]:
@@ -203,6 +207,37 @@ def _redis_url_ok(url: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _quota_cores() -> int | None:
+    """Cores allowed by this process's cgroup CPU quota, rounded up (v2 cpu.max or
+    v1 cpu.cfs_quota_us); None without a quota or where it cannot be read."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        rel = path.lstrip("/")
+        try:
+            if controllers == "":  # v2
+                quota, period = (Path("/sys/fs/cgroup") / rel / "cpu.max").read_text().split()
+            elif "cpu" in controllers.split(","):
+                base = next(
+                    p
+                    for m in ("cpu", "cpu,cpuacct", "cpuacct,cpu")
+                    if (p := Path("/sys/fs/cgroup", m) / rel).is_dir()
+                )
+                quota = (base / "cpu.cfs_quota_us").read_text().strip()
+                period = (base / "cpu.cfs_period_us").read_text().strip()
+            else:
+                continue
+        except (OSError, ValueError, StopIteration):
+            continue
+        if quota in ("max", "-1"):
+            return None
+        return max(1, -(-int(quota) // int(period)))
+    return None
 
 
 # Never shown in messages or logs.

@@ -253,6 +253,8 @@ class IncompatibleStore(Exception):
         )
 
 
+# A Redis read is only called slow (a breaker failure) after at least this long.
+REDIS_SLOW_SECS = 0.002
 # Entries per item-script call: bounds how long one call holds Redis.
 ITEM_CALL_MAX = 2_000
 # User script calls per pipeline: bounds event-loop and Redis time per step.
@@ -423,12 +425,13 @@ class FeatureStore:
         The read gets ``read_secs`` (default ``redis_timeout_ms``) from when it
         has a connection, and never past ``deadline`` (event-loop time).
 
-        Raises StoreUnavailable when Redis failed: refused, reset, or too slow
-        while this process was keeping up (these count toward the breaker), or
-        the circuit is open. Raises Overloaded when the time ran out because of
-        this process: no pooled connection in time, the event loop lagging, or
-        a request deadline mostly spent before the read (these never count
-        toward the breaker: an idle Redis must not be blamed for a busy worker).
+        Raises StoreUnavailable when Redis failed: refused, reset, or provably
+        slow (``_redis_was_slow``; these count toward the breaker), or the
+        circuit is open. Raises Overloaded when the time ran out because of
+        this process: no pooled connection in time, the event loop or the CPU
+        too busy to have read a reply, or a request deadline spent before the
+        read (these never count toward the breaker: an idle Redis must not be
+        blamed for a busy worker).
         """
         loop = asyncio.get_running_loop()
         budget = read_secs or self.timeout
@@ -456,20 +459,31 @@ class FeatureStore:
             raise Overloaded("redis_pool") from exc
         except REDIS_FAILURES as exc:
             timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
-            if timed_out:
-                # The process was busy during the wait: the reply may have been
-                # waiting for us. Or the request's deadline cut the read short
-                # of its own budget: the request's time went elsewhere.
-                busy = self.lag is not None and self.lag.saturated(started)
-                if busy or cut_short:
-                    metrics.REDIS_ERRORS.labels("read", "LoopBehind").inc()
-                    raise Overloaded("event_loop" if busy else "deadline") from exc
+            if timed_out and not self._redis_was_slow(started):
+                metrics.REDIS_ERRORS.labels("read", "LoopBehind").inc()
+                raise Overloaded("event_loop") from exc
             self.breaker.failure()
             metrics.REDIS_ERRORS.labels("read", type(exc).__name__).inc()
             self._read_refresh.after(exc)
             raise StoreUnavailable("timeout" if timed_out else type(exc).__name__) from exc
         self.breaker.success()
         return [decode_user(*replies[k : k + 3]) for k in range(0, len(replies), 3)]
+
+    def _redis_was_slow(self, started: tuple[float, float]) -> bool:
+        """Whether a read that timed out ``started`` (LoopLag.mark()) at least
+        proves Redis slow. Had Redis answered at t, this process would have
+        read the answer by t plus two loop turns (each no longer than the
+        largest lag seen) plus the time its thread waited for a CPU; so Redis
+        took at least ``spent - 2 * lag - cpu wait``. Redis's fault when that
+        is half the wait or more, and at least REDIS_SLOW_SECS: a hung or
+        slow Redis with a responsive process (breaker), not a busy process
+        with a quick Redis, nor a read the request's deadline cut to almost
+        nothing (overloaded)."""
+        spent = time.perf_counter() - started[0]
+        if self.lag is None:
+            return True
+        floor = spent - 2.0 * self.lag.since(started[0]) - self.lag.waited_since(started[0])
+        return floor >= max(0.5 * spent, REDIS_SLOW_SECS)
 
     def _user_call(
         self, user_id: str, events: Sequence[EventWrite], dedupe: bool

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +120,28 @@ def test_bad_candidate_quotas_name_the_variable(value: str) -> None:
 def test_exclude_seen_is_auto_always_or_never(value: str) -> None:
     with pytest.raises(SettingsError, match="RECSVC_EXCLUDE_SEEN"):
         from_env({"RECSVC_EXCLUDE_SEEN": value})
+
+
+CPU_CGROUP = Path("/sys/fs/cgroup/cpu")
+
+
+@pytest.mark.skipif(
+    not os.access(CPU_CGROUP, os.W_OK) or len(os.sched_getaffinity(0)) < 2,
+    reason="needs a writable cgroup v1 cpu controller (root) and two cores",
+)
+def test_one_worker_per_core_counts_a_cpu_quota(tmp_path: Path) -> None:
+    """workers=0 means the cores this process may use: all it may run on, but one
+    under a quota of one CPU (a container on a larger host)."""
+    code = "from recsvc.settings import Settings; print(Settings().worker_count)"
+    free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert int(free.stdout) == len(os.sched_getaffinity(0))
+    group = CPU_CGROUP / f"recsvc-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("100000")
+        wrapped = f"import os; open('{group}/cgroup.procs', 'w').write(str(os.getpid())); " + code
+        limited = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True)
+        assert int(limited.stdout) == 1, limited.stderr
+    finally:
+        group.rmdir()
