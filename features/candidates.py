@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -180,9 +181,11 @@ def top_categories(user: UserState, table: ItemTable, k: int) -> list[int]:
 def recent_rows(user: UserState, table: ItemTable) -> tuple[np.ndarray, np.ndarray]:
     """The user's remembered items as table rows (-1 unknown) and times, newest first."""
     ordered = user.recent_newest_first()
-    get = table.index.get
-    rows = np.fromiter((get(i, -1) for i, _ in ordered), np.int64, len(ordered))
-    return rows, np.fromiter((t for _, t in ordered), np.float64, len(ordered))
+    if not ordered:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64)
+    ids, times = zip(*ordered, strict=True)
+    rows = np.fromiter(map(table.index.get, ids, repeat(-1)), np.int64, len(ids))
+    return rows, np.asarray(times, dtype=np.float64)
 
 
 def banned(
@@ -295,9 +298,11 @@ def assemble(retrieval: Retrieval, config: CandidateConfig) -> Candidates:
     lists = [retrieval.lists[s].items[: reach[s]] for s in present]
     items = np.concatenate(lists).astype(np.int64, copy=False)
     source = np.repeat(np.asarray(present, dtype=np.int8), [len(x) for x in lists])
-    if len(retrieval.banned) and len(items):
-        allowed = ~arrays.member(items, retrieval.banned, retrieval.size)
-        items, source = items[allowed], source[allowed]
+    if not len(retrieval.banned) or not len(items):
+        # Nothing banned: each list was cut at its quota above.
+        return _dedupe(items, source, config.cap, retrieval.size)
+    allowed = ~arrays.member(items, retrieval.banned, retrieval.size)
+    items, source = items[allowed], source[allowed]
     # Position of each allowed item within its source's list, against the quota.
     counts = np.bincount(source, minlength=len(SOURCES))
     starts = np.cumsum(counts) - counts

@@ -199,8 +199,9 @@ def _user_item(x: FeatureInput, out: np.ndarray) -> None:
     # log(price) - log(mean) rather than log(price / mean): no warning and a
     # finite value even for a subnormal price; NaN without a price or a mean.
     if mean_price > 0:
-        safe = np.where(price > 0, price, mean_price)
-        out[:, 2] = np.where(price > 0, np.log(safe) - np.log(mean_price), _NAN)
+        priced = price > 0
+        safe = np.where(priced, price, mean_price)
+        out[:, 2] = np.where(priced, np.log(safe) - np.log(mean_price), _NAN)
     else:
         out[:, 2] = _NAN
     # recent position, secs since, co-visit (all, last), first-seen and popularity gaps

@@ -10,8 +10,7 @@ import pytest
 from features import arrays, covisit
 from features.candidates import SOURCES, CandidateConfig, retrieve
 from features.events import COVISIT_NEIGHBOURS, HALF_LIVES, N_HALF_LIVES, N_TYPES, EventType
-from features.popularity import PopularityIndex
-from features.popularity import decay_column, decay_rows
+from features.popularity import PopularityIndex, decay_column, decay_rows
 from features.schema import (
     DEVICES,
     FAMILIES,
