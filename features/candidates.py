@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -97,7 +98,13 @@ class Ranked:
 
     @classmethod
     def of(cls, items: np.ndarray) -> Ranked:
-        return cls(items, np.arange(len(items), dtype=np.float64))
+        n = len(items)
+        return cls(items, _RANKS[:n] if n <= len(_RANKS) else np.arange(n, dtype=np.float64))
+
+
+# Ranks 0, 1, 2, ... as read-only views: most lists are shorter than this.
+_RANKS = np.arange(4 * RANK_DEPTH, dtype=np.float64)
+_RANKS.flags.writeable = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,26 +125,43 @@ class Retrieval:
     size: int | None = None
 
     def ranks(
-        self, candidates: np.ndarray, sources: tuple[int, ...], size: int | None = None
+        self,
+        candidates: np.ndarray,
+        sources: tuple[int, ...],
+        size: int | None = None,
+        match: arrays.CandidateMatch | None = None,
     ) -> np.ndarray:
         """(len(candidates), len(sources)): each candidate's rank in each source's
         list down to RANK_DEPTH, NaN where it is not there; repeated candidates
         get the same ranks. Each list holds an item at most once. ``size``: the
-        item table's rows (lets small catalogues use dense maps)."""
-        n = len(candidates)
-        present = [(j, self.lists[s]) for j, s in enumerate(sources) if s in self.lists]
-        if not n or not present:
-            return np.full((n, len(sources)), np.nan)
-        items = np.concatenate([r.items[:RANK_DEPTH] for _, r in present])
-        rank = np.concatenate([r.rank[:RANK_DEPTH] for _, r in present])
-        column = np.repeat(
-            [j for j, _ in present], [min(len(r.items), RANK_DEPTH) for _, r in present]
-        )
-        at, rows_of_candidates, n_rows = arrays.match_candidates(candidates, items, size)
-        hit = at >= 0
-        table = np.full((n_rows, len(sources)), np.nan)
-        table[at[hit], column[hit]] = rank[hit]  # each (item, source) once
-        return np.asarray(table[rows_of_candidates])
+        item table's rows (lets small catalogues use dense maps); ``match``: the
+        candidates' ``arrays.match`` when already built."""
+        if not len(candidates):
+            return np.full((0, len(sources)), np.nan)
+        if match is None:
+            depth = sum(min(len(r.items), RANK_DEPTH) for r in self.lists.values())
+            match = arrays.match(candidates, size, depth)
+        return np.ascontiguousarray(self.rank_table(sources, match)[:, match.rows].T)
+
+    def rank_table(self, sources: tuple[int, ...], match: arrays.CandidateMatch) -> np.ndarray:
+        """(len(sources), match.n_rows): ``ranks`` by source and candidate row."""
+        table = np.full((len(sources), match.n_rows), np.nan)
+        items, ranks, offsets, lengths = [], [], [], []
+        for j, s in enumerate(sources):
+            listed = self.lists.get(s)
+            if listed is not None and len(listed.items):
+                items.append(listed.items[:RANK_DEPTH])
+                ranks.append(listed.rank[:RANK_DEPTH])
+                offsets.append(j * match.n_rows)
+                lengths.append(len(items[-1]))
+        if not items:
+            return table
+        at = match.at(np.concatenate(items))
+        hit = (at >= 0).nonzero()[0]
+        # Flat positions in the table: source j's row starts at j * n_rows.
+        at += np.repeat(np.asarray(offsets, dtype=np.int64), lengths)
+        table.ravel()[at[hit]] = np.concatenate(ranks)[hit]  # each (item, source) once
+        return table
 
 
 def ids_to_index(table: ItemTable, item_ids: list[str] | set[str]) -> np.ndarray:
@@ -157,9 +181,11 @@ def top_categories(user: UserState, table: ItemTable, k: int) -> list[int]:
 def recent_rows(user: UserState, table: ItemTable) -> tuple[np.ndarray, np.ndarray]:
     """The user's remembered items as table rows (-1 unknown) and times, newest first."""
     ordered = user.recent_newest_first()
-    get = table.index.get
-    rows = np.fromiter((get(i, -1) for i, _ in ordered), np.int64, len(ordered))
-    return rows, np.fromiter((t for _, t in ordered), np.float64, len(ordered))
+    if not ordered:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64)
+    ids, times = zip(*ordered, strict=True)
+    rows = np.fromiter(map(table.index.get, ids, repeat(-1)), np.int64, len(ids))
+    return rows, np.asarray(times, dtype=np.float64)
 
 
 def banned(
@@ -272,20 +298,23 @@ def assemble(retrieval: Retrieval, config: CandidateConfig) -> Candidates:
     lists = [retrieval.lists[s].items[: reach[s]] for s in present]
     items = np.concatenate(lists).astype(np.int64, copy=False)
     source = np.repeat(np.asarray(present, dtype=np.int8), [len(x) for x in lists])
-    if len(retrieval.banned) and len(items):
-        allowed = ~arrays.member(items, retrieval.banned, retrieval.size)
-        items, source = items[allowed], source[allowed]
+    if not len(retrieval.banned) or not len(items):
+        # Nothing banned: each list was cut at its quota above.
+        return _dedupe(items, source, config.cap, retrieval.size)
+    allowed = ~arrays.member(items, retrieval.banned, retrieval.size)
+    items, source = items[allowed], source[allowed]
     # Position of each allowed item within its source's list, against the quota.
     counts = np.bincount(source, minlength=len(SOURCES))
     starts = np.cumsum(counts) - counts
     position = np.arange(len(items)) - starts[source]
     keep = position < quotas[source]
-    return _dedupe(items[keep], source[keep], config.cap)
+    return _dedupe(items[keep], source[keep], config.cap, retrieval.size)
 
 
-def _dedupe(idx: np.ndarray, src: np.ndarray, cap: int) -> Candidates:
-    """Each item once, from the first source that proposed it; capped."""
-    keep = arrays.first_positions(idx)[:cap]
+def _dedupe(idx: np.ndarray, src: np.ndarray, cap: int, size: int | None = None) -> Candidates:
+    """Each item once, from the first source that proposed it; capped (``size``:
+    the item table's rows, every item below it)."""
+    keep = arrays.first_positions(idx, size)[:cap]
     return Candidates(idx[keep], src[keep])
 
 
@@ -309,4 +338,4 @@ def from_request(
     idx = ids_to_index(table, item_ids)
     if len(retrieval.banned) and len(idx):
         idx = idx[~np.isin(idx, retrieval.banned)]
-    return _dedupe(idx, np.full(len(idx), SOURCE_REQUEST, dtype=np.int8), cap)
+    return _dedupe(idx, np.full(len(idx), SOURCE_REQUEST, dtype=np.int8), cap, table.n)

@@ -47,21 +47,26 @@ def scores_for(
     candidates: np.ndarray,
     now: float,
     slots: Slots | None = None,
+    match: arrays.CandidateMatch | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each candidate, its summed co-visit counts with all of ``items`` and with
     the first of them (the user's newest): a map from item row to candidate (or a
     sort and a search on a large catalogue), two bincounts; repeated candidates
-    get the same sums."""
+    get the same sums. ``match``: the candidates' ``arrays.match`` when built."""
     n = len(candidates)
     idx, scores = slots if slots is not None else neighbours(table, items, now)
     if not n or not idx.size:
         return np.zeros(n), np.zeros(n)
     flat = idx.ravel()  # empty slots (-1) match no candidate
-    at, rows_of_candidates, n_rows = arrays.match_candidates(candidates, flat, table.n)
+    if match is None:
+        match = arrays.match(candidates, table.n, len(flat))
+    at = match.at(flat)
     hit = at >= 0
-    newest = hit.copy()
-    newest[idx.shape[1] :] = False
     weights = scores.ravel()
-    out_all = np.bincount(at[hit], weights=weights[hit], minlength=n_rows)
-    out_last = np.bincount(at[newest], weights=weights[newest], minlength=n_rows)
-    return out_all[rows_of_candidates], out_last[rows_of_candidates]
+    # The newest item's slots are the first row's.
+    at_last, hit_last, weights_last = at[: idx.shape[1]], hit[: idx.shape[1]], scores[0]
+    out_all = np.bincount(at[hit], weights=weights[hit], minlength=match.n_rows)
+    out_last = np.bincount(
+        at_last[hit_last], weights=weights_last[hit_last], minlength=match.n_rows
+    )
+    return out_all[match.rows], out_last[match.rows]

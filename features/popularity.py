@@ -24,12 +24,17 @@ def decayed_counts(table: ItemTable, rows: np.ndarray | slice, now: float) -> np
     return decay_rows(table.raw[rows], now)
 
 
+# Each counter's half-life, in counter order (type-major): the decay of all of
+# a row's counters in one product, without broadcasting over an axis of 6.
+_COUNTER_HALF_LIVES = np.tile(np.asarray(HALF_LIVES), N_TYPES)
+
+
 def decay_rows(raw: np.ndarray, now: float) -> np.ndarray:
     """``decayed_counts`` for item rows already gathered."""
     dt = np.maximum(now - raw[:, COL_REF], 0.0)
-    factors = np.exp2(-dt[:, None] / np.asarray(HALF_LIVES)[None, :])
-    counts = raw[:, COL_COUNTS:COL_NBR_REF].reshape(-1, N_TYPES, N_HALF_LIVES)
-    return np.asarray(counts * factors[:, None, :])
+    factors = np.exp2(-dt[:, None] / _COUNTER_HALF_LIVES)
+    counts = raw[:, COL_COUNTS:COL_NBR_REF] * factors
+    return np.asarray(counts.reshape(-1, N_TYPES, N_HALF_LIVES))
 
 
 def decay_column(raw: np.ndarray, now: float, half_life_index: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
 
@@ -32,6 +33,8 @@ from features.events import (
 )
 
 NO_CATEGORY = -1
+# (item, ts) -> (ts, item): the recent items' order key.
+_TIME_THEN_ID = itemgetter(1, 0)
 
 # Item record layout: one float64 row per item (also the Redis byte layout).
 COL_REF = 0
@@ -67,7 +70,7 @@ class UserState:
 
     def recent_newest_first(self) -> list[tuple[str, float]]:
         """Recent items, newest first (ties: larger id first, as Redis ZREVRANGE)."""
-        return sorted(self.recent.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
+        return sorted(self.recent.items(), key=_TIME_THEN_ID, reverse=True)
 
 
 def covisit_bucket(ts: float) -> int:

@@ -54,3 +54,42 @@ def test_member_equals_numpy_isin_on_both_paths() -> None:
     want = np.isin(values, members)
     for size in (None, 300):
         np.testing.assert_array_equal(arrays.member(values, members, size), want)
+
+
+@pytest.mark.parametrize("size", [1, 2, 50, 3000])
+def test_dense_group_and_first_positions_equal_numpy_unique(size: int) -> None:
+    rng = np.random.default_rng(size + 7)
+    slots = max(size // 3, 1)
+    keys = rng.integers(0, slots, size)
+    want_unique, want_index, want_inverse = np.unique(keys, return_index=True, return_inverse=True)
+    # Enough slots for the dense pass, and a size below the largest key (it grows).
+    for bound in (slots, 1):
+        unique, inverse = arrays.group(keys, bound)
+        np.testing.assert_array_equal(unique, want_unique)
+        np.testing.assert_array_equal(inverse, want_inverse)
+        np.testing.assert_array_equal(arrays.first_positions(keys, bound), np.sort(want_index))
+    assert arrays.first_positions(keys[:0], 10).tolist() == []
+
+
+@pytest.mark.parametrize("n", [0, 1, 30, 400])
+def test_a_candidate_match_finds_each_item_like_a_dictionary(n: int) -> None:
+    rng = np.random.default_rng(n + 3)
+    size = 500
+    candidates = rng.integers(0, size, n)  # repeats on purpose
+    items = np.concatenate([rng.integers(-1, size + 20, 3 * n + 5), [-1, size, size + 7]])
+    for match in (
+        arrays.match(candidates, size),  # dense for this size
+        arrays.match(candidates, None),  # sorted
+        arrays.CandidateMatch(candidates, size, dense=False),
+        arrays.CandidateMatch(candidates, size, dense=True),
+    ):
+        rows = match.rows
+        assert rows.shape == (n,) and (rows >= 0).all() and (rows < max(match.n_rows, 1)).all()
+        # Equal candidates share a row; different ones do not.
+        same = candidates[:, None] == candidates[None, :]
+        np.testing.assert_array_equal(rows[:, None] == rows[None, :], same)
+        at = match.at(items)
+        row_of = {int(c): int(r) for c, r in zip(candidates.tolist(), rows.tolist(), strict=True)}
+        np.testing.assert_array_equal(at, [row_of.get(i, -1) for i in items.tolist()])
+    at, rows, n_rows = arrays.match_candidates(candidates, items, size)
+    assert n_rows >= len(np.unique(candidates)) and len(rows) == n

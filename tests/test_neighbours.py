@@ -196,6 +196,72 @@ def test_affinity_equals_a_plain_loop_over_the_recent_items() -> None:
             np.testing.assert_allclose(got.values, want, rtol=1e-12)
 
 
+def _affinity_by_column(bound: Bound, recent: np.ndarray) -> np.ndarray:
+    """The plain definition of Affinity.values: per (kind, window), one bincount
+    over the entries of the window's newest items, in the order of the entries
+    (newest item first, each item's neighbours in table order)."""
+    nt, b = bound.table, bound.binding
+    rows, owners, scores = [], [], []
+    for position, row in enumerate(recent.tolist()[:MAX_WINDOW]):
+        v = int(b.vocab_of[row]) if 0 <= row < b.table_n else -1
+        for e in range(int(nt.indptr[v]), int(nt.indptr[v + 1])) if v >= 0 else ():
+            to = int(b.row_of[int(nt.nbr[e])])
+            if to >= 0:
+                rows.append(to)
+                owners.append(position)
+                scores.append(nt.score[e])
+    items, group = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+    owner = np.asarray(owners, dtype=np.int64)
+    score = np.asarray(scores, dtype=np.float32).reshape(-1, len(nt.kinds))
+    values = np.zeros((len(items), len(nt.kinds) * len(WINDOWS)))
+    for k in range(len(nt.kinds)):
+        weighted = score[:, k] * (1.0 / (owner + 1.0))
+        for w, window in enumerate(WINDOWS):
+            inside = owner < window
+            values[:, k * len(WINDOWS) + w] = np.bincount(
+                group[inside], weights=weighted[inside], minlength=len(items)
+            )
+    return values
+
+
+def test_affinity_sums_exactly_as_one_bincount_per_column() -> None:
+    rng = np.random.default_rng(15)
+    nt = _random_table(rng, 80)
+    table = ItemTable()
+    for item in rng.permutation([*nt.ids[:70], *(f"new{k}" for k in range(10))]).tolist():
+        table.ensure_item(str(item))
+    bound = Bound(nt, nt.bind(table))
+    for _ in range(40):
+        recent = rng.choice(np.arange(-1, table.n), size=int(rng.integers(1, 30)), replace=False)
+        got = affinity(bound, recent)
+        want = _affinity_by_column(bound, recent)
+        np.testing.assert_array_equal(got.values, want)  # bit for bit: same order of sums
+        np.testing.assert_array_equal(got.padded(), np.vstack([want, np.zeros((1, 6))]))
+        plain = Affinity(got.items, got.values, got.kinds)  # no padded copy kept
+        np.testing.assert_array_equal(plain.padded(), got.padded())
+
+
+def test_a_binding_s_log_users_equal_the_users_of_each_row_as_it_grows() -> None:
+    rng = np.random.default_rng(16)
+    nt = _random_table(rng, 60)
+    nt = replace(nt, users=rng.integers(1, 500, 60).astype(np.float32))
+    table = ItemTable()
+    order = rng.permutation([*nt.ids[:50], *(f"new{k}" for k in range(15))]).tolist()
+    binding = None
+    for stop in (10, 11, 40, len(order)):
+        for item in order[len(table.ids) : stop]:
+            table.ensure_item(str(item))
+        binding = nt.bind(table, binding)  # extended, not rebuilt
+        bound = Bound(nt, binding)
+        rows = np.arange(table.n + 5)  # and rows past the binding
+        with np.errstate(invalid="ignore"):
+            want = np.log1p(bound.users_of(rows))
+        np.testing.assert_array_equal(bound.log_users_of(rows), want)
+        np.testing.assert_array_equal(binding.vocab_at[:-1], binding.vocab_of)
+        assert binding.vocab_at[-1] == -1
+    assert binding is not None and (binding.vocab_of >= 0).sum() == 50
+
+
 def test_ranks_read_each_source_list_like_a_dictionary() -> None:
     rng = np.random.default_rng(6)
     lengths = {SOURCE_RECENT: 60, SOURCE_COVISIT: 0, SOURCE_POPULAR: RANK_DEPTH + 60}
