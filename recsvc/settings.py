@@ -76,7 +76,7 @@ class Settings:
     max_inflight: int = 512
     # Admission control of recommendations: admitted while the requests ahead
     # are predicted to finish, with this one, within this from its arrival.
-    admission_target_ms: float = 15.0
+    admission_target_ms: float = 20.0
     # Over the limit: "reject" (503 + Retry-After) or "default" (the default
     # strategy at once, reason overloaded).
     overload_response: str = "reject"
