@@ -252,11 +252,18 @@ class Admission:
     it): it grows by ``MISS_GROWTH``.
 
     A request is admitted when ``waited + (ahead + 1) * estimate <= target``;
-    ``limit`` is the same rule for a request that has not waited.
+    ``limit`` is the same rule for a request that has not waited. A burst is
+    not an overload (CoDel's insight): while the queue has emptied at least
+    once in the last ``INTERVAL`` seconds, the bound is ``burst_target``
+    instead (default: ``target``; the app gives 80% of the request deadline),
+    so a burst at 70% load is queued within the deadline, not turned away;
+    only a standing queue (never empty for a whole interval: more offered than
+    served, or more clients than fit) gets the tighter ``target``.
     """
 
     SECTION_CAP = 2.0
     MISS_GROWTH = 1.1
+    INTERVAL = 0.1
 
     def __init__(
         self,
@@ -265,8 +272,15 @@ class Admission:
         initial_service: float = 0.002,
         smoothing: float = 0.05,
         clock: Callable[[], float] = time.perf_counter,
+        burst_target: float | None = None,
     ) -> None:
         self.target = target
+        self.burst_target = max(target, burst_target or target)
+        # The fewest requests found ahead by an arrival in the current interval,
+        # and whether the previous interval's fewest was at least one (standing).
+        self._window_start = 0.0
+        self._window_min = 0
+        self.standing = False
         self.max_inflight = max_inflight
         self.service = initial_service
         self.section = initial_service
@@ -292,13 +306,20 @@ class Admission:
         arrival: its admission time (perf_counter) when it can be answered in
         time (it is counted in), else None."""
         ahead = self.inflight
+        now = self.clock()
+        if now - self._window_start >= self.INTERVAL:
+            self.standing = self._window_min >= 1 and now - self._window_start < 2 * self.INTERVAL
+            self._window_start, self._window_min = now, ahead
+        elif ahead < self._window_min:
+            self._window_min = ahead
         if ahead >= self.max_inflight:
             return None
         # With nothing ahead, a request has the best chance it will ever get.
-        if ahead and waited + (ahead + 1) * self.estimate > self.target:
+        bound = self.target if self.standing else self.burst_target
+        if ahead and waited + (ahead + 1) * self.estimate > bound:
             return None
         self.inflight += 1
-        return self.clock()
+        return now
 
     def done(self, admitted: float, missed: bool = False) -> None:
         """A request admitted at ``admitted`` answered; ``missed``: by the default

@@ -77,6 +77,9 @@ class Settings:
     # Admission control of recommendations: admitted while the requests ahead
     # are predicted to finish, with this one, within this from its arrival.
     admission_target_ms: float = 20.0
+    # The same bound for a burst (the queue emptied within the last 100 ms);
+    # 0 = 80% of the request deadline.
+    admission_burst_ms: float = 0.0
     # Over the limit: "reject" (503 + Retry-After) or "default" (the default
     # strategy at once, reason overloaded).
     overload_response: str = "reject"
@@ -158,6 +161,7 @@ class Settings:
             ("max_inflight", self.max_inflight >= 1),
             ("body_timeout_ms", self.body_timeout_ms > 0),
             ("admission_target_ms", self.admission_target_ms > 0),
+            ("admission_burst_ms", self.admission_burst_ms >= 0),
             ("overload_response", self.overload_response in {"reject", "default"}),
             ("cors_origins", all(_ORIGIN.fullmatch(o) for o in self.cors_origin_list)),
             ("log_level", self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}),
@@ -320,6 +324,11 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
         "admission_target_ms",
         "recommendations are admitted while the ones ahead are predicted to finish, with "
         "the new one, within this from its arrival (capped at the request deadline)",
+    ),
+    (
+        "admission_burst_ms",
+        "the same bound while the queue is a burst (it emptied within the last 100 ms), "
+        "not a standing queue; 0 = 80% of the request deadline",
     ),
     (
         "overload_response",

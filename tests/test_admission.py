@@ -87,6 +87,33 @@ def test_admission_admits_what_fits_in_the_target_and_always_the_first() -> None
     assert hard.admit(0.0) is None
 
 
+def test_a_burst_gets_the_burst_bound_and_a_standing_queue_the_target() -> None:
+    """CoDel's distinction: the queue emptied within the last interval (a burst)
+    or never did (more offered than served)."""
+    clock = Clock()
+    adm = Admission(
+        target=10.0, max_inflight=100, initial_service=2.0, clock=clock, burst_target=20.0
+    )
+    assert not adm.standing
+    burst = [adm.admit(0.0) for _ in range(10)]  # 10 x 2 = 20 fits the burst bound
+    assert None not in burst and adm.admit(0.0) is None
+    # The queue never empties for a whole interval: the target rules.
+    for _ in range(3):
+        clock.now += Admission.INTERVAL
+        adm.admit(0.0)
+    assert adm.standing and adm.admit(0.0) is None and adm.limit == 5
+    # It empties; in the next interval a burst is welcome again.
+    for ticket in burst:
+        adm.done(ticket or 0.0)
+    while adm.inflight:
+        adm.done(0.0)
+    clock.now += Admission.INTERVAL
+    adm.admit(0.0)  # finds nothing ahead
+    clock.now += Admission.INTERVAL
+    adm.done(0.0)
+    assert adm.admit(0.0) is not None and not adm.standing
+
+
 @pytest.mark.asyncio
 async def test_loop_lag_sees_a_blocked_loop_and_a_busy_thread() -> None:
     lag = LoopLag(interval=0.002)
@@ -211,7 +238,9 @@ async def test_over_the_admission_limit_answers_503_at_once_with_retry_after(
 ) -> None:
     # A target far below one request's cost: only a request with nothing
     # ahead of it is admitted.
-    app = create_app(settings_for(model_dir, admission_target_ms=0.001), redis_url)
+    app = create_app(
+        settings_for(model_dir, admission_target_ms=0.001, admission_burst_ms=0.001), redis_url
+    )
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         shed_before = _shed(await (await client.get("/metrics")).text())  # per process
         answers = await _burst(client, 40)
@@ -233,7 +262,12 @@ async def test_over_the_admission_limit_answers_503_at_once_with_retry_after(
 async def test_overload_response_default_serves_popular_items_with_the_reason(
     seeded: Redis, redis_url: str, model_dir: Path
 ) -> None:
-    settings = settings_for(model_dir, admission_target_ms=0.001, overload_response="default")
+    settings = settings_for(
+        model_dir,
+        admission_target_ms=0.001,
+        admission_burst_ms=0.001,
+        overload_response="default",
+    )
     async with TestClient(TestServer(create_app(settings, redis_url), host="127.0.0.1")) as client:
         answers = await _burst(client, 40)
         reasons = {body.get("fallback_reason") for _, _, body in answers}
@@ -262,7 +296,11 @@ async def test_slow_bodies_are_cut_off_and_never_hold_up_other_requests(
     # 64 slow bodies against a hard cap of 16 and an admission target of 1 ms:
     # neither counts a request whose body is still arriving.
     settings = settings_for(
-        model_dir, body_timeout_ms=500.0, admission_target_ms=1.0, max_inflight=16
+        model_dir,
+        body_timeout_ms=500.0,
+        admission_target_ms=1.0,
+        admission_burst_ms=1.0,
+        max_inflight=16,
     )
     runner = await setup_runner(create_app(settings, redis_url))  # as `recsvc serve` does
     site = web.TCPSite(runner, "127.0.0.1", 0)

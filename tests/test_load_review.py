@@ -157,7 +157,9 @@ async def test_an_idle_server_answers_slow_bodies_with_the_model(
 async def test_front_door_503s_carry_the_request_id_and_cors_headers(
     seeded: Redis, redis_url: str, model_dir: Path
 ) -> None:
-    settings = settings_for(model_dir, admission_target_ms=0.001, cors_origins="*")
+    settings = settings_for(
+        model_dir, admission_target_ms=0.001, admission_burst_ms=0.001, cors_origins="*"
+    )
     async with (
         live(settings, redis_url) as (_, port),
         aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http,
