@@ -32,7 +32,7 @@ async def _load_ctx(app: web.Application) -> AsyncIterator[None]:
     lag.on_tick = metrics.LOOP_LAG.observe
     # The target never exceeds the request deadline (the settings table says so).
     target = min(settings.admission_target_ms, settings.request_deadline_ms) / 1000.0
-    burst = (settings.admission_burst_ms or 0.8 * settings.request_deadline_ms) / 1000.0
+    burst = (settings.admission_burst_ms or 0.9 * settings.request_deadline_ms) / 1000.0
     app[appkeys.ADMISSION] = Admission(target, settings.max_inflight, burst_target=burst)
     lag.start()
     yield

@@ -76,9 +76,9 @@ class Settings:
     max_inflight: int = 512
     # Admission control of recommendations: admitted while the requests ahead
     # are predicted to finish, with this one, within this from its arrival.
-    admission_target_ms: float = 20.0
+    admission_target_ms: float = 25.0
     # The same bound for a burst (the queue emptied within the last 100 ms);
-    # 0 = 80% of the request deadline.
+    # 0 = 90% of the request deadline.
     admission_burst_ms: float = 0.0
     # Over the limit: "reject" (503 + Retry-After) or "default" (the default
     # strategy at once, reason overloaded).
@@ -328,7 +328,7 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     (
         "admission_burst_ms",
         "the same bound while the queue is a burst (it emptied within the last 100 ms), "
-        "not a standing queue; 0 = 80% of the request deadline",
+        "not a standing queue; 0 = 90% of the request deadline",
     ),
     (
         "overload_response",
