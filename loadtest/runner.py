@@ -61,8 +61,30 @@ def _wait_ready(host: str, proc: subprocess.Popen[bytes] | None) -> dict[str, An
     raise SystemExit(f"{host} was not ready within {READY_TIMEOUT_SECS:.0f} s")
 
 
+# Cores for the service and for locust when this script starts the demo on a
+# machine with several: locust, in Python, needs about a core of its own at the
+# rates it offers here, and sharing the service's cores measured the machine's
+# contention, not the service (turned away and late answers at "70%").
+CORES = sorted(os.sched_getaffinity(0))
+SERVICE_CORES = set(CORES[: max(1, len(CORES) // 2)])
+CLIENT_CORES = set(CORES) - SERVICE_CORES or set(CORES)
+
+
+def _pin(cores: set[int]) -> Any:
+    def pin() -> None:
+        os.sched_setaffinity(0, cores)
+
+    return pin
+
+
 def _locust(
-    host: str, out: Path, users: int, run_time: int, rate: float, slo: str | None
+    host: str,
+    out: Path,
+    users: int,
+    run_time: int,
+    rate: float,
+    slo: str | None,
+    cores: set[int] | None = None,
 ) -> tuple[int, dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -84,7 +106,14 @@ def _locust(
         *("--loglevel", "WARNING"),
     ]
     with (out / "locust.log").open("wb") as log:
-        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+        code = subprocess.run(
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=False,
+            preexec_fn=_pin(cores) if cores else None,
+        )
     text = (out / "locust.log").read_text(errors="replace")
     start = text.find("recsvc load test")
     gate = text[start:].split("\n[", 1)[0].split("\nType ", 1)[0] if start >= 0 else text[-3000:]
@@ -127,11 +156,19 @@ def main() -> int:
     mode.add_argument("--closed", action="store_true", help="closed loop only")
     p.add_argument("--slo-p99-ms", help="overrides RECSVC_SLO_P99_MS")
     p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="share all cores between the demo and locust (default: half each)",
+    )
     args = p.parse_args()
 
     out = args.results / datetime.now(UTC).strftime("loadtest-%Y%m%dT%H%M%SZ")
     proc = None
     host = args.host
+    # Only when this script starts the demo on a machine with two cores or more.
+    pinned = host is None and not args.no_pin and len(CORES) >= 2
+    client = CLIENT_CORES if pinned else None
     if host is None:
         host = f"http://127.0.0.1:{args.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("RECSVC_")}
@@ -147,19 +184,24 @@ def main() -> int:
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
             env=env,
+            preexec_fn=_pin(SERVICE_CORES) if pinned else None,
         )
+        if pinned:
+            print(f"service on cores {sorted(SERVICE_CORES)}, locust on {sorted(client or ())}")
     try:
         ready = _wait_ready(host, proc)
         print(f"service ready: model {ready['model']}", flush=True)
         if args.closed:
-            code, _ = _locust(host, out / "closed", args.users, args.run_time, 0, args.slo_p99_ms)
+            code, _ = _locust(
+                host, out / "closed", args.users, args.run_time, 0, args.slo_p99_ms, client
+            )
         else:
             rate = args.rate
             if rate is None:
                 users = args.capacity_users
                 print(f"\ncapacity: closed loop, {users} users, {args.capacity_time} s")
                 _, cap = _locust(
-                    host, out / "capacity", users, args.capacity_time, 0, args.slo_p99_ms
+                    host, out / "capacity", users, args.capacity_time, 0, args.slo_p99_ms, client
                 )
                 capacity = _total_rps(cap)
                 if capacity <= 0:
@@ -167,7 +209,9 @@ def main() -> int:
                 rate = round(args.fraction * capacity, 1)
                 print(f"capacity {capacity:.0f} requests/s; offering {rate:g}/s", flush=True)
             print(f"\nfixed rate {rate:g} requests/s, {args.users} users, {args.run_time} s")
-            code, _ = _locust(host, out / "fixed", args.users, args.run_time, rate, args.slo_p99_ms)
+            code, _ = _locust(
+                host, out / "fixed", args.users, args.run_time, rate, args.slo_p99_ms, client
+            )
         print(f"\nresults: {out} (report.html, CSVs, summary.json); exit code {code}")
         return code
     finally:
