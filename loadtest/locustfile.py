@@ -27,6 +27,7 @@ import json
 import os
 import random
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,11 @@ class Shopper(FastHttpUser):
 
     def on_start(self) -> None:
         self.last: tuple[str, str, list[str]] | None = None  # user, request_id, items
+        if RATE > 0:
+            # Spread the tabs over one period: started together, constant_throughput
+            # keeps them in step, and 32 requests arriving at once every period is
+            # a synthetic burst (the last ones queue 32 requests deep), not traffic.
+            time.sleep(random.uniform(0, USERS / RATE))  # gevent-patched: cooperative
 
     def _recommend(self, body: dict[str, Any], known: bool = True) -> None:
         with self.client.post(
