@@ -238,6 +238,10 @@ def shed(cause: str) -> None:
     _child(SHED, cause).inc()
 
 
+for _cause in SHED_CAUSES:  # every cause in /metrics from the start, at 0
+    _child(SHED, _cause)
+
+
 def observe_http(route: str, method: str, status: int, elapsed: float) -> None:
     _child(HTTP_LATENCY, route, method, str(status)).observe(elapsed)
 

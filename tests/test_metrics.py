@@ -101,6 +101,9 @@ async def test_metrics_move_with_one_fallback_and_one_model_answer(client: Clien
     assert value(after, "recsvc_variant_recommendation_duration_seconds_count") == 0
     assert value(after, "recsvc_redis_circuit_state") == 0
     assert value(after, "recsvc_inflight_requests") == 1  # the scrape itself
+    causes = {labels["cause"] for labels, _ in series(after, "recsvc_shed_requests_total")}
+    assert causes == {"admission", "max_inflight"}  # listed before the first rejection
+    assert value(after, "recsvc_admission_limit") >= 1
 
 
 @pytest.mark.asyncio
