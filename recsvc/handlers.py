@@ -28,7 +28,7 @@ from recsvc.api import (
     decode_json,
     parse_flags_header,
 )
-from recsvc.errors import BodyTimeout, InvalidRequest, Overloaded, Unauthorized
+from recsvc.errors import InvalidRequest, Overloaded, Unauthorized
 from recsvc.middleware import DEADLINE, FROM_CALLER, REQUEST_ID, SERVED
 from recsvc.models import LoadedModel
 from recsvc.online import feature_values, user_feature_values
@@ -43,18 +43,6 @@ def json_response(
     return web.Response(
         status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
     )
-
-
-async def read_body(request: web.Request) -> bytes:
-    """The whole body, or BodyTimeout (408, connection closed) when it does not
-    arrive within ``body_timeout_ms``: a client that trickles its body holds a
-    connection, never a place in the admission limit."""
-    timeout = request.app[appkeys.SETTINGS].body_timeout_ms / 1000.0
-    try:
-        async with asyncio.timeout(timeout):
-            return await request.read()
-    except TimeoutError:
-        raise BodyTimeout() from None
 
 
 def _flags(request: web.Request, body_flags: dict[str, str] | None) -> dict[str, str]:
@@ -175,7 +163,7 @@ async def experiments_get(request: web.Request) -> web.Response:
 
 
 async def recommend_post(request: web.Request) -> web.Response:
-    body = await read_body(request)
+    body = await request.read()  # already in: middleware.Guard waited for it
     return await _admitted(request, lambda: decode_json(body, RecommendRequest))
 
 
@@ -198,7 +186,7 @@ def _query_request(request: web.Request) -> RecommendRequest:
 
 async def events_post(request: web.Request) -> web.Response:
     """One event or ``{"events": [...]}``; a bad event in a batch is listed, not fatal."""
-    batch, events = decode_events(await read_body(request))
+    batch, events = decode_events(await request.read())
     result = await request.app[appkeys.INGESTOR].ingest(events)
     if not batch and result.rejected:  # a single event is valid or the request is bad
         raise InvalidRequest(result.rejected[0]["error"], field=result.rejected[0]["field"])
@@ -212,7 +200,7 @@ async def user_features_get(request: web.Request) -> web.Response:
 
 
 async def features_post(request: web.Request) -> web.Response:
-    req = decode_json(await read_body(request), FeaturesRequest)
+    req = decode_json(await request.read(), FeaturesRequest)
     body = await feature_values(request.app[appkeys.RECOMMENDER], req.user_ids, req.item_ids)
     return json_response(body)
 
