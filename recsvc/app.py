@@ -50,6 +50,9 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         async with asyncio.timeout(settings.redis_write_timeout_ms / 1000.0):
             await store.check_format()
+            # The request-path client's first call discovers a cluster's slots
+            # and opens a connection: here, not inside a request's deadline.
+            await store.reader.ping()
     except IncompatibleStore:
         await store.aclose()
         raise  # serving another format's data would be wrong answers, not errors
