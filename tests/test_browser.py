@@ -32,12 +32,17 @@ if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
     pytest.skip(message, allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
 from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+# The page redraws its list and panels: an element found a moment ago may be
+# gone when it is read; a wait tries again (as it does for one not found yet).
+REDRAWN = (StaleElementReferenceException,)
 
 
 @pytest.fixture
@@ -103,13 +108,13 @@ def _press(driver: WebDriver, item: WebElement, kind: str) -> None:
     """Press an event button and wait for the list to be drawn again."""
     item.find_element(By.CSS_SELECTOR, f"button.{kind}").click()
     WebDriverWait(driver, 10).until(expected_conditions.staleness_of(item))
-    WebDriverWait(driver, 10).until(lambda d: len(_items(d)) == 10)
+    WebDriverWait(driver, 10, ignored_exceptions=REDRAWN).until(lambda d: len(_items(d)) == 10)
 
 
 def test_purchase_leaves_the_list_and_a_new_user_warms_up(
     server: str, browser: WebDriver, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    wait = WebDriverWait(browser, 20)
+    wait = WebDriverWait(browser, 20, ignored_exceptions=REDRAWN)
     browser.get(f"{server}/?user=u1")
     wait.until(lambda d: _text(d, "strategy") == "model" and len(_items(d)) == 10)
     assert browser.find_elements(By.CSS_SELECTOR, "#recs .bar")  # explanation bars drawn
