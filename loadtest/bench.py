@@ -28,15 +28,15 @@ import orjson
 from redis.asyncio import Redis
 
 from features.candidates import CandidateConfig
-from recsvc import seed
-from recsvc.api import RecommendRequest, decode_json
-from recsvc.embedded import EmbeddedRedis
-from recsvc.itemcache import ItemCache
-from recsvc.models import ModelRegistry
-from recsvc.recommend import Query, Recommender
-from recsvc.scoring import Compiler, available
+from recsvc.cli import seed
+from recsvc.ops.embedded import EmbeddedRedis
+from recsvc.ranking.models import ModelRegistry
+from recsvc.ranking.scoring import Compiler, available
+from recsvc.service.itemcache import ItemCache
+from recsvc.service.recommend import Query, Recommender
 from recsvc.settings import Settings
-from recsvc.store import FeatureStore, connect
+from recsvc.store.feature_store import FeatureStore, connect
+from recsvc.web.api import RecommendRequest, decode_json
 
 WARMUP = 100
 SIZES = (50, 200, 500)

@@ -22,10 +22,11 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from features.events import EVENT_NAMES
-from recsvc import keys, seed
-from recsvc.app import create_app
-from recsvc.embedded import EmbeddedRedis
+from recsvc.cli import seed
+from recsvc.ops.embedded import EmbeddedRedis
 from recsvc.settings import Settings
+from recsvc.store import keys
+from recsvc.web.app import create_app
 
 CLIENTS = 4
 MEMORY_SAMPLE = 2000

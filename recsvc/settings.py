@@ -16,7 +16,7 @@ from typing import Any
 
 from features.candidates import CANDIDATE_QUOTAS, CandidateConfig
 from features.events import COVISIT_BUCKET_SECS, COVISIT_KEEP_SECS
-from recsvc.redisurl import cluster_kwargs, is_cluster_url
+from recsvc.store.redisurl import cluster_kwargs, is_cluster_url
 
 
 class SettingsError(ValueError):

@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from recsvc.embedded import find_binary
+from recsvc.ops.embedded import find_binary
 
 HOST = "127.0.0.1"
 SLOTS = 16384

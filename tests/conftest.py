@@ -19,11 +19,12 @@ from features.dataset import DatasetConfig
 from features.logs import write_catalogue, write_events
 from features.synthetic import SyntheticConfig, SyntheticData, generate
 from features.trainer import TrainParams
-from recsvc import logs, training
-from recsvc.app import create_app
-from recsvc.embedded import EmbeddedRedis
-from recsvc.seed import seed
+from recsvc.cli import training
+from recsvc.cli.seed import seed
+from recsvc.ops import logs
+from recsvc.ops.embedded import EmbeddedRedis
 from recsvc.settings import Settings
+from recsvc.web.app import create_app
 
 
 @pytest.fixture(autouse=True)
@@ -103,7 +104,7 @@ def model_dir(small_files: DataFiles, tmp_path_factory: pytest.TempPathFactory) 
 
 def settings_for(model_dir: Path, **overrides: object) -> Settings:
     """Test settings: fast polling, data (and the scorer cache) next to the models,
-    the native scorer unless a test asks for the compiled one (tests/test_scoring.py),
+    the native scorer unless a test asks for the compiled one (tests/ranking/test_scoring.py),
     and a read deadline and admission target that a hiccup of this shared machine
     does not trip (the fallback tests use a dead Redis, which fails at once)."""
     return Settings(

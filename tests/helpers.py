@@ -12,8 +12,8 @@ from redis.asyncio import Redis
 from features.events import COVISIT_NEIGHBOURS
 from features.state import COL_NBR, COL_NBR_SCORE
 from features.synthetic import SyntheticData
-from recsvc.embedded import EmbeddedRedis
-from recsvc.seed import seed
+from recsvc.cli.seed import seed
+from recsvc.ops.embedded import EmbeddedRedis
 from recsvc.settings import Settings
 
 

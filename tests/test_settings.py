@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from recsvc.redisurl import cluster_kwargs, is_cluster_url
 from recsvc.settings import SETTINGS_TABLE, Settings, SettingsError, from_env, markdown_table
+from recsvc.store.redisurl import cluster_kwargs, is_cluster_url
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -1,0 +1,1 @@
+"""A/B experiments: assignment, exposure logging, the report and its statistics."""

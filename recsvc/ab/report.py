@@ -1,0 +1,203 @@
+"""`recsvc ab-report`: experiment results from the exposure and outcome streams.
+
+Per variant: users, exposures, clicks (exposures with a click on a shown item),
+CTR, purchases, conversion (exposures with a purchase of a shown item),
+revenue when prices are known, and the relative lift of CTR and conversion
+against control with 95% intervals (delta method over users, the unit of
+randomisation); plus a sample-ratio-mismatch check of the
+users per variant against the configured weights. Forced (flagged) exposures
+are left out.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from recsvc.ab.experiments import Experiments
+from recsvc.ab.stats import ratio_lift, srm_pvalue
+from recsvc.store import keys
+from recsvc.store.feature_store import RedisClient
+
+SRM_ALARM = 0.001
+READ_CHUNK = 10_000
+
+
+async def read_stream(client: RedisClient, key: str, since: float) -> list[dict[str, Any]]:
+    """Every entry of a stream from ``since`` (seconds since epoch), decoded."""
+    out: list[dict[str, Any]] = []
+    start = f"{int(since * 1000)}-0"
+    while True:
+        batch: list[Any] = await client.xrange(key, min=start, max="+", count=READ_CHUNK) or []
+        for entry_id, fields in batch:
+            out.append({k.decode(): v.decode() for k, v in fields.items()})
+            start = "(" + entry_id.decode()
+        if len(batch) < READ_CHUNK:
+            return out
+
+
+@dataclass(frozen=True, slots=True)
+class VariantStats:
+    variant: str
+    users: int
+    exposures: int
+    clicks: int
+    purchases: int
+    revenue: float | None
+
+    @property
+    def ctr(self) -> float:
+        return self.clicks / self.exposures if self.exposures else 0.0
+
+    @property
+    def conversion(self) -> float:
+        return self.purchases / self.exposures if self.exposures else 0.0
+
+
+def build(
+    exposures: list[dict[str, Any]],
+    outcomes: list[dict[str, Any]],
+    config: Experiments | None,
+    experiment: str | None = None,
+    prices: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """The report as a JSON-able dict, one section per experiment."""
+    done: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for o in outcomes:
+        done[o["request_id"]][o["type"]].add(o["item_id"])
+    per_exp: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    forced_excluded: dict[str, int] = defaultdict(int)
+    for e in exposures:
+        assigned = orjson.loads(e["experiments"])
+        forced = set(orjson.loads(e.get("forced", "[]")))
+        for name, variant in assigned.items():
+            if experiment is not None and name != experiment:
+                continue
+            if name in forced:
+                forced_excluded[name] += 1
+                continue
+            per_exp[name][variant].append(e)
+    sections = []
+    for name in sorted(set(per_exp) | set(forced_excluded)):
+        exp = next((x for x in config.experiments if x.name == name), None) if config else None
+        order = [v.name for v in exp.variants] if exp else sorted(per_exp[name])
+        order += sorted(set(per_exp[name]) - set(order))
+        stats = []
+        per_user: dict[str, dict[str, list[int]]] = {}
+        for variant in order:
+            rows = per_exp[name].get(variant, [])
+            clicks = purchases = 0
+            revenue = 0.0
+            users: dict[str, list[int]] = per_user.setdefault(variant, {})
+            for e in rows:
+                shown = set(orjson.loads(e["items"]))
+                got = done.get(e["request_id"], {})
+                clicked = bool(got.get("click", set()) & shown)
+                bought = got.get("purchase", set()) & shown
+                clicks += clicked
+                purchases += bool(bought)
+                revenue += sum((prices or {}).get(i, 0.0) for i in bought)
+                counts = users.setdefault(e["user_id"], [0, 0, 0])
+                counts[0] += 1
+                counts[1] += clicked
+                counts[2] += bool(bought)
+            stats.append(
+                VariantStats(
+                    variant=variant,
+                    users=len({e["user_id"] for e in rows}),
+                    exposures=len(rows),
+                    clicks=clicks,
+                    purchases=purchases,
+                    revenue=revenue if prices else None,
+                )
+            )
+        control = next((s for s in stats if s.variant == "control"), stats[0] if stats else None)
+        configured = {v.name: v.weight for v in exp.variants} if exp else {}
+        # A variant no longer in the file (renamed or removed) counts with the mean weight.
+        mean_weight = sum(configured.values()) / len(configured) if configured else 1.0
+        weights = [configured.get(s.variant, mean_weight) for s in stats]
+        p = srm_pvalue([s.users for s in stats], weights)
+        variants = []
+        for s in stats:
+            entry: dict[str, Any] = {
+                "variant": s.variant,
+                "users": s.users,
+                "exposures": s.exposures,
+                "clicks": s.clicks,
+                "ctr": s.ctr,
+                "purchases": s.purchases,
+                "conversion": s.conversion,
+                "revenue": s.revenue,
+            }
+            if control is not None and s is not control:
+                mine = per_user[s.variant].values()
+                base = per_user[control.variant].values()
+
+                def column(rows: Any, k: int) -> list[float]:
+                    return [float(c[k]) for c in rows]
+
+                entry["ctr_lift"] = ratio_lift(
+                    column(mine, 1), column(mine, 0), column(base, 1), column(base, 0)
+                )
+                entry["conversion_lift"] = ratio_lift(
+                    column(mine, 2), column(mine, 0), column(base, 2), column(base, 0)
+                )
+            variants.append(entry)
+        sections.append(
+            {
+                "experiment": name,
+                "control": control.variant if control else None,
+                "variants": variants,
+                "forced_excluded": forced_excluded.get(name, 0),
+                "srm_pvalue": p,
+                "srm_alarm": p < SRM_ALARM,
+            }
+        )
+    return {"experiments": sections}
+
+
+def _lift(value: Any) -> str:
+    if not value:
+        return "-"
+    lift, lo, hi = value
+    return f"{lift:+.1%} [{lo:+.1%}, {hi:+.1%}]"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = []
+    for sec in report["experiments"]:
+        lines.append(f"experiment {sec['experiment']} (control: {sec['control']})")
+        lines.append(
+            f"  {'variant':<12}{'users':>8}{'exposures':>11}{'clicks':>8}{'CTR':>8}"
+            f"{'purchases':>11}{'conv':>8}{'revenue':>11}  CTR lift [95% CI]"
+            "            conversion lift [95% CI]"
+        )
+        for v in sec["variants"]:
+            revenue = f"{v['revenue']:.2f}" if v["revenue"] is not None else "-"
+            lines.append(
+                f"  {v['variant']:<12}{v['users']:>8}{v['exposures']:>11}{v['clicks']:>8}"
+                f"{v['ctr']:>8.2%}{v['purchases']:>11}{v['conversion']:>8.2%}{revenue:>11}  "
+                f"{_lift(v.get('ctr_lift')):<30}{_lift(v.get('conversion_lift'))}"
+            )
+        lines.append(
+            f"  sample ratio check: p = {sec['srm_pvalue']:.4g}"
+            + ("  <-- SAMPLE RATIO MISMATCH: do not trust this result" if sec["srm_alarm"] else "")
+        )
+        if sec["forced_excluded"]:
+            lines.append(f"  {sec['forced_excluded']} forced exposures left out")
+    return "\n".join(lines) if lines else "no exposures"
+
+
+async def report(
+    client: RedisClient,
+    config: Experiments | None,
+    experiment: str | None,
+    since: float,
+    prices: dict[str, float] | None,
+) -> dict[str, Any]:
+    exposures = await read_stream(client, keys.EXPOSURES, since)
+    outcomes = await read_stream(client, keys.OUTCOMES, since)
+    return build(exposures, outcomes, config, experiment, prices)

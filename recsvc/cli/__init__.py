@@ -1,0 +1,1 @@
+"""The ``recsvc`` command and the offline tools it runs: seed, train, simulate."""

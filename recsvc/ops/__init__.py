@@ -1,0 +1,2 @@
+"""Process plumbing used by every layer: metrics, JSON logs, event-loop lag,
+the embedded redis-server."""

@@ -1,0 +1,1 @@
+"""Models: the registry (load, verify, roll back) and compiled scoring."""

@@ -1,0 +1,120 @@
+"""Event ingestion (no HTTP here): validate times, attach item attributes, apply once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from features.events import EVENT_BY_NAME
+from features.state import COL_PRICE
+from recsvc.ab.exposures import ExposureLog
+from recsvc.errors import InvalidRequest, StoreUnavailable
+from recsvc.ops import metrics
+from recsvc.service.itemcache import ItemCache
+from recsvc.store.feature_store import EventWrite, FeatureStore
+
+# Clock skew we tolerate from the frontend; later "future" events are refused.
+MAX_FUTURE_SECS = 300.0
+
+
+class EventIn(Protocol):
+    """An event as the API decoded it (``recsvc.web.api.EventIn``): what ingestion
+    reads, so this layer does not depend on the web layer."""
+
+    @property
+    def event_id(self) -> str: ...
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def item_id(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def ts(self) -> float | None: ...
+    @property
+    def request_id(self) -> str | None: ...
+
+
+@dataclass(slots=True)
+class IngestResult:
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+    def body(self) -> dict[str, Any]:
+        return {"accepted": self.accepted, "duplicates": self.duplicates, "rejected": self.rejected}
+
+
+class Ingestor:
+    """Applies validated events through the store's atomic, deduplicating scripts."""
+
+    def __init__(
+        self, store: FeatureStore, items: ItemCache, exposures: ExposureLog | None = None
+    ) -> None:
+        self.store = store
+        self.items = items
+        self.exposures = exposures
+
+    def _write(self, e: EventIn, now: float) -> EventWrite:
+        ts = now if e.ts is None else e.ts
+        if ts > now + MAX_FUTURE_SECS:
+            raise InvalidRequest(
+                f"ts {ts} is more than {MAX_FUTURE_SECS:.0f} s in the future", field="ts"
+            )
+        if ts < now - self.store.dedupe_ttl:
+            # Older than the dedupe window: a retry could no longer be recognised.
+            raise InvalidRequest(
+                f"ts {ts} is older than the {self.store.dedupe_ttl} s deduplication window "
+                "(load history with `recsvc import`)",
+                field="ts",
+            )
+        ts = min(ts, now)  # tolerated clock skew must not put state in the future
+        # Item attributes come from the item table, never from the client, so the
+        # online update sees what the offline replay sees (see EventWrite).
+        table = self.items.view.table
+        row = table.index.get(e.item_id)
+        category, price = "", 0.0
+        if row is not None:
+            category = table.category_name(row)
+            price = float(table.raw[row, COL_PRICE])
+        return EventWrite(
+            e.user_id, e.item_id, EVENT_BY_NAME[e.type], ts, e.event_id, category, price
+        )
+
+    async def ingest(self, events: Sequence[EventIn | InvalidRequest]) -> IngestResult:
+        """Apply the valid events in one round trip; StoreUnavailable if Redis fails."""
+        now = time.time()
+        result = IngestResult()
+        writes: list[EventWrite] = []
+        sources: list[EventIn] = []
+        for k, e in enumerate(events):
+            try:
+                if isinstance(e, InvalidRequest):
+                    raise e
+                writes.append(self._write(e, now))
+                sources.append(e)
+            except InvalidRequest as err:
+                result.rejected.append({"index": k, "error": err.message, "field": err.field})
+        if result.rejected:
+            metrics.EVENTS.labels("rejected").inc(len(result.rejected))
+        if writes:
+            try:
+                applied = await self.store.apply_events(writes)
+            except StoreUnavailable:
+                metrics.EVENTS.labels("failed").inc(len(writes))
+                raise
+            result.accepted = sum(applied)
+            result.duplicates = len(applied) - result.accepted
+            metrics.EVENTS.labels("accepted").inc(result.accepted)
+            metrics.EVENTS.labels("duplicate").inc(result.duplicates)
+            if self.exposures is not None:
+                # Attribute events to the recommendation they came from, duplicates
+                # included: a retry after a write that timed out half way is a
+                # duplicate whose first attempt logged nothing. The report counts
+                # sets per request, so a repeat never counts twice.
+                for w, e in zip(writes, sources, strict=True):
+                    if e.request_id:
+                        self.exposures.outcome(e.request_id, w.user_id, w.item_id, e.type, w.ts)
+        return result

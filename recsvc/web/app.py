@@ -1,0 +1,194 @@
+"""Application factory: resources live in cleanup contexts (create, yield, close)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from recsvc.ab.experiments import ExperimentsHolder
+from recsvc.ab.exposures import ExposureLog
+from recsvc.ops import metrics
+from recsvc.ops.looplag import LoopLag
+from recsvc.ranking import scoring
+from recsvc.ranking.models import ModelRegistry
+from recsvc.service.admission import Admission
+from recsvc.service.ingest import Ingestor
+from recsvc.service.itemcache import ItemCache
+from recsvc.service.recommend import Recommender
+from recsvc.settings import Settings
+from recsvc.store.feature_store import REDIS_FAILURES, FeatureStore, IncompatibleStore, connect
+from recsvc.web import appkeys, openapi
+from recsvc.web.middleware import Guard, cors, observe
+from recsvc.web.routes import setup_routes
+
+log = logging.getLogger(__name__)
+
+
+async def _load_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Event-loop lag and the admission limit of this process (recsvc.admission)."""
+    settings = app[appkeys.SETTINGS]
+    lag = app[appkeys.LOOP_LAG] = LoopLag(interval=0.005)
+    lag.on_tick = metrics.LOOP_LAG.observe
+    # The target never exceeds the request deadline (the settings table says so).
+    target = min(settings.admission_target_ms, settings.request_deadline_ms) / 1000.0
+    burst = (settings.admission_burst_ms or 0.9 * settings.request_deadline_ms) / 1000.0
+    app[appkeys.ADMISSION] = Admission(target, settings.max_inflight, burst_target=burst)
+    lag.start()
+    yield
+    lag.stop()
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[appkeys.SETTINGS]
+    client = connect(app[appkeys.REDIS_URL], settings)
+    writer = connect(app[appkeys.REDIS_URL], settings, writes=True)
+    reader = connect(app[appkeys.REDIS_URL], settings, request_path=True)
+    app[appkeys.REDIS] = reader
+    store = app[appkeys.STORE] = FeatureStore(client, settings, writer, reader)
+    store.lag = app[appkeys.LOOP_LAG]
+    try:
+        async with asyncio.timeout(settings.redis_write_timeout_ms / 1000.0):
+            await store.check_format()
+            # The request-path client's first call discovers a cluster's slots
+            # and opens a connection: here, not inside a request's deadline.
+            await store.reader.ping()
+    except IncompatibleStore:
+        await store.aclose()
+        raise  # serving another format's data would be wrong answers, not errors
+    except REDIS_FAILURES as exc:
+        log.warning("Redis unreachable at start (%s); serving the default strategy", exc)
+    yield
+    await store.aclose()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _items_ctx(app: web.Application) -> AsyncIterator[None]:
+    cache = ItemCache(app[appkeys.STORE])
+    app[appkeys.ITEMS] = cache
+    try:
+        await cache.refresh()
+    except Exception as exc:  # serve anyway; the loop below keeps trying
+        log.warning("initial item load failed: %s", type(exc).__name__)
+    stop = asyncio.Event()
+    task = asyncio.create_task(cache.run(app[appkeys.SETTINGS].item_refresh_secs, stop))
+    yield
+    stop.set()
+    await task
+
+
+async def _models_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[appkeys.SETTINGS]
+    compiler = None
+    if settings.scorer == "compiled":
+        if scoring.available():
+            compiler = scoring.Compiler(settings.data_dir / "cache" / "scorers")
+        else:
+            log.warning("lleaves is not installed; the native LightGBM scorer serves")
+    items = app[appkeys.ITEMS]
+    registry = ModelRegistry(settings.models_path, settings.model_name, compiler, items.bind_now)
+    await asyncio.to_thread(registry.load_now)
+    items.neighbours = registry.neighbour_tables
+    if registry.current is None:
+        log.warning("no usable model in %s; serving the default strategy", settings.models_path)
+    registry.start_compiles()
+    app[appkeys.MODELS] = registry
+    task = asyncio.create_task(registry.poll(settings.model_poll_secs))
+    yield
+    await _cancel(task)
+    await registry.close()
+
+
+async def _experiments_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[appkeys.SETTINGS]
+    registry = app[appkeys.MODELS]
+    holder = ExperimentsHolder(settings.experiments, lambda: set(registry.models))
+    holder.load_now()  # a bad file at start stops the service, with the reason
+    app[appkeys.EXPERIMENTS] = holder
+    exposures = ExposureLog(app[appkeys.STORE].writer, settings.exposure_stream_max)
+    app[appkeys.EXPOSURES] = exposures
+    stop = asyncio.Event()
+    writer = asyncio.create_task(exposures.run(stop))
+    poller = asyncio.create_task(holder.poll(settings.model_poll_secs))
+    yield
+    await _cancel(poller)
+    stop.set()  # flush what is queued (bounded), then stop
+    await writer
+
+
+async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    registry, store = app[appkeys.MODELS], app[appkeys.STORE]
+    admission = app[appkeys.ADMISSION]
+    sampler = metrics.GaugeSampler(
+        app[appkeys.ITEMS].age,
+        lambda: store.breaker.state,
+        lambda: {(m.name, m.version, m.scorer.name) for m in registry.models.values()},
+        lambda: (admission.limit, admission.estimate),
+        lambda: app[appkeys.GUARD].inflight,
+    )
+    app[appkeys.METRICS_SAMPLER] = sampler
+    task = asyncio.create_task(sampler.run(1.0))
+    yield
+    await _cancel(task)
+
+
+async def _recommender_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[appkeys.SETTINGS]
+    app[appkeys.INGESTOR] = Ingestor(app[appkeys.STORE], app[appkeys.ITEMS], app[appkeys.EXPOSURES])
+    app[appkeys.RECOMMENDER] = Recommender(
+        app[appkeys.STORE],
+        app[appkeys.ITEMS],
+        app[appkeys.MODELS],
+        settings.candidate_config,
+        settings.exclude_seen,
+        admission=app[appkeys.ADMISSION],
+        lag=app[appkeys.LOOP_LAG],
+    )
+    yield
+
+
+def create_app(settings: Settings, redis_url: str) -> web.Application:
+    """The recsvc web application for one Redis URL."""
+    guard = Guard(
+        settings.max_inflight,
+        settings.max_body_bytes,
+        settings.body_timeout_ms,
+        settings.request_deadline_ms,
+    )
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[
+            observe(
+                settings.request_log_sample,
+                settings.request_log_slow_ms,
+                settings.request_deadline_ms,
+            ),
+            cors(settings.cors_origin_list),
+            guard.middleware,
+        ],
+    )
+    app[appkeys.GUARD] = guard
+    app[appkeys.SETTINGS] = settings
+    app[appkeys.REDIS_URL] = redis_url
+    app[appkeys.OPENAPI] = openapi.text().encode()
+    app.cleanup_ctx.extend(
+        [
+            _load_ctx,
+            _redis_ctx,
+            _items_ctx,
+            _models_ctx,
+            _experiments_ctx,
+            _metrics_ctx,
+            _recommender_ctx,
+        ]
+    )
+    setup_routes(app)
+    return app

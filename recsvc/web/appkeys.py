@@ -1,0 +1,34 @@
+"""Typed application state keys (one place for every ``app[...]`` entry)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from recsvc.ab.experiments import ExperimentsHolder
+from recsvc.ab.exposures import ExposureLog
+from recsvc.ops.looplag import LoopLag
+from recsvc.ops.metrics import GaugeSampler
+from recsvc.ranking.models import ModelRegistry
+from recsvc.service.admission import Admission
+from recsvc.service.ingest import Ingestor
+from recsvc.service.itemcache import ItemCache
+from recsvc.service.recommend import Recommender
+from recsvc.settings import Settings
+from recsvc.store.feature_store import FeatureStore, RedisClient
+from recsvc.web.middleware import Guard
+
+SETTINGS = web.AppKey("settings", Settings)
+REDIS_URL = web.AppKey("redis_url", str)
+REDIS = web.AppKey[RedisClient]("redis")
+STORE = web.AppKey("store", FeatureStore)
+ITEMS = web.AppKey("items", ItemCache)
+MODELS = web.AppKey("models", ModelRegistry)
+RECOMMENDER = web.AppKey("recommender", Recommender)
+INGESTOR = web.AppKey("ingestor", Ingestor)
+EXPERIMENTS = web.AppKey("experiments", ExperimentsHolder)
+EXPOSURES = web.AppKey("exposures", ExposureLog)
+OPENAPI = web.AppKey("openapi", bytes)
+METRICS_SAMPLER = web.AppKey("metrics_sampler", GaugeSampler)
+ADMISSION = web.AppKey("admission", Admission)
+LOOP_LAG = web.AppKey("loop_lag", LoopLag)
+GUARD = web.AppKey("guard", Guard)

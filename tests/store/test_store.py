@@ -1,0 +1,276 @@
+"""The Redis store against the pure state: parity, dedupe, one-round-trip reads."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import numpy as np
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from features.candidates import SOURCE_RELATED, CandidateConfig, assemble, retrieve
+from features.events import COVISIT_BUCKET_SECS, HALF_LIVES
+from features.item2item import LearnConfig, learn
+from features.neighbours import Bound, NeighbourTable
+from features.popularity import PopularityIndex
+from features.replay import Replay
+from features.schema import FEATURE_NAMES, build_matrix
+from features.synthetic import SyntheticData
+from recsvc.errors import StoreUnavailable
+from recsvc.settings import Settings
+from recsvc.store import keys
+from recsvc.store.feature_store import (
+    STORAGE_FORMAT,
+    EventWrite,
+    FeatureStore,
+    IncompatibleStore,
+    connect,
+    table_from_snapshot,
+)
+from tests.helpers import canonical, neighbour_counts, store_settings
+
+pytestmark = pytest.mark.asyncio
+
+
+def _writes(data: SyntheticData, limit: int) -> list[EventWrite]:
+    cat = data.catalogue
+    meta = dict(
+        zip(cat.item_ids, zip(cat.categories, cat.prices.tolist(), strict=True), strict=True)
+    )
+    out = []
+    for k, (ts, user, item, t) in enumerate(data.events.rows()):
+        if k >= limit:
+            break
+        category, price = meta[item]
+        out.append(EventWrite(user, item, t, ts, f"ev{k}", category, price))
+    return out
+
+
+@pytest.mark.parametrize("order", ["time", "shuffled"])
+async def test_redis_and_pure_replay_give_identical_features(
+    aredis: Redis, small_data: SyntheticData, order: str
+) -> None:
+    """Same events through Lua and through features/: the same state and features.
+
+    Shuffled order exercises the late-event branches; some events name items the
+    catalogue does not have. Writers pass the item table's attributes (none for
+    an unknown item), which is what the replay uses.
+    """
+    store = FeatureStore(aredis, store_settings(user_ttl_days=0))
+    writes = _writes(small_data, 6000)
+    strangers = [
+        EventWrite(f"u{k}", f"new-item-{k % 7}", k % 4, writes[k * 50].ts + 0.5, f"x{k}")
+        for k in range(60)
+    ]
+    writes = writes + strangers
+    if order == "shuffled":
+        random.Random(4).shuffle(writes)
+    catalogue = small_data.catalogue
+    await store.upsert_items(
+        list(zip(catalogue.item_ids, catalogue.categories, catalogue.prices.tolist(), strict=True))
+    )
+    for k in range(0, len(writes), 500):
+        assert all(await store.apply_events(writes[k : k + 500]))
+
+    replay = Replay(catalogue)
+    for w in writes:
+        replay.apply(w.ts, w.user_id, w.item_id, w.type)
+
+    snap = await store.item_snapshot(0, 0)
+    table = table_from_snapshot(snap, None)
+    assert table.ids == replay.items.ids
+    assert table.categories == replay.items.categories
+    if order == "time":
+        np.testing.assert_array_equal(canonical(table.raw), canonical(replay.items.raw))
+    else:  # the same events in another order: equal up to float rounding
+        np.testing.assert_allclose(canonical(table.raw), canonical(replay.items.raw), rtol=1e-12)
+    assert neighbour_counts(table.raw).sum() > 1000  # co-visitation was exercised
+
+    now = max(w.ts for w in writes) + 60.0
+    # A learned neighbour table as a model ships it, bound to each side's rows.
+    nt = _learned(writes)
+    online_nb = Bound(nt, nt.bind(table))
+    offline_nb = Bound(nt, nt.bind(replay.items))
+    pop = PopularityIndex.build(table, now)
+    offline_pop = PopularityIndex.build(replay.items, now)
+    config = CandidateConfig()
+    users = sorted({w.user_id for w in writes})[:60]
+    learned_cols = [k for k, name in enumerate(FEATURE_NAMES) if name.startswith("nb_")]
+    learned_seen = related = 0
+    empty = np.zeros(0, np.int64)
+    for user_id in users:
+        online = await store.fetch_user(user_id)
+        offline = replay.users[user_id]
+        assert online is not None
+        if order == "time":
+            assert online == offline, user_id
+        found_on = retrieve(online, table, pop, config, empty, now, online_nb)
+        found_off = retrieve(offline, replay.items, offline_pop, config, empty, now, offline_nb)
+        cand = assemble(found_off, config)
+        np.testing.assert_array_equal(assemble(found_on, config).index, cand.index)
+        online_m = build_matrix(online, table, cand.index, now, retrieval=found_on)
+        np.testing.assert_allclose(
+            online_m,
+            build_matrix(offline, replay.items, cand.index, now, retrieval=found_off),
+            rtol=1e-6 if order == "shuffled" else 0,
+        )
+        learned_seen += int(np.count_nonzero(online_m[:, learned_cols] > 0))
+        related += len(found_on.lists[SOURCE_RELATED].items)
+    assert learned_seen > 1000 and related > 1000  # the learned table was exercised
+
+
+def _learned(writes: list[EventWrite]) -> NeighbourTable:
+    users = {u: k for k, u in enumerate(dict.fromkeys(w.user_id for w in writes))}
+    ids = list(dict.fromkeys(w.item_id for w in writes))
+    item = {i: k for k, i in enumerate(ids)}
+    ordered = sorted(writes, key=lambda w: w.ts)
+    return learn(
+        np.asarray([w.ts for w in ordered]),
+        np.asarray([users[w.user_id] for w in ordered]),
+        np.asarray([item[w.item_id] for w in ordered]),
+        ids,
+        LearnConfig(ease_items=200),
+    )
+
+
+async def test_event_ids_apply_once_even_concurrently(aredis: Redis) -> None:
+    store = FeatureStore(aredis, store_settings())
+    e = EventWrite("u1", "i1", 1, 1_700_000_000.0, "same-id", "c1", 5.0)
+    results = await asyncio.gather(*(store.apply_events([e]) for _ in range(8)))
+    assert sorted(r[0] for r in results) == [0] * 7 + [1]
+    state = await store.fetch_user("u1")
+    assert state is not None and state.n_events == 1
+    snap = await store.item_snapshot(0, 0)
+    # One click, counted once at each half-life.
+    assert snap.raw[0, 4:].sum() == pytest.approx(float(len(HALF_LIVES)))
+
+
+async def test_batch_reports_duplicates_per_event(aredis: Redis) -> None:
+    store = FeatureStore(aredis, store_settings())
+    a = EventWrite("u1", "i1", 0, 1_700_000_000.0, "a")
+    b = EventWrite("u2", "i2", 0, 1_700_000_001.0, "b")
+    assert await store.apply_events([a]) == [1]
+    assert await store.apply_events([a, b, b]) == [0, 1, 0]
+
+
+async def test_unknown_user_reads_as_none(aredis: Redis) -> None:
+    assert await FeatureStore(aredis, store_settings()).fetch_user("nobody") is None
+
+
+async def test_dead_redis_raises_store_unavailable_and_opens_circuit(tmp_path: object) -> None:
+    settings = Settings(breaker_failures=2, breaker_reset_secs=60.0)
+    client = connect("unix:///nonexistent/recsvc.sock", settings)
+    store = FeatureStore(client, settings)
+    reasons = []
+    for _ in range(4):
+        with pytest.raises(StoreUnavailable) as info:
+            await store.fetch_user("u1")
+        reasons.append(info.value.reason)
+    assert reasons[-1] == "circuit_open"
+    assert store.breaker.state == "open"
+    await client.aclose()
+
+
+def _session_writes(n_users: int, seed: int, t0: float) -> list[EventWrite]:
+    """Users browsing small groups of items within an hour: many co-visits."""
+    rng = random.Random(seed)
+    out = []
+    for u in range(n_users):
+        group = rng.randrange(10)
+        for k in range(6):
+            item = f"g{group}-{rng.randrange(6)}"
+            ts = t0 + u * 600.0 + k * 30.0
+            out.append(EventWrite(f"s{u}", item, k % 2, ts, f"s{u}-{k}"))
+    return out
+
+
+async def test_co_visits_survive_an_item_side_call_that_never_ran(aredis: Redis) -> None:
+    """The user side applied (and recorded the event ids), the item side was lost:
+    a retry is a duplicate for the user, yet the item side gets every pair."""
+    store = FeatureStore(aredis, store_settings(user_ttl_days=0))
+    writes = _session_writes(30, seed=3, t0=1_790_000_000.0)
+    assert all(await store.apply_events(writes))
+    item_keys = [k async for k in aredis.scan_iter(match=f"{keys.ITEM_TAG}:*")]
+    assert item_keys
+    await aredis.delete(*item_keys)  # as if no item-side call had happened
+    assert await store.apply_events(writes) == [0] * len(writes)
+
+    replay = Replay()
+    for w in writes:
+        replay.apply(w.ts, w.user_id, w.item_id, w.type)
+    table = table_from_snapshot(await store.item_snapshot(), None)
+    assert table.ids == replay.items.ids
+    assert neighbour_counts(table.raw).sum() > 50
+    np.testing.assert_array_equal(canonical(table.raw), canonical(replay.items.raw))
+    # And a third attempt changes nothing on either side.
+    assert await store.apply_events(writes) == [0] * len(writes)
+    again = table_from_snapshot(await store.item_snapshot(), None)
+    np.testing.assert_array_equal(again.raw, table.raw)
+
+
+async def test_a_delta_snapshot_patches_the_previous_table_exactly(aredis: Redis) -> None:
+    store = FeatureStore(aredis, store_settings())
+    await store.upsert_items([(f"c{k}", f"cat{k % 3}", 1.0 + k) for k in range(50)])
+    writes = _session_writes(20, seed=5, t0=1_790_000_000.0)
+    await store.apply_events(writes[:60])
+    first = await store.item_snapshot()
+    assert first.changed is None
+    base = table_from_snapshot(first, None)
+    await store.apply_events(writes[60:])  # new items, new co-visits, new categories
+    await store.upsert_items([("c3", "cat-new", 9.5)])
+    delta = await store.item_snapshot(base.n, len(base.categories), first.version, first.epoch)
+    assert delta.changed is not None and 0 < len(delta.changed) < base.n
+    patched = table_from_snapshot(delta, base)
+    full = table_from_snapshot(await store.item_snapshot(), None)
+    assert patched.ids == full.ids and patched.categories == full.categories
+    np.testing.assert_array_equal(patched.raw, full.raw)
+    # The table a request may still hold is untouched.
+    np.testing.assert_array_equal(base.raw, table_from_snapshot(first, None).raw)
+    # Nothing changed since: an empty delta.
+    none = await store.item_snapshot(full.n, len(full.categories), delta.version, delta.epoch)
+    assert none.changed is not None and len(none.changed) == 0 and none.new_ids == []
+    # Another epoch (keys rebuilt): everything, from the first id.
+    rebuilt = await store.item_snapshot(full.n, len(full.categories), delta.version, "other")
+    assert rebuilt.changed is None and rebuilt.new_ids == full.ids
+
+
+async def test_a_users_co_visit_buckets_expire_and_stay_bounded(aredis: Redis) -> None:
+    store = FeatureStore(aredis, store_settings())
+    t0 = 1_790_000_000.0
+    writes = [
+        EventWrite("walker", f"w{k}", 0, t0 + k * COVISIT_BUCKET_SECS, f"w{k}") for k in range(100)
+    ]
+    await store.apply_events(writes)
+    buckets = await aredis.zrange(keys.user_visits("walker"), 0, -1, withscores=True)
+    # One item per hour for 100 hours: only the last COVISIT_KEEP_SECS are kept.
+    assert 40 <= len(buckets) <= 49
+    assert await aredis.ttl(keys.user_visits("walker")) > 0
+
+
+async def test_an_empty_redis_is_claimed_for_this_storage_format(aredis: Redis) -> None:
+    store = FeatureStore(aredis, store_settings())
+    await store.check_format()
+    assert int(await aredis.get(keys.FORMAT_KEY)) == STORAGE_FORMAT
+    await store.check_format()  # and accepted from then on
+
+
+@pytest.mark.parametrize("marker", [None, b"7"])
+async def test_data_in_another_storage_format_is_refused(
+    aredis: Redis, marker: bytes | None
+) -> None:
+    """Item rows of another width would be misread, not fail: refuse at start, and
+    the item refresh refuses to read them too."""
+    await aredis.rpush(keys.ITEM_IDS, "old-item")
+    await aredis.set(keys.ITEM_STATE, b"\0" * 8 * 16)  # a format-1 row
+    if marker is not None:
+        await aredis.set(keys.FORMAT_KEY, marker)
+    store = FeatureStore(aredis, store_settings())
+    with pytest.raises(IncompatibleStore) as info:
+        await store.check_format()
+    assert info.value.found == (7 if marker else 1)
+    assert "recsvc seed" in str(info.value)
+    if marker is not None:
+        with pytest.raises(ResponseError, match="storage format 7"):
+            await store.item_snapshot()
