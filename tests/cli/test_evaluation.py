@@ -1,5 +1,5 @@
 """Served-list evaluation: it cannot see the answer, it splits robustly, and the
-`recsvc evaluate` command prints the report the README documents."""
+`recsvc evaluate` command prints the report docs/ranking.md documents."""
 
 from __future__ import annotations
 
