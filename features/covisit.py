@@ -14,6 +14,10 @@ def neighbours(table: ItemTable, items: np.ndarray, now: float) -> tuple[np.ndar
     (len(items), COVISIT_NEIGHBOURS); empty slots have index -1 and count 0."""
     rows = table.raw[items]
     idx = rows[:, COL_NBR : COL_NBR + COVISIT_NEIGHBOURS].astype(np.int64) - 1
+    # A serving table may not hold a neighbour yet (created in another shard
+    # after this process last read that shard): an empty slot until it does.
+    inside = idx < table.n
+    idx = np.where(inside & table.present[np.where(inside, idx, -1)], idx, -1)
     dt = np.maximum(now - rows[:, COL_NBR_REF], 0.0)
     scores = (
         rows[:, COL_NBR_SCORE : COL_NBR_SCORE + COVISIT_NEIGHBOURS]

@@ -215,7 +215,7 @@ def build(
             return None
         previous = state["binding"]
         assert previous is None or isinstance(previous, Binding)
-        if previous is None or previous.table_n < replay.items.n:
+        if previous is None or previous.count < replay.items.count:
             state["binding"] = previous = neighbours.bind(replay.items, previous)
         return Bound(neighbours, previous)
 
@@ -275,7 +275,7 @@ def build(
         neighbours=neighbours,
         config=config,
         n_users=len(replay.users),
-        n_items=replay.items.n,
+        n_items=replay.items.count,
         repeat_share=repeats,
     )
 

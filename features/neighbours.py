@@ -129,33 +129,37 @@ class NeighbourTable:
 
     def bind(self, table: ItemTable, previous: Binding | None = None) -> Binding:
         """The mapping to ``table``'s rows. ``previous`` (bound to an earlier state of
-        the same growing table) is extended by the rows added since, not rebuilt."""
-        if previous is not None and previous.table_n == table.n:
+        the same table, whose items are only ever added) is extended by the rows
+        added since (``table.added``), not rebuilt."""
+        if previous is not None and (previous.table_n, previous.count) == (table.n, table.count):
             return previous  # nothing new: bindings are immutable, share it
-        if previous is not None and previous.table_n < table.n:
-            start = previous.table_n
-            vocab_of = np.full(table.n, -1, np.int64)
-            vocab_of[:start] = previous.vocab_of
+        extend = (
+            previous is not None and previous.table_n <= table.n and previous.count <= table.count
+        )
+        first = previous.count if previous is not None and extend else 0
+        # The added rows first, then the row count: a serving table may be
+        # extended by another thread meanwhile, and lists a row once it is placed.
+        new_rows = np.array(table.added[first:], dtype=np.int64)
+        count, n = first + len(new_rows), table.n
+        vocab_at = np.full(n + 1, -1, np.int64)
+        log_users = np.full(n + 1, np.nan)
+        if previous is not None and extend:
+            old = previous.table_n
+            vocab_at[:old] = previous.vocab_of
+            log_users[:old] = previous.log_users[:old]
             row_of = previous.row_of.copy()
         else:
-            start = 0
-            vocab_of = np.full(table.n, -1, np.int64)
             row_of = np.full(len(self.ids), -1, np.int64)
-        if start < table.n:
-            index = self.index
-            new = [(r, index.get(item, -1)) for r, item in enumerate(table.ids[start:], start)]
-            known = np.asarray([(r, v) for r, v in new if v >= 0], dtype=np.int64).reshape(-1, 2)
-            vocab_of[known[:, 0]] = known[:, 1]
-            row_of[known[:, 1]] = known[:, 0]
-        # The padded per-row arrays: rows below ``start`` keep their values.
-        vocab_at = np.empty(table.n + 1, np.int64)
-        vocab_at[:-1] = vocab_of
-        vocab_at[-1] = -1
-        log_users = np.empty(table.n + 1)
-        if previous is not None and start:
-            log_users[:start] = previous.log_users[:start]
-        log_users[start:] = np.log1p(self._users_of_vocab(vocab_at[start:]))
-        return Binding(vocab_of, row_of, table.n, vocab_at, log_users)
+        if len(new_rows):
+            index, ids = self.index, table.ids
+            vocab = np.fromiter(
+                (index.get(ids[r], -1) for r in new_rows.tolist()), np.int64, len(new_rows)
+            )
+            vocab_at[new_rows] = vocab
+            known = vocab >= 0
+            row_of[vocab[known]] = new_rows[known]
+            log_users[new_rows] = np.log1p(self._users_of_vocab(vocab))
+        return Binding(vocab_at[:-1], row_of, n, vocab_at, log_users, count)
 
     def _users_of_vocab(self, vocab: np.ndarray) -> np.ndarray:
         """Training-log users of vocabulary rows (float64; NaN where -1)."""
@@ -177,6 +181,8 @@ class Binding:
     # row's training-log users (NaN: not in the log, and the last slot).
     vocab_at: np.ndarray  # (table_n + 1,)
     log_users: np.ndarray  # (table_n + 1,)
+    # How many of the table's items (``ItemTable.added``) it has bound.
+    count: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,8 +67,11 @@ class PopularityIndex:
     @classmethod
     def build(cls, table: ItemTable, now: float, top_k: int = TOP_K) -> PopularityIndex:
         scores = popularity_scores(table, now)
-        # Stable order: ties (e.g. never-seen items) keep catalogue order.
+        # Stable order: ties (e.g. never-seen items) keep row order. Empty rows
+        # (see ItemTable) are never ranked.
         order = np.argsort(-scores, kind="stable")
+        present = table.present
+        order = order[present[order]]
         cats = table.category[order]
         n_cat = len(table.categories)
         by_cat_order = order[np.argsort(cats, kind="stable")]
@@ -78,12 +81,13 @@ class PopularityIndex:
         by_category = tuple(
             by_cat_order[s : min(e, s + top_k)] for s, e in zip(starts, ends, strict=True)
         )
-        month = popularity_scores(table, now, MONTH_HALF_LIFE_INDEX)
+        month = np.where(present, popularity_scores(table, now, MONTH_HALF_LIFE_INDEX), -np.inf)
         # Partition first: only the top_k of a large catalogue need sorting.
         k = min(top_k, len(month))
         best = np.argpartition(-month, k - 1)[:k] if 0 < k < len(month) else np.arange(len(month))
         best = np.sort(best)
         month_top = best[np.argsort(-month[best], kind="stable")]
+        month_top = month_top[present[month_top]]
         return cls(
             scores=scores,
             top=order[:top_k],

@@ -36,8 +36,8 @@ class Replay:
         partners = apply_user_event(state, event_type, ts, item_id, category, price)
         self.items.apply_event(i, event_type, ts)
         if partners:
-            # As the item script: partner rows (created bare when new), in order.
-            others = [self.items.ensure_item(p) for p in partners]
+            # As the store: partner rows (created bare when new), in row order.
+            others = sorted(self.items.ensure_item(p) for p in partners)
             self.items.add_pairs(i, others, covisit_bucket(ts) * COVISIT_BUCKET_SECS)
 
     def run(

@@ -13,6 +13,8 @@ Redis and through this module gives the same numbers.
 from __future__ import annotations
 
 import math
+import zlib
+from array import array
 from dataclasses import dataclass, field
 from operator import itemgetter
 
@@ -48,6 +50,24 @@ COL_NBR_REF = COL_COUNTS + N_COUNTERS
 COL_NBR = COL_NBR_REF + 1
 COL_NBR_SCORE = COL_NBR + COVISIT_NEIGHBOURS
 ITEM_WIDTH = COL_NBR_SCORE + COVISIT_NEIGHBOURS
+
+# Item rows are sharded (in Redis: one hash tag, row string and version per
+# shard) by a stable hash of the id. An item's row index says where it lives,
+# ``position in its shard * N_SHARDS + shard``, so every table (the Redis
+# shards, each serving process, the offline replay) agrees on it without
+# coordination; a table therefore has empty rows (``ItemTable.present``) where
+# a shard holds fewer items than the largest. Part of the storage format.
+N_SHARDS = 96
+
+
+def shard_of(item_id: str) -> int:
+    """The shard an item's state lives in (CRC-32 of the id's UTF-8 bytes)."""
+    return zlib.crc32(item_id.encode()) % N_SHARDS
+
+
+def item_row(shard: int, position: int) -> int:
+    """Row index of the item at ``position`` in ``shard``."""
+    return position * N_SHARDS + shard
 
 
 @dataclass(slots=True)
@@ -147,9 +167,27 @@ def apply_user_event(
 
 
 class ItemTable:
-    """Item-side state as numpy rows; the same layout offline and in the serving cache."""
+    """Item-side state as numpy rows; the same layout offline, in Redis and in the
+    serving cache: row ``item_row(shard, position)`` (see N_SHARDS), empty rows
+    (id "", ``present`` False, all zeros but category NO_CATEGORY) where a
+    shard has fewer items than the largest.
 
-    __slots__ = ("_raw", "categories", "category_index", "ids", "index", "n")
+    ``added`` lists the rows in the order their items were added, so whatever
+    maps rows to something else (a neighbour table's binding) extends itself by
+    the rows added since it last looked, instead of rebuilding.
+    """
+
+    __slots__ = (
+        "_present",
+        "_raw",
+        "added",
+        "categories",
+        "category_index",
+        "ids",
+        "index",
+        "n",
+        "shard_counts",
+    )
 
     def __init__(
         self,
@@ -161,7 +199,7 @@ class ItemTable:
     ) -> None:
         self.ids: list[str] = list(ids or [])
         self.index: dict[str, int] = (
-            index if index is not None else {item: i for i, item in enumerate(self.ids)}
+            index if index is not None else {item: i for i, item in enumerate(self.ids) if item}
         )
         self.categories: list[str] = list(categories or [])
         self.category_index: dict[str, int] = (
@@ -171,15 +209,64 @@ class ItemTable:
         )
         self.n = len(self.ids)
         if raw is None:
-            raw = np.zeros((max(self.n, 16), ITEM_WIDTH), dtype=np.float64)
+            raw = empty_rows(max(self.n, 16))
         if raw.shape[0] < self.n or raw.shape[1] != ITEM_WIDTH:
             raise ValueError(f"item rows {raw.shape} do not cover {self.n} items")
         self._raw = raw
+        self._present = np.zeros(raw.shape[0], dtype=bool)
+        rows = np.fromiter(self.index.values(), dtype=np.int64, count=len(self.index))
+        rows.sort()
+        self._present[rows] = True
+        self.added = array("q", rows.tolist())
+        # Items per shard: the next item of shard s goes to row item_row(s, count).
+        self.shard_counts = np.zeros(N_SHARDS, dtype=np.int64)
+        if len(rows):
+            np.maximum.at(self.shard_counts, rows % N_SHARDS, rows // N_SHARDS + 1)
+
+    @property
+    def count(self) -> int:
+        """How many items the table holds (rows minus empty rows)."""
+        return len(self.added)
 
     @property
     def raw(self) -> np.ndarray:
-        """The (n, ITEM_WIDTH) float64 rows of the known items."""
+        """The (n, ITEM_WIDTH) float64 rows, empty rows included."""
         return self._raw[: self.n]
+
+    @property
+    def capacity(self) -> int:
+        """Rows reserved (see ``reserve``)."""
+        return int(self._raw.shape[0])
+
+    @property
+    def present(self) -> np.ndarray:
+        """(n,) bool: which rows hold an item."""
+        return self._present[: self.n]
+
+    def reserve(self, rows: int) -> None:
+        """Room for ``rows`` rows (capacity at least doubles: amortised O(1) growth).
+        Never call while another thread reads this table."""
+        if rows <= self._raw.shape[0]:
+            return
+        size = max(rows, 2 * self._raw.shape[0])
+        grown = empty_rows(size)
+        grown[: self.n] = self._raw[: self.n]
+        present = np.zeros(size, dtype=bool)
+        present[: self.n] = self._present[: self.n]
+        self._raw, self._present = grown, present
+
+    def place(self, row: int, item_id: str) -> None:
+        """Record ``item_id`` at ``row`` (reserved); its row values are the caller's."""
+        if row >= self.n:
+            self.ids.extend([""] * (row + 1 - self.n))
+            self.n = row + 1
+        self.ids[row] = item_id
+        self.index[item_id] = row
+        self._present[row] = True
+        self.added.append(row)
+        shard, position = row % N_SHARDS, row // N_SHARDS
+        if position >= self.shard_counts[shard]:
+            self.shard_counts[shard] = position + 1
 
     @property
     def category(self) -> np.ndarray:
@@ -206,18 +293,14 @@ class ItemTable:
         i = self.index.get(item_id)
         if i is not None:
             return i
-        i = self.n
-        if i >= self._raw.shape[0]:
-            grown = np.zeros((self._raw.shape[0] * 2, ITEM_WIDTH), dtype=np.float64)
-            grown[:i] = self._raw[:i]
-            self._raw = grown
+        shard = shard_of(item_id)
+        i = item_row(shard, int(self.shard_counts[shard]))
+        self.reserve(i + 1)
         row = self._raw[i]
         row[:] = 0.0
         row[COL_PRICE] = price
         row[COL_CATEGORY] = self.category_id(category)
-        self.ids.append(item_id)
-        self.index[item_id] = i
-        self.n += 1
+        self.place(i, item_id)
         return i
 
     def upsert_item(self, item_id: str, category: str, price: float) -> int:
@@ -283,3 +366,10 @@ class ItemTable:
         for p in partners:
             self.add_neighbour(item_index, p, t)
             self.add_neighbour(p, item_index, t)
+
+
+def empty_rows(n: int) -> np.ndarray:
+    """``n`` empty item rows: zeros, no category."""
+    raw = np.zeros((n, ITEM_WIDTH), dtype=np.float64)
+    raw[:, COL_CATEGORY] = NO_CATEGORY
+    return raw

@@ -35,7 +35,8 @@ from recsvc.ranking.scoring import Compiler, available
 from recsvc.service.itemcache import ItemCache
 from recsvc.service.recommend import Query, Recommender
 from recsvc.settings import Settings
-from recsvc.store.feature_store import FeatureStore, connect
+from recsvc.store.client import connect
+from recsvc.store.feature_store import FeatureStore
 from recsvc.web.api import RecommendRequest, decode_json
 
 WARMUP = 100

@@ -22,10 +22,12 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from features.events import EVENT_NAMES
+from features.state import N_SHARDS
 from recsvc.cli import seed
 from recsvc.ops.embedded import EmbeddedRedis
 from recsvc.settings import Settings
 from recsvc.store import keys
+from recsvc.store.feature_store import count_items
 from recsvc.web.app import create_app
 
 CLIENTS = 4
@@ -91,8 +93,14 @@ async def ingest_rate(url: str, n_events: int, batch: int) -> tuple[float, float
     sample = rng.choice(n_events, min(MEMORY_SAMPLE, n_events), replace=False)
     for k in sample.tolist():
         user = f"u{users[k]}"
-        for key in (keys.user_event_seen(user, f"b{k}"), keys.item_event_seen(user, f"b{k}")):
-            dedupe += int(await client.memory_usage(key, samples=0) or 0)
+        # The user's key and one per item shard the event touched (its item's,
+        # and each co-visit partner's).
+        seen = [keys.user_event_seen(user, f"b{k}")]
+        seen += [keys.shard_event_seen(s, user, f"b{k}") for s in range(N_SHARDS)]
+        pipe = client.pipeline(transaction=False)
+        for key in seen:
+            pipe.memory_usage(key, samples=0)
+        dedupe += sum(int(m or 0) for m in await pipe.execute())
     await client.aclose()
     return n_events / elapsed, dedupe / len(sample)
 
@@ -114,16 +122,12 @@ async def memory_per_entity(url: str, data_dir: Path) -> tuple[float, float, int
         ):
             user_bytes += int(await client.memory_usage(key) or 0)
     item_bytes = 0
-    for key in (
-        keys.ITEM_INDEX,
-        keys.ITEM_IDS,
-        keys.ITEM_STATE,
-        keys.CATEGORY_INDEX,
-        keys.CATEGORIES,
-        keys.ITEM_DIRTY,
-    ):
+    item_keys = [keys.CATEGORY_INDEX, keys.CATEGORIES]
+    for shard in range(N_SHARDS):
+        item_keys += keys.shard_keys(shard)
+    for key in item_keys:
         item_bytes += int(await client.memory_usage(key, samples=0) or 0)
-    n_items = int(await client.llen(keys.ITEM_IDS))
+    n_items = await count_items(client)
     await client.aclose()
     return user_bytes / len(users), item_bytes / n_items, len(log.user_ids), n_items
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from redis.asyncio import Redis
 
 from features.events import COVISIT_NEIGHBOURS
-from features.state import COL_NBR, COL_NBR_SCORE
+from features.state import COL_CATEGORY, COL_NBR, COL_NBR_SCORE, COL_PRICE, ItemTable, empty_rows
 from features.synthetic import SyntheticData
 from recsvc.cli.seed import seed
 from recsvc.ops.embedded import EmbeddedRedis
@@ -21,6 +22,19 @@ def store_settings(**overrides: object) -> Settings:
     """Settings for tests that read Redis directly: the production read deadline
     (20 ms) would turn a hiccup of this shared machine into a failed read."""
     return Settings(redis_timeout_ms=2000.0).replace(**overrides)
+
+
+def dense_table(items: Iterable[tuple[str, str, float]]) -> ItemTable:
+    """A table whose row k holds the k-th (item, category, price): for tests that
+    address rows by position (a table built by ensure_item places items by shard)."""
+    rows = list(items)
+    categories = list(dict.fromkeys(c for _, c, _ in rows if c))
+    by_name = {c: k for k, c in enumerate(categories)}
+    raw = empty_rows(max(len(rows), 16))
+    for k, (_, category, price) in enumerate(rows):
+        raw[k, COL_PRICE] = price
+        raw[k, COL_CATEGORY] = by_name.get(category, -1)
+    return ItemTable([item for item, _, _ in rows], categories, raw)
 
 
 def canonical(raw: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from redis.typing import EncodableT, FieldT
 
 from recsvc.ops import metrics
 from recsvc.store import keys
-from recsvc.store.feature_store import REDIS_FAILURES, RedisClient
+from recsvc.store.client import REDIS_FAILURES, RedisClient
 
 log = logging.getLogger(__name__)
 Fields = dict[FieldT, EncodableT]

@@ -20,7 +20,7 @@ import orjson
 from recsvc.ab.experiments import Experiments
 from recsvc.ab.stats import ratio_lift, srm_pvalue
 from recsvc.store import keys
-from recsvc.store.feature_store import RedisClient
+from recsvc.store.client import RedisClient
 
 SRM_ALARM = 0.001
 READ_CHUNK = 10_000

@@ -26,7 +26,8 @@ from recsvc.ops import logs
 from recsvc.ops.embedded import EmbeddedRedis, EmbeddedRedisError
 from recsvc.ranking import models
 from recsvc.settings import Settings, SettingsError, from_env
-from recsvc.store.feature_store import FeatureStore, IncompatibleStore, connect
+from recsvc.store.client import connect
+from recsvc.store.feature_store import FeatureStore, IncompatibleStore
 from recsvc.web import server
 
 log = logging.getLogger("recsvc")
@@ -382,11 +383,11 @@ async def _ab_report(url: str, settings: Settings, args: argparse.Namespace) -> 
         )
     client = connect(url, settings, writes=True)
     try:
-        snap = await FeatureStore(client, settings).item_snapshot()
+        table = await FeatureStore(client, settings).item_table()
         prices = {
             item: float(price)
-            for item, price in zip(snap.new_ids, snap.raw[:, COL_PRICE].tolist(), strict=False)
-            if price > 0
+            for item, price in zip(table.ids, table.raw[:, COL_PRICE].tolist(), strict=True)
+            if item and price > 0
         }
         return await abreport.report(client, config, args.experiment, args.since, prices)
     finally:

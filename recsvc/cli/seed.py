@@ -20,8 +20,8 @@ from features.logs import (
 )
 from features.synthetic import GENERATOR_VERSION, SyntheticConfig, generate
 from recsvc.settings import Settings
-from recsvc.store import keys
-from recsvc.store.feature_store import EventWrite, FeatureStore, RedisClient
+from recsvc.store.client import RedisClient
+from recsvc.store.feature_store import EventWrite, FeatureStore, count_items
 
 # Events per pipeline. Seeding walks the log user by user (each user's events
 # still in time order; users are independent), so a batch is a few hundred
@@ -61,7 +61,7 @@ def ensure_synthetic(data_dir: Path, config: SyntheticConfig) -> tuple[Path, Pat
 
 
 async def is_seeded(client: RedisClient) -> bool:
-    return bool(await client.llen(keys.ITEM_IDS))
+    return await count_items(client) > 0
 
 
 async def seed(
@@ -123,7 +123,7 @@ async def seed(
     bar.close()
     return SeedSummary(
         events=len(log),
-        items=int(await client.llen(keys.ITEM_IDS)),
+        items=await count_items(client),
         users=len(log.user_ids),
         seconds=time.perf_counter() - started,
     )

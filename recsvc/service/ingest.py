@@ -13,7 +13,7 @@ from recsvc.ab.exposures import ExposureLog
 from recsvc.errors import InvalidRequest, StoreUnavailable
 from recsvc.ops import metrics
 from recsvc.service.itemcache import ItemCache
-from recsvc.store.feature_store import EventWrite, FeatureStore
+from recsvc.store.feature_store import EventWrite, FeatureStore, ItemWriteFailed
 
 # Clock skew we tolerate from the frontend; later "future" events are refused.
 MAX_FUTURE_SECS = 300.0
@@ -42,9 +42,16 @@ class IngestResult:
     accepted: int = 0
     duplicates: int = 0
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    # Valid events the store could not apply now (retry them): index and reason.
+    failed: list[dict[str, Any]] = field(default_factory=list)
 
     def body(self) -> dict[str, Any]:
-        return {"accepted": self.accepted, "duplicates": self.duplicates, "rejected": self.rejected}
+        return {
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "rejected": self.rejected,
+            "failed": self.failed,
+        }
 
 
 class Ingestor:
@@ -89,24 +96,35 @@ class Ingestor:
         result = IngestResult()
         writes: list[EventWrite] = []
         sources: list[EventIn] = []
+        positions: list[int] = []
         for k, e in enumerate(events):
             try:
                 if isinstance(e, InvalidRequest):
                     raise e
                 writes.append(self._write(e, now))
                 sources.append(e)
+                positions.append(k)
             except InvalidRequest as err:
                 result.rejected.append({"index": k, "error": err.message, "field": err.field})
         if result.rejected:
             metrics.EVENTS.labels("rejected").inc(len(result.rejected))
         if writes:
+            outcome: list[int | None]
             try:
-                applied = await self.store.apply_events(writes)
+                outcome = list(await self.store.apply_events(writes))
+            except ItemWriteFailed as exc:
+                outcome = exc.results
+                for j, reason in sorted(exc.failed.items()):
+                    result.failed.append({"index": positions[j], "error": reason})
+                metrics.EVENTS.labels("failed").inc(len(exc.failed))
             except StoreUnavailable:
                 metrics.EVENTS.labels("failed").inc(len(writes))
                 raise
-            result.accepted = sum(applied)
-            result.duplicates = len(applied) - result.accepted
+            done = [
+                (w, e, a) for w, e, a in zip(writes, sources, outcome, strict=True) if a is not None
+            ]
+            result.accepted = sum(a for _, _, a in done)
+            result.duplicates = len(done) - result.accepted
             metrics.EVENTS.labels("accepted").inc(result.accepted)
             metrics.EVENTS.labels("duplicate").inc(result.duplicates)
             if self.exposures is not None:
@@ -114,7 +132,7 @@ class Ingestor:
                 # included: a retry after a write that timed out half way is a
                 # duplicate whose first attempt logged nothing. The report counts
                 # sets per request, so a repeat never counts twice.
-                for w, e in zip(writes, sources, strict=True):
+                for w, e, _ in done:
                     if e.request_id:
                         self.exposures.outcome(e.request_id, w.user_id, w.item_id, e.type, w.ts)
         return result

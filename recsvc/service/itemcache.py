@@ -1,7 +1,12 @@
 """In-process item data (numpy rows + popularity index), refreshed in the background.
 
-The request path never reads item keys: it uses the last snapshot, at most
+The request path never reads item keys: it uses the last view, at most
 ``item_refresh_secs`` old while Redis is up, and the last good one when not.
+A refresh reads each item shard's changes since the last one
+(``recsvc.store.items``) and writes them into the table in place, on the event
+loop between requests (O(changed rows), never a copy of the table); a request
+sees each row whole, old or new. The popularity index and the models'
+neighbour bindings are then rebuilt in a thread and swapped in whole.
 """
 
 from __future__ import annotations
@@ -17,15 +22,17 @@ from features.neighbours import Binding, NeighbourTable
 from features.popularity import PopularityIndex
 from features.state import ItemTable
 from recsvc.ops import metrics
-from recsvc.store.feature_store import FeatureStore, ItemSnapshot, table_from_snapshot
+from recsvc.store.feature_store import FeatureStore, fresh_cursors
+from recsvc.store.items import ItemsRead, load_table, patch_table, rows_needed
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class ItemView:
-    """One consistent item table and its popularity index, and the loaded models'
-    neighbour tables bound to its rows; replaced whole, never mutated."""
+    """An item table with its popularity index, and the loaded models' neighbour
+    tables bound to its rows; replaced whole. The table's rows are patched in
+    place by later refreshes (its items are only ever added, within an epoch)."""
 
     table: ItemTable
     popularity: PopularityIndex
@@ -45,19 +52,16 @@ NeighbourSource = Callable[[], Iterable[tuple[str, NeighbourTable]]]
 
 
 def _build(
-    snap: ItemSnapshot | None,
+    table: ItemTable,
     previous: ItemView,
+    same: bool,
+    epoch: str,
+    version: int,
     now: float,
     neighbours: Iterable[tuple[str, NeighbourTable]] = (),
 ) -> ItemView:
-    """New view from a snapshot (or the previous rows re-ranked), with every neighbour
-    table bound to it: CPU work, run in a thread."""
-    if snap is None:
-        table, epoch, version, same = previous.table, previous.epoch, previous.version, True
-    else:
-        same = snap.epoch == previous.epoch and previous.version >= 0
-        table = table_from_snapshot(snap, previous.table if same else None)
-        epoch, version = snap.epoch, snap.version
+    """The view over ``table`` (``same``: the previous view's table, patched), with
+    popularity re-ranked and every neighbour table bound: CPU work, in a thread."""
     bindings = {
         key: nt.bind(table, previous.bindings.get(key) if same else None) for key, nt in neighbours
     }
@@ -70,6 +74,7 @@ class ItemCache:
     def __init__(self, store: FeatureStore) -> None:
         self.store = store
         self.view = ItemView.empty()
+        self.cursors = fresh_cursors()
         self.refreshed_at: float | None = None
         # The loaded models' neighbour tables, bound with every view (set by the app).
         self.neighbours: NeighbourSource = lambda: ()
@@ -82,31 +87,44 @@ class ItemCache:
 
     @property
     def ready(self) -> bool:
-        return self.view.table.n > 0
+        return self.view.table.count > 0
 
     def age(self) -> float | None:
         return None if self.refreshed_at is None else time.monotonic() - self.refreshed_at
 
     async def refresh(self) -> None:
-        """Copy the item rows changed since the last refresh, rebuild popularity
-        (decay moves it anyway).
-
-        A changed epoch means the item keys were rebuilt: reload everything.
-        The numpy work runs in a worker thread so requests keep flowing.
-        """
+        """Read what changed in every shard and apply it; re-rank popularity (decay
+        moves it anyway). A shard from another epoch means the item keys were
+        rebuilt: everything is read again into a new table."""
         current = self.view
-        known = current.version >= 0
-        snap: ItemSnapshot | None = await self.store.item_snapshot(
-            current.table.n if known else 0,
-            len(current.table.categories) if known else 0,
-            current.version if known else -1,
-            current.epoch if known else "",
-        )
-        if known and snap and (snap.epoch, snap.version) == (current.epoch, current.version):
-            snap = None  # nothing changed: keep the table, re-rank for decay
+        loaded = current.version >= 0
+        known_categories = len(current.table.categories) if loaded else 0
+        read = await self.store.read_items(self.cursors, known_categories)
+        if loaded and read.rebuilt(self.cursors):
+            log.warning("item shards were rebuilt in Redis: reloading every item")
+            self.cursors = fresh_cursors()
+            read = await self.store.read_items(self.cursors, 0)
+            loaded = False
+        if loaded:
+            table = current.table
+            await self._patch(table, read)
+        else:
+            table = await asyncio.to_thread(load_table, read)
+        self.cursors = [s.cursor() for s in read.shards]
         neighbours = list(self.neighbours())
-        self.view = await asyncio.to_thread(_build, snap, current, time.time(), neighbours)
+        self.view = await asyncio.to_thread(
+            _build, table, current, loaded, read.epoch, read.version, time.time(), neighbours
+        )
         self.refreshed_at = time.monotonic()
+
+    @staticmethod
+    async def _patch(table: ItemTable, read: ItemsRead) -> None:
+        """Write the changes into ``table``: room for new rows first (a copy, in a
+        thread, only when it grows past its capacity), then the rows, on the loop."""
+        needed = rows_needed(table, read)
+        if needed > table.capacity:
+            await asyncio.to_thread(table.reserve, needed)
+        patch_table(table, read)
 
     async def run(self, interval: float, stop: asyncio.Event) -> None:
         """Refresh until ``stop``; failures keep the last good view, logged once per streak.

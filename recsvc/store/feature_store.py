@@ -1,245 +1,37 @@
-"""The Redis feature store: one-round-trip user reads, atomic Lua updates, item snapshots."""
+"""The Redis feature store: one-round-trip user reads, atomic Lua updates of users and
+item shards, item reads shard by shard (``recsvc.store.items``)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import struct
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from importlib import resources
-from typing import Any, TypeAlias
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
-from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import (
-    ClusterError,
-    MaxConnectionsError,
-    NoScriptError,
-    RedisClusterException,
-    RedisError,
-)
-from redis.exceptions import (
-    ConnectionError as RedisConnectionError,
-)
+from redis.asyncio import RedisCluster
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from features.events import (
-    CATEGORY_HALF_LIFE,
-    CATEGORY_WEIGHTS,
-    COVISIT_BUCKET_ITEMS,
-    COVISIT_BUCKET_SECS,
-    COVISIT_HALF_LIFE,
-    COVISIT_KEEP_SECS,
-    COVISIT_NEIGHBOURS,
-    HALF_LIVES,
-    N_COUNTERS,
-    RECENT_MAX,
-)
-from features.state import ITEM_WIDTH, ItemTable, UserState, covisit_bucket
+from features.events import COVISIT_BUCKET_SECS, RECENT_MAX
+from features.state import N_SHARDS, ItemTable, UserState, covisit_bucket, shard_of
 from recsvc.errors import Overloaded, StoreUnavailable
 from recsvc.ops import metrics
 from recsvc.ops.looplag import LoopLag
 from recsvc.settings import Settings
 from recsvc.store import keys
-from recsvc.store.redisurl import cluster_kwargs, is_cluster_url
-
-
-def _script(name: str) -> str:
-    return resources.files("recsvc.store").joinpath("lua", name).read_text()
-
-
-# Either client: RedisCluster is not a Redis subclass (nor ClusterPipeline a Pipeline).
-RedisClient: TypeAlias = Redis | RedisCluster
-# What a Redis call can fail with. RedisClusterException (cluster unreachable at
-# discovery, slots not covered) is not a RedisError.
-REDIS_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
-# Connections beyond redis_pool_size for background calls (item refresh,
-# readiness pings, exposure writes): the gates hold request-path calls to
-# redis_pool_size, so those never find the pool full.
-POOL_HEADROOM = 8
-
-
-def connect(
-    url: str, settings: Settings, writes: bool = False, request_path: bool = False
-) -> RedisClient:
-    """A client with a bounded pool and no hidden retries.
-
-    ``request_path``: for reads that always run under their own deadline
-    (``FeatureStore.fetch_users``), without a socket timeout: redis-py wraps
-    every send in ``asyncio.wait_for`` (a task and an extra loop turn) and
-    every reply in a timeout context when one is set, which cost more than the
-    rest of the read.
-
-    Reads wait briefly for a pooled connection (they fall back instead); the
-    separate write client waits up to the write deadline, so a burst of event
-    writes queues rather than failing, and never starves the reads.
-    ``redis+cluster://`` / ``rediss+cluster://`` give a RedisCluster, whose pools
-    (``max_connections`` per node) fail at once when full: FeatureStore gates it.
-    """
-    wait_ms = settings.redis_write_timeout_ms if writes else settings.redis_pool_wait_ms
-    # Deadlines are set per call (asyncio.timeout); this only catches a dead peer.
-    socket_timeout: float | None = (
-        None
-        if request_path
-        else max(settings.redis_timeout_ms, settings.redis_write_timeout_ms) / 1000.0
-    )
-    # Writes may take their whole deadline to connect: a burst of events after
-    # a quiet spell opens many connections at once, and a busy event loop
-    # makes each handshake slow; failing those would lose a burst to 503s.
-    connect_timeout = (
-        settings.redis_write_timeout_ms if writes else settings.redis_connect_timeout_ms
-    ) / 1000.0
-    if is_cluster_url(url):
-        return RedisCluster(
-            **cluster_kwargs(url),
-            # Per node; a full cluster pool fails at once (see POOL_HEADROOM).
-            max_connections=settings.redis_pool_size + POOL_HEADROOM,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=connect_timeout,
-            retry=Retry(NoBackoff(), 0),  # no cluster-level retries either
-        )
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=settings.redis_pool_size + POOL_HEADROOM,
-        timeout=wait_ms / 1000.0,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=connect_timeout,
-        retry=Retry(NoBackoff(), 0),
-    )
-    # from_pool: the client owns the pool, so aclose() also closes its connections.
-    return Redis.from_pool(pool)
-
-
-class Gate:
-    """At most ``limit`` request-path operations in flight (each holds <= 1
-    connection per node), waiting up to ``wait_s`` for a turn.
-
-    For a cluster client this is the BlockingConnectionPool behaviour that
-    RedisCluster lacks; for both it makes a wait for a connection visible as
-    such (``waited``), so it is never mistaken for a slow Redis.
-    """
-
-    def __init__(self, limit: int, wait_s: float) -> None:
-        self._sem = asyncio.Semaphore(limit)
-        self._wait_s = wait_s
-
-    @contextlib.asynccontextmanager
-    async def slot(self, until: float) -> AsyncIterator[None]:
-        """Hold a slot; wait at most ``wait_s`` and never past ``until`` (loop time).
-        Raises PoolExhausted when no slot frees up in time."""
-        if not self._sem.locked():
-            await self._sem.acquire()  # the usual case: no timer needed
-        else:
-            wait = min(self._wait_s, until - asyncio.get_running_loop().time())
-            start = time.perf_counter()
-            try:
-                async with asyncio.timeout(max(wait, 0.0)):
-                    await self._sem.acquire()
-            except TimeoutError:
-                raise PoolExhausted("no free Redis connection") from None
-            finally:
-                metrics.POOL_WAIT.observe(time.perf_counter() - start)
-        try:
-            yield
-        finally:
-            self._sem.release()
-
-
-class PoolExhausted(MaxConnectionsError):
-    """Every connection of this process's pool was busy until the wait ran out: the
-    process has more requests in flight than connections, which says nothing
-    about Redis."""
-
-
-class TopologyRefresh:
-    """Re-read a RedisCluster's slot map after a failure to reach a node.
-
-    With no retries, a failing ClusterPipeline never marks the client for
-    re-discovery (only a failing single command does), so a read path made of
-    pipelines would keep sending a failed-over node's keys to the dead address.
-    One refresh at a time, at most once per ``min_interval``, in the background
-    (the failed call does not wait for it); a no-op for a standalone client.
-    """
-
-    def __init__(self, client: RedisClient, min_interval: float = 1.0) -> None:
-        self._client = client if isinstance(client, RedisCluster) else None
-        self._min_interval = min_interval
-        self._last = -min_interval
-        self._task: asyncio.Task[None] | None = None
-
-    def after(self, exc: BaseException) -> None:
-        """Refresh after a node could not be reached or the cluster reported a
-        topology problem; never after a deadline (a slow reply says nothing about
-        the slot map, and a refresh reconnects every pooled connection) or a full
-        local pool."""
-        if self._client is None:
-            return
-        if isinstance(exc, TimeoutError | RedisTimeoutError | MaxConnectionsError):
-            return
-        topology = RedisConnectionError | ConnectionError | RedisClusterException | ClusterError
-        if not isinstance(exc, topology):
-            return
-        now = time.monotonic()
-        if (
-            self._task is not None and not self._task.done()
-        ) or now - self._last < self._min_interval:
-            return
-        self._last = now
-        self._task = asyncio.create_task(self._refresh(self._client))
-
-    @staticmethod
-    async def _refresh(client: RedisCluster) -> None:
-        with contextlib.suppress(*REDIS_FAILURES):
-            await client.nodes_manager.initialize()
-
-    async def stop(self) -> None:
-        """Cancel a refresh in progress (before its client is closed)."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-
-ScriptCall: TypeAlias = tuple[AsyncScript, Sequence[Any], Sequence[Any]]
-
-
-async def run_scripts(client: RedisClient, calls: Sequence[ScriptCall]) -> list[Any]:
-    """Script calls in one pipeline (one round trip per node), replies in order.
-
-    EVALSHA goes through execute_command: ClusterPipeline blocks .evalsha() and
-    has no script preloading. A NOSCRIPT reply means that call did not run; the
-    scripts are loaded (on every primary) and only those calls are sent again.
-    """
-    pipe = client.pipeline(transaction=False)
-    for script, ks, argv in calls:
-        pipe.execute_command("EVALSHA", script.sha, len(ks), *ks, *argv)
-    replies = list(await pipe.execute(raise_on_error=False))
-    missing = [k for k, r in enumerate(replies) if isinstance(r, NoScriptError)]
-    if missing:
-        for script in {id(calls[k][0]): calls[k][0] for k in missing}.values():
-            script.sha = await client.script_load(script.script)
-        pipe = client.pipeline(transaction=False)
-        for k in missing:
-            script, ks, argv = calls[k]
-            pipe.execute_command("EVALSHA", script.sha, len(ks), *ks, *argv)
-        for k, reply in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
-            replies[k] = reply
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
-    return replies
-
-
-# Version of the Redis layout (keys, packed rows, hash fields). 1: before
-# co-visitation (16-wide item rows, decimal user fields, no marker key);
-# 2: packed user state, item rows with neighbours, {items}:dirty;
-# 3: a fourth half-life (30 days) in the user and item counters.
-STORAGE_FORMAT = 3
+from recsvc.store.breaker import CircuitBreaker
+from recsvc.store.client import REDIS_FAILURES, Gate, PoolExhausted, RedisClient, TopologyRefresh
+from recsvc.store.codec import (
+    ITEM_ROW_BYTES,
+    STORAGE_FORMAT,
+    decode_user,
+    item_layout,
+    partner_rows,
+    user_layout,
+)
+from recsvc.store.items import DELTA_MAX_ROWS, ItemsRead, ShardCursor, decode_shard, load_table
+from recsvc.store.scripts import ScriptCall, run_scripts, source
 
 
 class IncompatibleStore(Exception):
@@ -254,50 +46,28 @@ class IncompatibleStore(Exception):
         )
 
 
+class ItemWriteFailed(StoreUnavailable):
+    """Some events' item side could not be written (a full or broken shard); the
+    others were applied. ``results`` holds 1 (applied) / 0 (duplicate) / None
+    (failed) per event, ``failed`` the reason per failed event index. The item
+    side of a failed event wrote nothing; its user side may have been applied
+    (a retry then counts it once: both sides deduplicate on their own)."""
+
+    def __init__(self, results: list[int | None], failed: dict[int, str]) -> None:
+        self.results = results
+        self.failed = failed
+        super().__init__(f"item writes failed for {len(failed)} event(s)")
+
+
 # A Redis read is only called slow (a breaker failure) after at least this long.
 REDIS_SLOW_SECS = 0.002
-# Entries per item-script call: bounds how long one call holds Redis.
+# Entries per item-script call: bounds how long one call holds a shard's Redis.
 ITEM_CALL_MAX = 2_000
 # User script calls per pipeline: bounds event-loop and Redis time per step.
 USERS_PER_PIPELINE = 100
-# An incremental item refresh sends at most this many changed rows; beyond it,
-# the whole state string (one GET is cheaper than many GETRANGEs).
-DELTA_MAX_ROWS = 20_000
-_ROW_BYTES = ITEM_WIDTH * 8
-
-
-class CircuitBreaker:
-    """Opens after N consecutive failures; lets one trial through after a cool-down."""
-
-    def __init__(self, failures: int, reset_secs: float) -> None:
-        self.failures_to_open = failures
-        self.reset_secs = reset_secs
-        self.failures = 0
-        self.opened_at: float | None = None
-
-    @property
-    def state(self) -> str:
-        if self.opened_at is None:
-            return "closed"
-        return "open" if time.monotonic() - self.opened_at < self.reset_secs else "half_open"
-
-    def allow(self) -> bool:
-        if self.opened_at is None:
-            return True
-        if time.monotonic() - self.opened_at >= self.reset_secs:
-            # Half-open: this caller is the trial; others wait for its outcome.
-            self.opened_at = time.monotonic()
-            return True
-        return False
-
-    def success(self) -> None:
-        self.failures = 0
-        self.opened_at = None
-
-    def failure(self) -> None:
-        self.failures += 1
-        if self.failures >= self.failures_to_open:
-            self.opened_at = time.monotonic()
+# A shard's rows live in one string: at most proto-max-bulk-len bytes (512 MiB
+# unless configured; read at check_format where CONFIG is allowed).
+DEFAULT_MAX_BULK = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,66 +88,14 @@ class EventWrite:
     price: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class ItemSnapshot:
-    """Item data read at one version: all rows (``changed`` None) or only the rows
-    at the ``changed`` indices since the reader's version."""
+@dataclass(slots=True)
+class _Group:
+    """One event's entries in one shard (deduplicated together)."""
 
-    epoch: str
-    version: int
-    new_ids: list[str]
-    new_categories: list[str]
-    raw: np.ndarray
-    changed: np.ndarray | None = None
-
-
-# The user state hash (see lua/user_event.lua): 'x' packed scalars and counters,
-# 'an' length-prefixed category names, 'av' their affinities as packed float64.
-_USER_SCALARS = struct.Struct(f"<{6 + N_COUNTERS}d")
-_NAME_LENGTH = struct.Struct("<I")
-
-
-def _names(blob: bytes) -> list[str]:
-    out, pos = [], 0
-    while pos < len(blob):
-        (length,) = _NAME_LENGTH.unpack_from(blob, pos)
-        pos += _NAME_LENGTH.size
-        out.append(blob[pos : pos + length].decode())
-        pos += length
-    return out
-
-
-def _pairs(reply: list[Any]) -> Any:
-    """(member, score) pairs from a raw WITHSCORES reply: [[m, s], ...] in RESP3,
-    [m, s, m, s, ...] in RESP2."""
-    if reply and isinstance(reply[0], list):
-        return reply
-    return zip(reply[::2], reply[1::2], strict=True)
-
-
-def decode_user(
-    state: dict[bytes, bytes], recent: list[Any], purchased: set[bytes]
-) -> UserState | None:
-    """UserState from the three user keys (``recent`` as ZREVRANGE ... WITHSCORES
-    sends it, see _pairs); None when the user has no state."""
-    packed = state.get(b"x")
-    if not packed:
-        return None
-    n, ref, last, last_purchase, price_sum, price_n, *counts = _USER_SCALARS.unpack(packed)
-    names = _names(state.get(b"an", b""))
-    values = struct.unpack(f"<{len(names)}d", state.get(b"av", b""))
-    return UserState(
-        ref=ref,
-        counts=counts,
-        category_affinity=dict(zip(names, values, strict=True)),
-        recent={i.decode(): float(t) for i, t in _pairs(recent)},
-        purchased={p.decode() for p in purchased},
-        last_ts=last,
-        last_purchase_ts=last_purchase,
-        price_sum=price_sum,
-        price_n=int(price_n),
-        n_events=int(n),
-    )
+    event: int
+    dedupe_key: str | None
+    args: list[Any] = field(default_factory=list)
+    entries: int = 0
 
 
 class FeatureStore:
@@ -407,9 +125,15 @@ class FeatureStore:
         self.dedupe_ttl = settings.event_dedupe_ttl_secs
         self.user_ttl = int(settings.user_ttl_days * 86400)
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_secs)
-        self._user_script = self.writer.register_script(_script("user_event.lua"))
-        self._item_script = self.writer.register_script(_script("item_event.lua"))
-        self._read_script = self.client.register_script(_script("item_read.lua"))
+        # Rows one shard's state string can hold (see DEFAULT_MAX_BULK).
+        self.shard_capacity = DEFAULT_MAX_BULK // ITEM_ROW_BYTES
+        self._user_script = self.writer.register_script(source("user_event.lua"))
+        self._item_script = self.writer.register_script(source("item_event.lua"))
+        self._upsert_script = self.writer.register_script(source("item_upsert.lua"))
+        self._category_script = self.writer.register_script(source("categories.lua"))
+        self._read_script = self.client.register_script(source("item_read.lua"))
+        self._user_head = [*user_layout(), self.dedupe_ttl, self.user_ttl]
+        self._layout = item_layout()
 
     async def fetch_user(self, user_id: str, deadline: float | None = None) -> UserState | None:
         """The user's state in one pipelined round trip; StoreUnavailable on any failure."""
@@ -486,159 +210,251 @@ class FeatureStore:
         floor = spent - 2.0 * self.lag.since(started[0]) - self.lag.waited_since(started[0])
         return floor >= max(0.5 * spent, REDIS_SLOW_SECS)
 
-    def _user_call(
-        self, user_id: str, events: Sequence[EventWrite], dedupe: bool
-    ) -> tuple[list[str], list[float | int | str | bytes]]:
-        ks = keys.user_keys(user_id, [e.event_id for e in events])
-        args: list[float | int | str | bytes] = [
-            self.dedupe_ttl,
-            self.user_ttl,
-            RECENT_MAX,
-            CATEGORY_HALF_LIFE,
-            COVISIT_BUCKET_SECS,
-            COVISIT_BUCKET_ITEMS,
-            COVISIT_KEEP_SECS,
-            len(HALF_LIVES),
-            *HALF_LIVES,
-            *CATEGORY_WEIGHTS,
-        ]
-        for e in events:
-            args += [
-                int(e.type),  # redis-py would send an IntEnum as its repr
-                e.ts,
-                e.item_id,
-                e.category,
-                e.price,
-                1 if dedupe and e.event_id else 0,
-            ]
-        return ks, args
-
-    def _item_call(
-        self,
-        mode: str,
-        events: Sequence[EventWrite],
-        dedupe: bool,
-        partners: Sequence[list[bytes]] | None = None,
-    ) -> tuple[list[str], list[float | int | str | bytes]]:
-        ks = keys.item_keys([(e.user_id, e.event_id) for e in events])
-        args: list[float | int | str | bytes] = [
-            self.dedupe_ttl,
-            len(HALF_LIVES),
-            *HALF_LIVES,
-            COVISIT_NEIGHBOURS,
-            COVISIT_HALF_LIFE,
-            STORAGE_FORMAT,
-        ]
-        upsert = mode == "upsert"
-        for k, e in enumerate(events):
-            # Only the catalogue sets item attributes; an event on an unknown item
-            # creates a bare record, as features.state.ItemTable.ensure_item does.
-            pairs = partners[k] if partners is not None else []
-            args += [
-                mode,
-                e.item_id,
-                int(e.type),  # redis-py would send an IntEnum as its repr
-                e.ts,
-                e.category if upsert else "",
-                e.price if upsert else 0.0,
-                1 if dedupe and e.event_id else 0,
-                covisit_bucket(e.ts) * COVISIT_BUCKET_SECS,
-                len(pairs),
-                *pairs,
-            ]
-        return ks, args
-
     async def apply_events(self, events: Sequence[EventWrite], dedupe: bool = True) -> list[int]:
-        """Apply events: one atomic script call per user and one per item chunk, each
-        deduplicating by event id. Returns 1 (applied) or 0 (duplicate) per event.
+        """Apply events exactly once each. Returns 1 (applied) or 0 (duplicate) per
+        event; raises ItemWriteFailed when some could not be (the rest were), and
+        StoreUnavailable when Redis failed.
 
-        Users go in pipelines of USERS_PER_PIPELINE, so a batch of many users
-        neither stalls the event loop while encoding nor holds Redis in one go.
+        Three round trips: (1) the events' items get their rows (created bare
+        when new) in their shards, which refuse items they have no room for;
+        (2) one script call per user (pipelines of USERS_PER_PIPELINE) folds
+        the events into the user's state and answers each event's co-visit
+        partners as item rows; (3) one script call per touched shard counts
+        the events on their items and adds the co-visit pairs to both rows. An
+        event whose item got no row stops after (1): nothing is written for it.
         """
-        by_user: dict[str, list[int]] = {}
+        rows, failed = await self._ensure([(e.item_id, "e", -1, 0.0) for e in events])
+        results: list[int | None] = [None] * len(events)
+        reasons: dict[int, str] = {}
+        live: list[int] = []
         for k, e in enumerate(events):
-            by_user.setdefault(e.user_id, []).append(k)
-        applied = [0] * len(events)
-        # Co-visitation partners per event, from the user side; a duplicate comes
-        # back with its stored partners, so the item side (deduplicated on its own)
-        # still gets them when an earlier attempt was cut off between the two.
-        partners: list[list[bytes]] = [[] for _ in events]
+            reason = failed.get(e.item_id)
+            if reason is not None:
+                reasons[k] = reason
+            else:
+                live.append(k)
+        partners = await self._apply_users(events, live, rows, dedupe, results)
+        groups = _item_groups(events, live, rows, partners, dedupe)
+        for shard, reason in (await self._apply_items(groups)).items():
+            for g in groups[shard]:
+                reasons[g.event] = reason
+        if reasons:
+            for k in reasons:
+                results[k] = None
+            metrics.REDIS_ERRORS.labels("write", "ItemWriteFailed").inc()
+            raise ItemWriteFailed(results, reasons)
+        return [int(r or 0) for r in results]
+
+    async def _ensure(
+        self, items: Sequence[tuple[str, str, int, float]]
+    ) -> tuple[dict[str, int], dict[str, str]]:
+        """Rows for (item id, mode, category id, price): 'e' creates a bare item when
+        new, 's' creates it or sets its category and price. Returns the rows, and
+        the reason per item that got none (its shard is full or broken)."""
+        by_shard: dict[int, list[tuple[str, str, int, float]]] = {}
+        seen: set[tuple[str, str]] = set()
+        for item in items:
+            if item[1] == "e" and (item[0], "e") in seen:
+                continue
+            seen.add((item[0], item[1]))
+            by_shard.setdefault(shard_of(item[0]), []).append(item)
+        calls: list[ScriptCall] = []
+        owners: list[tuple[int, list[tuple[str, str, int, float]]]] = []
+        head = [*self._layout, STORAGE_FORMAT, self.shard_capacity]
+        for shard, chunk_items in sorted(by_shard.items()):
+            for start in range(0, len(chunk_items), ITEM_CALL_MAX):
+                part = chunk_items[start : start + ITEM_CALL_MAX]
+                args: list[Any] = [*head, shard, N_SHARDS]
+                for item_id, mode, cat, price in part:
+                    args += [item_id, mode, cat, price]
+                calls.append((self._upsert_script, keys.shard_keys(shard), args))
+                owners.append((shard, part))
+        rows: dict[str, int] = {}
+        failed: dict[str, str] = {}
+        if not calls:
+            return rows, failed
+        replies = await self._execute(calls, raise_on_error=False)
+        for (shard, part), reply in zip(owners, replies, strict=True):
+            if isinstance(reply, Exception):
+                reason = _shard_failure(shard, reply)
+                for item_id, *_ in part:
+                    failed[item_id] = reason
+                continue
+            for (item_id, *_), row in zip(part, reply, strict=True):
+                if int(row) < 0:
+                    failed[item_id] = f"item shard {shard} is full"
+                else:
+                    rows[item_id] = int(row)
+        return rows, failed
+
+    async def _apply_users(
+        self,
+        events: Sequence[EventWrite],
+        live: list[int],
+        rows: dict[str, int],
+        dedupe: bool,
+        results: list[int | None],
+    ) -> dict[int, list[int]]:
+        """The user side of the ``live`` events; their co-visit partners (item rows,
+        sorted). A duplicate comes back with its stored partners, so the item side
+        (deduplicated on its own) still gets them when an earlier attempt was cut
+        off between the two."""
+        by_user: dict[str, list[int]] = {}
+        for k in live:
+            by_user.setdefault(events[k].user_id, []).append(k)
+        partners: dict[int, list[int]] = {}
         groups = list(by_user.items())
         for start in range(0, len(groups), USERS_PER_PIPELINE):
             chunk = groups[start : start + USERS_PER_PIPELINE]
-            results = await self._execute(
-                [
-                    (self._user_script, *self._user_call(u, [events[k] for k in positions], dedupe))
-                    for u, positions in chunk
-                ]
-            )
-            for (_, positions), answers in zip(chunk, results, strict=True):
-                for k, answer in zip(positions, answers, strict=True):
-                    applied[k] = int(answer[0])
-                    # Sorted (bytes order = the pure side's str order): which
-                    # neighbour a full row keeps can depend on the order.
-                    partners[k] = sorted(answer[1:])
-        for k in range(0, len(events), ITEM_CALL_MAX):
-            part = slice(k, k + ITEM_CALL_MAX)
-            ks, args = self._item_call("event", events[part], dedupe, partners[part])
-            await self._execute([(self._item_script, ks, args)])
-        return applied
+            calls: list[ScriptCall] = []
+            for user_id, positions in chunk:
+                ks = keys.user_keys(user_id, [events[k].event_id for k in positions])
+                args: list[Any] = list(self._user_head)
+                for k in positions:
+                    e = events[k]
+                    args += [
+                        int(e.type),  # redis-py would send an IntEnum as its repr
+                        e.ts,
+                        e.item_id,
+                        rows[e.item_id],
+                        e.category,
+                        e.price,
+                        1 if dedupe and e.event_id else 0,
+                    ]
+                calls.append((self._user_script, ks, args))
+            answers = await self._execute(calls)
+            for (_, positions), answer in zip(chunk, answers, strict=True):
+                for k, one in zip(positions, answer, strict=True):
+                    results[k] = int(one[0])
+                    # Sorted by row: which neighbour a full row keeps can depend
+                    # on the order (the replay sorts alike).
+                    partners[k] = partner_rows(one[1:])
+        return partners
 
-    async def _execute(self, calls: Sequence[ScriptCall]) -> list[Any]:
+    async def _apply_items(self, groups: dict[int, list[_Group]]) -> dict[int, str]:
+        """One script call per shard (split past ITEM_CALL_MAX entries); the
+        reason per shard whose call failed (it wrote nothing)."""
+        calls: list[ScriptCall] = []
+        owners: list[int] = []
+        head = [*self._layout, STORAGE_FORMAT, self.dedupe_ttl]
+        for shard, shard_groups in sorted(groups.items()):
+            start = 0
+            while start < len(shard_groups):
+                end, entries = start, 0
+                while end < len(shard_groups) and (
+                    end == start or entries + shard_groups[end].entries <= ITEM_CALL_MAX
+                ):
+                    entries += shard_groups[end].entries
+                    end += 1
+                part = shard_groups[start:end]
+                _, ids, state, meta, dirty = keys.shard_keys(shard)
+                item_keys = [state, meta, dirty, ids]
+                args: list[Any] = [*head, shard, N_SHARDS]
+                for k, g in enumerate(part):
+                    # A group without dedupe still takes a KEYS slot (never read).
+                    item_keys.append(g.dedupe_key or f"{meta}:x{k}")
+                    args += [1 if g.dedupe_key else 0, g.entries, *g.args]
+                calls.append((self._item_script, item_keys, args))
+                owners.append(shard)
+                start = end
+        failed: dict[int, str] = {}
+        if not calls:
+            return failed
+        for shard, reply in zip(
+            owners, await self._execute(calls, raise_on_error=False), strict=True
+        ):
+            if isinstance(reply, Exception):
+                failed[shard] = _shard_failure(shard, reply)
+        return failed
+
+    async def _execute(self, calls: Sequence[ScriptCall], raise_on_error: bool = True) -> list[Any]:
+        """Script calls on the write client within the write deadline. With
+        ``raise_on_error`` False a script's error reply stands in its place;
+        a failure to reach Redis always raises StoreUnavailable."""
         try:
             until = asyncio.get_running_loop().time() + self.write_timeout
             async with self._write_gate.slot(until), asyncio.timeout_at(until):
-                return await run_scripts(self.writer, calls)
+                return await run_scripts(self.writer, calls, raise_on_error)
         except REDIS_FAILURES as exc:
             metrics.REDIS_ERRORS.labels("write", type(exc).__name__).inc()
             self._write_refresh.after(exc)
             raise StoreUnavailable(type(exc).__name__) from exc
 
     async def upsert_items(self, items: Sequence[tuple[str, str, float]]) -> None:
-        """Set (item_id, category, price) for catalogue items."""
-        rows = [
-            EventWrite("", item_id, 0, 0.0, "", category, price)
-            for item_id, category, price in items
-        ]
-        ks, args = self._item_call("upsert", rows, False)
-        await self._item_script(keys=ks, args=args)
+        """Set (item_id, category, price) for catalogue items (creating them when new).
+        Raises ItemWriteFailed naming the items a shard had no room for."""
+        names = list(dict.fromkeys(c for _, c, _ in items if c))
+        ids: dict[str, int] = {}
+        if names:
+            reply = await self._execute(
+                [(self._category_script, [keys.CATEGORY_INDEX, keys.CATEGORIES], names)]
+            )
+            ids = dict(zip(names, (int(i) for i in reply[0]), strict=True))
+        _, failed = await self._ensure(
+            [(item_id, "s", ids.get(c, -1), float(price)) for item_id, c, price in items]
+        )
+        if failed:
+            index = {item_id: k for k, (item_id, _, _) in enumerate(items)}
+            raise ItemWriteFailed(
+                [None if i in failed else 1 for i, _, _ in items],
+                {index[i]: reason for i, reason in failed.items()},
+            )
 
-    async def item_snapshot(
-        self,
-        known_items: int = 0,
-        known_categories: int = 0,
-        since_version: int = -1,
-        epoch: str = "",
-    ) -> ItemSnapshot:
-        """Ids and categories added since the given counts, and the item rows: all of
-        them, or (``since_version`` >= 0) only those changed after that version.
-        One atomic script call, so everything is from one version. When the keys'
-        epoch is not ``epoch`` (rebuilt since), everything is sent."""
-        args: list[int | str] = [
-            since_version,
-            known_items,
-            known_categories,
-            _ROW_BYTES,
-            DELTA_MAX_ROWS,
-            epoch,
-            STORAGE_FORMAT,
-        ]
-        reply = await self._read_script(keys=keys.item_read_keys(), args=args)
-        # Copying a large table and decoding its ids is CPU work: off the event loop.
-        return await asyncio.to_thread(_decode_snapshot, reply)
+    async def read_items(
+        self, cursors: Sequence[ShardCursor], known_categories: int = 0
+    ) -> ItemsRead:
+        """Every shard's changes since its cursor (one pipeline, one atomic script
+        per shard), then the categories added after ``known_categories``
+        (read last: every category a row names is then known)."""
+        calls: list[ScriptCall] = []
+        for shard, c in enumerate(cursors):
+            args = [c.version, c.known, c.epoch, STORAGE_FORMAT, ITEM_ROW_BYTES, DELTA_MAX_ROWS]
+            _, ids, state, meta, dirty = keys.shard_keys(shard)
+            calls.append((self._read_script, [meta, ids, state, dirty], args))
+        replies = await run_scripts(self.client, calls)
+        cats = await self.client.lrange(keys.CATEGORIES, known_categories, -1)
+
+        def decode() -> ItemsRead:
+            return ItemsRead(
+                [
+                    decode_shard(s, c, r)
+                    for s, (c, r) in enumerate(zip(cursors, replies, strict=True))
+                ],
+                [c.decode() if isinstance(c, bytes) else c for c in cats],
+            )
+
+        # Copying rows and decoding ids is CPU work: off the event loop.
+        return await asyncio.to_thread(decode)
+
+    async def item_table(self) -> ItemTable:
+        """Every item, read into a new table (tools and tests; the service keeps
+        its table current with ``read_items``, see recsvc.service.itemcache)."""
+        return await asyncio.to_thread(load_table, await self.read_items(fresh_cursors()))
 
     async def check_format(self) -> None:
         """Claim an empty Redis for this storage format, or raise IncompatibleStore
         when it holds data in another one."""
         found = await self.writer.get(keys.FORMAT_KEY)
         if found is None:
-            if await self.writer.exists(keys.ITEM_IDS):
+            if await self.writer.exists(keys.LEGACY_ITEM_IDS):
                 raise IncompatibleStore(1)  # data from before the marker existed
             await self.writer.set(keys.FORMAT_KEY, STORAGE_FORMAT, nx=True)
             found = await self.writer.get(keys.FORMAT_KEY)
         version = int(found or 0)
         if version != STORAGE_FORMAT:
             raise IncompatibleStore(version)
+        await self.read_limits()
+
+    async def read_limits(self) -> None:
+        """The rows a shard can hold, from Redis's proto-max-bulk-len where CONFIG
+        may be read (managed Redis often forbids it: then the 512 MiB default)."""
+        try:
+            found = await self.writer.config_get("proto-max-bulk-len")
+        except REDIS_FAILURES:
+            return
+        values = list(found.values()) if isinstance(found, dict) else []
+        if values and str(values[0]).isdigit():
+            self.shard_capacity = int(str(values[0])) // ITEM_ROW_BYTES
 
     async def aclose(self) -> None:
         """Stop background topology refreshes, then close both clients."""
@@ -660,45 +476,68 @@ class FeatureStore:
             return False
 
 
-def table_from_snapshot(snapshot: ItemSnapshot, previous: ItemTable | None) -> ItemTable:
-    """An ItemTable over the snapshot rows, sharing the previous vocabulary when unchanged.
+def _item_groups(
+    events: Sequence[EventWrite],
+    live: list[int],
+    rows: dict[str, int],
+    partners: dict[int, list[int]],
+    dedupe: bool,
+) -> dict[int, list[_Group]]:
+    """Each live event's item-side entries, grouped by shard and event, in event
+    order: its own item's counters and pairs ('e'), each partner's pair ('p')."""
+    groups: dict[int, list[_Group]] = {}
+    for k in live:
+        e = events[k]
+        row = rows[e.item_id]
+        pair_ts = covisit_bucket(e.ts) * COVISIT_BUCKET_SECS
+        mine: dict[int, _Group] = {}
+        for shard, entry in [
+            (
+                row % N_SHARDS,
+                ["e", row, int(e.type), e.ts, pair_ts, len(partners[k]), *partners[k]],
+            ),
+            *((p % N_SHARDS, ["p", p, row, pair_ts]) for p in partners[k]),
+        ]:
+            g = mine.get(shard)
+            if g is None:
+                key = (
+                    keys.shard_event_seen(shard, e.user_id, e.event_id)
+                    if dedupe and e.event_id
+                    else None
+                )
+                g = mine[shard] = _Group(k, key)
+                groups.setdefault(shard, []).append(g)
+            g.args += entry
+            g.entries += 1
+    return groups
 
-    Rows, and vocabularies when items are added, are copied, never mutated: a
-    request may still hold the previous table. A delta snapshot needs the
-    previous table it was read against.
-    """
-    if previous is None:
-        if snapshot.changed is not None:
-            raise ValueError("a delta snapshot needs the table it was read against")
-        return ItemTable(snapshot.new_ids, snapshot.new_categories, snapshot.raw)
-    raw = snapshot.raw
-    if snapshot.changed is not None:
-        raw = np.zeros((previous.n + len(snapshot.new_ids), ITEM_WIDTH))
-        raw[: previous.n] = previous.raw
-        raw[snapshot.changed] = snapshot.raw
-    index, category_index = previous.index, previous.category_index
-    ids, cats = previous.ids, previous.categories
-    if snapshot.new_ids:
-        ids = ids + snapshot.new_ids
-        index = dict(index)
-        index.update((item, previous.n + k) for k, item in enumerate(snapshot.new_ids))
-    if snapshot.new_categories:
-        cats = cats + snapshot.new_categories
-        category_index = dict(category_index)
-        base = len(previous.categories)
-        category_index.update((c, base + k) for k, c in enumerate(snapshot.new_categories))
-    return ItemTable(ids, cats, raw, index=index, category_index=category_index)
+
+def _shard_failure(shard: int, exc: Exception) -> str:
+    """What to tell a client about a shard that refused a write."""
+    if isinstance(exc, ResponseError):
+        return f"item shard {shard} refused the write: {str(exc)[:200]}"
+    return f"item shard {shard}: {type(exc).__name__}"
 
 
-def _decode_snapshot(reply: list[Any]) -> ItemSnapshot:
-    """The item read script's reply as an ItemSnapshot (a copy that owns its rows)."""
-    read_epoch, version, ids, cats, mode, changed, rows = reply
-    raw = np.frombuffer(rows or b"", dtype="<f8").reshape(-1, ITEM_WIDTH).copy()
-    return ItemSnapshot(
-        epoch=read_epoch.decode(),
-        version=int(version),
-        new_ids=[i.decode() for i in ids],
-        new_categories=[c.decode() for c in cats],
-        raw=raw,
-        changed=np.asarray([int(i) for i in changed], np.int64) if mode == b"delta" else None,
-    )
+async def count_items(client: RedisClient) -> int:
+    """How many items Redis holds (every shard's id list, one pipeline)."""
+    pipe = client.pipeline(transaction=False)
+    for shard in range(N_SHARDS):
+        pipe.llen(keys.shard_keys(shard)[1])
+    return int(sum(await pipe.execute()))
+
+
+def fresh_cursors() -> list[ShardCursor]:
+    """A reader that holds nothing yet."""
+    return [ShardCursor() for _ in range(N_SHARDS)]
+
+
+__all__ = [
+    "REDIS_FAILURES",
+    "EventWrite",
+    "FeatureStore",
+    "IncompatibleStore",
+    "ItemWriteFailed",
+    "RedisClient",
+    "UserState",
+]

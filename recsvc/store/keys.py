@@ -1,7 +1,11 @@
 """Every Redis key name recsvc uses. A user's keys share the ``{u:<id>}`` hash tag,
-item-side keys the ``{items}`` tag, so each script or read stays in one slot."""
+an item shard's keys its shard tag (``codec.SHARD_TAGS``), the catalogue-wide
+keys (categories, format marker) the ``{items}`` tag, so each script or read
+stays in one slot."""
 
 from __future__ import annotations
+
+from recsvc.store.codec import SHARD_TAGS
 
 ITEM_TAG = "{items}"
 
@@ -27,38 +31,28 @@ def user_event_seen(user_id: str, event_id: str) -> str:
     return f"{{u:{user_id}}}:e:{event_id}"
 
 
-ITEM_INDEX = f"{ITEM_TAG}:idx"
-ITEM_IDS = f"{ITEM_TAG}:ids"
-ITEM_STATE = f"{ITEM_TAG}:state"
-CATEGORY_INDEX = f"{ITEM_TAG}:catidx"
+# The catalogue's category vocabulary (names by id, id by name) and the storage
+# format this Redis holds (recsvc.store.codec.STORAGE_FORMAT).
 CATEGORIES = f"{ITEM_TAG}:cats"
-ITEM_VERSION = f"{ITEM_TAG}:ver"
-ITEM_EPOCH = f"{ITEM_TAG}:epoch"
-# Item index -> the version that last changed its row (incremental refresh).
-ITEM_DIRTY = f"{ITEM_TAG}:dirty"
-# The storage format this Redis holds (recsvc.store.feature_store.STORAGE_FORMAT).
+CATEGORY_INDEX = f"{ITEM_TAG}:catidx"
 FORMAT_KEY = f"{ITEM_TAG}:format"
+# Where formats 1 to 3 kept every item id: data from before the format marker.
+LEGACY_ITEM_IDS = f"{ITEM_TAG}:ids"
 
 
-def item_event_seen(user_id: str, event_id: str) -> str:
-    """Scoped by user like the user-side key ('/' cannot occur in ids)."""
-    return f"{ITEM_TAG}:e:{user_id}/{event_id}"
+def shard_keys(shard: int) -> list[str]:
+    """One item shard's keys (all under its hash tag, codec.SHARD_TAGS):
+    id -> position hash, ids by position list, packed rows string, meta hash
+    (epoch, version, format), dirty zset (position scored by the version that
+    last changed its row)."""
+    tag = SHARD_TAGS[shard]
+    return [f"{tag}:idx", f"{tag}:ids", f"{tag}:state", f"{tag}:meta", f"{tag}:dirty"]
 
 
-def item_keys(events: list[tuple[str, str]]) -> list[str]:
-    """KEYS of ``lua/item_event.lua``: the item slot's keys, then one dedupe key per entry."""
-    return [
-        ITEM_INDEX,
-        ITEM_IDS,
-        ITEM_STATE,
-        CATEGORY_INDEX,
-        CATEGORIES,
-        ITEM_VERSION,
-        ITEM_EPOCH,
-        ITEM_DIRTY,
-        FORMAT_KEY,
-        *(item_event_seen(u, e) for u, e in events),
-    ]
+def shard_event_seen(shard: int, user_id: str, event_id: str) -> str:
+    """An event's item-side dedupe key in one shard (scoped by user like the
+    user-side key; '/' cannot occur in ids)."""
+    return f"{SHARD_TAGS[shard]}:e:{user_id}/{event_id}"
 
 
 def user_keys(user_id: str, event_ids: list[str]) -> list[str]:
@@ -70,11 +64,6 @@ def user_keys(user_id: str, event_ids: list[str]) -> list[str]:
         user_visits(user_id),
         *(user_event_seen(user_id, e) for e in event_ids),
     ]
-
-
-def item_read_keys() -> list[str]:
-    """KEYS of ``lua/item_read.lua``."""
-    return [ITEM_EPOCH, ITEM_VERSION, ITEM_IDS, CATEGORIES, ITEM_STATE, ITEM_DIRTY, FORMAT_KEY]
 
 
 # Experiment exposures and the outcomes attributed to them (capped streams).

@@ -259,10 +259,19 @@ class RejectedEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     field: str | None
 
 
+class FailedEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A valid event the store could not apply now (its item's shard is full or
+    broken); nothing of its item side was written: retry it."""
+
+    index: int
+    error: str
+
+
 class EventsResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     accepted: int
     duplicates: int
     rejected: list[RejectedEvent]
+    failed: list[FailedEvent]
 
 
 class ItemFeatures(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

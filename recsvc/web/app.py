@@ -20,7 +20,8 @@ from recsvc.service.ingest import Ingestor
 from recsvc.service.itemcache import ItemCache
 from recsvc.service.recommend import Recommender
 from recsvc.settings import Settings
-from recsvc.store.feature_store import REDIS_FAILURES, FeatureStore, IncompatibleStore, connect
+from recsvc.store.client import REDIS_FAILURES, connect
+from recsvc.store.feature_store import FeatureStore, IncompatibleStore
 from recsvc.web import appkeys, openapi
 from recsvc.web.middleware import Guard, cors, observe
 from recsvc.web.routes import setup_routes

@@ -14,7 +14,8 @@ from recsvc.service.ingest import Ingestor
 from recsvc.service.itemcache import ItemCache
 from recsvc.service.recommend import Recommender
 from recsvc.settings import Settings
-from recsvc.store.feature_store import FeatureStore, RedisClient
+from recsvc.store.client import RedisClient
+from recsvc.store.feature_store import FeatureStore
 from recsvc.web.middleware import Guard
 
 SETTINGS = web.AppKey("settings", Settings)

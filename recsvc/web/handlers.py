@@ -16,7 +16,7 @@ from aiohttp import web
 
 from features.candidates import CandidateConfig
 from features.schema import NO_CONTEXT, Context
-from recsvc.errors import InvalidRequest, Overloaded, Unauthorized
+from recsvc.errors import InvalidRequest, Overloaded, StoreUnavailable, Unauthorized
 from recsvc.ops import metrics
 from recsvc.ranking.models import LoadedModel
 from recsvc.service.online import feature_values, user_feature_values
@@ -191,6 +191,8 @@ async def events_post(request: web.Request) -> web.Response:
     result = await request.app[appkeys.INGESTOR].ingest(events)
     if not batch and result.rejected:  # a single event is valid or the request is bad
         raise InvalidRequest(result.rejected[0]["error"], field=result.rejected[0]["field"])
+    if not batch and result.failed:  # ... and applied, or the store is unavailable
+        raise StoreUnavailable(result.failed[0]["error"])
     return json_response(result.body())
 
 

@@ -130,7 +130,9 @@ def document() -> dict[str, Any]:
                 "summary": f"One behaviour event or a batch of up to {api.MAX_EVENTS}",
                 "requestBody": events_body,
                 "responses": {
-                    "200": _answer("accepted, duplicates, rejected", "EventsResponse"),
+                    "200": _answer(
+                        "accepted, duplicates, rejected, failed (retry)", "EventsResponse"
+                    ),
                     **_ERRORS,
                     "503": _answer(
                         "the feature store is unavailable (Retry-After)", "ErrorResponse"

@@ -87,7 +87,7 @@ async def serve_until_stopped(
                 "url": f"http://{settings.host}:{settings.port}",
                 "pid": os.getpid(),
                 "model": f"{model.name}/{model.version}" if model else None,
-                "items": app[appkeys.ITEMS].view.table.n,
+                "items": app[appkeys.ITEMS].view.table.count,
                 "metrics": "multiprocess" if metrics.MULTIPROCESS else "single process",
             },
         )

@@ -36,6 +36,7 @@ from features.neighbours import (
 from features.popularity import PopularityIndex
 from features.schema import FEATURE_NAMES, build_matrix
 from features.state import COL_COUNTS, COL_REF, ItemTable, UserState, apply_user_event
+from tests.helpers import dense_table
 
 T0 = 1_790_000_000.0
 
@@ -130,7 +131,11 @@ def test_a_binding_extended_for_new_rows_equals_a_fresh_one() -> None:
     extended, fresh = nt.bind(table, early), nt.bind(table)
     np.testing.assert_array_equal(extended.vocab_of, fresh.vocab_of)
     np.testing.assert_array_equal(extended.row_of, fresh.row_of)
-    assert extended.vocab_of.tolist() == [-1, nt.index["c"], nt.index["a"], -1, nt.index["b"]]
+    expected = {"x": -1, "c": nt.index["c"], "a": nt.index["a"], "y": -1, "b": nt.index["b"]}
+    assert {item: int(extended.vocab_of[row]) for item, row in table.index.items()} == expected
+    # Empty rows (see ItemTable) map to nothing.
+    assert (extended.vocab_of[~table.present] == -1).all()
+    assert extended.count == table.count == 5
 
 
 def test_affinity_sums_neighbour_scores_by_recency_rank() -> None:
@@ -249,7 +254,7 @@ def test_a_binding_s_log_users_equal_the_users_of_each_row_as_it_grows() -> None
     order = rng.permutation([*nt.ids[:50], *(f"new{k}" for k in range(15))]).tolist()
     binding = None
     for stop in (10, 11, 40, len(order)):
-        for item in order[len(table.ids) : stop]:
+        for item in order[table.count : stop]:
             table.ensure_item(str(item))
         binding = nt.bind(table, binding)  # extended, not rebuilt
         bound = Bound(nt, binding)
@@ -283,9 +288,7 @@ def test_ranks_read_each_source_list_like_a_dictionary() -> None:
 
 
 def test_rank_features_do_not_depend_on_the_request_s_cap_or_exclusions() -> None:
-    table = ItemTable()
-    for k in range(300):
-        table.upsert_item(f"i{k}", "c", 1.0)
+    table = dense_table((f"i{k}", "c", 1.0) for k in range(300))
     table.raw[:, COL_COUNTS : COL_COUNTS + 4] = np.arange(300, 0, -1)[:, None]
     table.raw[:, COL_REF] = T0
     popularity = PopularityIndex.build(table, T0)

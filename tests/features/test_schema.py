@@ -32,14 +32,13 @@ from features.state import (
     UserState,
     apply_user_event,
 )
+from tests.helpers import dense_table
 
 T0 = 1_790_000_000.0
 
 
 def _world() -> tuple[UserState, ItemTable, np.ndarray]:
-    table = ItemTable()
-    for k in range(4):
-        table.upsert_item(f"i{k}", "c1", 10.0 + k)
+    table = dense_table((f"i{k}", "c1", 10.0 + k) for k in range(4))
     user = UserState()
     apply_user_event(user, EventType.VIEW, T0, "i0", "c1", 10.0)
     return user, table, np.arange(4)
@@ -104,9 +103,7 @@ def test_covisit_sums_equal_the_comparison_matrix_with_repeated_candidates(
     if not dense:  # the path a large catalogue takes
         monkeypatch.setattr(arrays, "INDEX_DENSE_FACTOR", 0)
     rng = np.random.default_rng(3)
-    table = ItemTable()
-    for k in range(40):
-        table.upsert_item(f"i{k}", "c1", 10.0)
+    table = dense_table((f"i{k}", "c1", 10.0) for k in range(40))
     # Random co-visitation slots (1-based item rows, 0 = empty) and counts.
     table.raw[:, COL_NBR : COL_NBR + COVISIT_NEIGHBOURS] = rng.integers(
         0, 41, (40, COVISIT_NEIGHBOURS)
@@ -136,9 +133,7 @@ def test_one_decayed_column_equals_the_full_decay() -> None:
 
 
 def test_a_subnormal_price_gives_a_finite_log_ratio_without_a_warning() -> None:
-    table = ItemTable()
-    table.upsert_item("a", "c", 10.0)
-    table.upsert_item("tiny", "c", 5e-324)
+    table = dense_table([("a", "c", 10.0), ("tiny", "c", 5e-324)])
     user = UserState()
     apply_user_event(user, EventType.VIEW, T0, "a", "c", 10.0)
     matrix = build_matrix(user, table, np.arange(2), T0, dtype=np.float64)  # warnings are errors
@@ -176,9 +171,7 @@ def test_flush_tiny_equals_the_plain_masked_copy(dtype: type[np.floating]) -> No
 
 
 def _busy_world(rng: np.random.Generator) -> tuple[UserState, ItemTable, PopularityIndex]:
-    table = ItemTable()
-    for k in range(300):
-        table.upsert_item(f"i{k}", f"c{k % 7}", float(rng.integers(0, 50)))
+    table = dense_table((f"i{k}", f"c{k % 7}", float(rng.integers(0, 50))) for k in range(300))
     user = UserState()
     for k, item in enumerate(rng.choice(300, 60).tolist()):
         event = EventType.VIEW if k % 5 else EventType.CLICK

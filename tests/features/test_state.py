@@ -88,7 +88,7 @@ def test_item_state_does_not_depend_on_arrival_order() -> None:
     for table, evs in ((a, sorted(events, key=lambda e: e[1])), (b, events)):
         for t, ts, item, cat, price in evs:
             table.apply_event(table.upsert_item(item, cat, price), t, ts)
-    for item in a.ids:
+    for item in a.index:
         ra, rb = a.raw[a.index[item]], b.raw[b.index[item]]
         np.testing.assert_allclose(ra[COL_COUNTS:COL_NBR], rb[COL_COUNTS:COL_NBR], rtol=1e-9)
         assert ra[COL_FIRST_SEEN] == rb[COL_FIRST_SEEN]
@@ -140,7 +140,7 @@ def test_co_visitation_does_not_depend_on_arrival_order() -> None:
     assert counts.sum() > 300 and counts.max() < COVISIT_NEIGHBOURS
     a = canonical(in_order.items.raw)
     b = canonical(other.items.raw)
-    for item in in_order.items.ids:
+    for item in in_order.items.index:
         ra, rb = a[in_order.items.index[item]], b[other.items.index[item]]
         # Slots hold item indices, which differ between the two tables: compare ids.
         ids_a = {in_order.items.ids[int(k) - 1] for k in ra[COL_NBR:COL_NBR_SCORE] if k}
@@ -153,7 +153,7 @@ def test_co_visitation_does_not_depend_on_arrival_order() -> None:
     # The scores, per (item, neighbour) by id.
     def scores(r: Replay) -> dict[tuple[str, str], float]:
         out = {}
-        for i, item in enumerate(r.items.ids):
+        for item, i in r.items.index.items():
             idx, sc = covisit.neighbours(r.items, np.array([i]), T0 + 40 * 3600)
             for k, v in zip(idx[0].tolist(), sc[0].tolist(), strict=True):
                 if k >= 0:

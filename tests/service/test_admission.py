@@ -27,7 +27,8 @@ from recsvc.errors import Overloaded, StoreUnavailable
 from recsvc.ops.looplag import LoopLag
 from recsvc.service.admission import Admission
 from recsvc.settings import Settings
-from recsvc.store.feature_store import FeatureStore, connect
+from recsvc.store.client import connect
+from recsvc.store.feature_store import FeatureStore
 from recsvc.web.app import create_app
 from recsvc.web.server import LINGERING_SECS, setup_runner
 from tests.conftest import settings_for

@@ -31,7 +31,8 @@ from recsvc.cli.seed import seed
 from recsvc.errors import Overloaded, StoreUnavailable
 from recsvc.ops.embedded import find_binary
 from recsvc.settings import Settings
-from recsvc.store.feature_store import FeatureStore, connect
+from recsvc.store.client import connect
+from recsvc.store.feature_store import FeatureStore
 from recsvc.web import appkeys
 from recsvc.web.app import create_app
 

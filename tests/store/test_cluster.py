@@ -21,13 +21,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from recsvc.settings import Settings
 from recsvc.store import keys
-from recsvc.store.feature_store import RedisClient, TopologyRefresh, connect
+from recsvc.store.client import RedisClient, TopologyRefresh, connect
 from recsvc.web.app import create_app
 from tests.cluster import LocalCluster
 from tests.conftest import settings_for
 from tests.ops.test_metrics import test_metrics_move_with_one_fallback_and_one_model_answer  # noqa: F401
 from tests.store.test_store import (  # noqa: F401
-    test_a_delta_snapshot_patches_the_previous_table_exactly,
+    test_a_delta_read_patches_the_table_exactly,
     test_an_empty_redis_is_claimed_for_this_storage_format,
     test_batch_reports_duplicates_per_event,
     test_event_ids_apply_once_even_concurrently,

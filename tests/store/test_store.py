@@ -17,18 +17,15 @@ from features.neighbours import Bound, NeighbourTable
 from features.popularity import PopularityIndex
 from features.replay import Replay
 from features.schema import FEATURE_NAMES, build_matrix
+from features.state import COL_COUNTS, COL_NBR_REF, N_SHARDS
 from features.synthetic import SyntheticData
 from recsvc.errors import StoreUnavailable
 from recsvc.settings import Settings
 from recsvc.store import keys
-from recsvc.store.feature_store import (
-    STORAGE_FORMAT,
-    EventWrite,
-    FeatureStore,
-    IncompatibleStore,
-    connect,
-    table_from_snapshot,
-)
+from recsvc.store.client import connect
+from recsvc.store.codec import ITEM_FIELDS, STORAGE_FORMAT, USER_FIELDS
+from recsvc.store.feature_store import EventWrite, FeatureStore, IncompatibleStore, fresh_cursors
+from recsvc.store.items import ShardCursor, load_table, patch_table, rows_needed
 from tests.helpers import canonical, neighbour_counts, store_settings
 
 pytestmark = pytest.mark.asyncio
@@ -78,8 +75,7 @@ async def test_redis_and_pure_replay_give_identical_features(
     for w in writes:
         replay.apply(w.ts, w.user_id, w.item_id, w.type)
 
-    snap = await store.item_snapshot(0, 0)
-    table = table_from_snapshot(snap, None)
+    table = await store.item_table()
     assert table.ids == replay.items.ids
     assert table.categories == replay.items.categories
     if order == "time":
@@ -87,6 +83,13 @@ async def test_redis_and_pure_replay_give_identical_features(
     else:  # the same events in another order: equal up to float rounding
         np.testing.assert_allclose(canonical(table.raw), canonical(replay.items.raw), rtol=1e-12)
     assert neighbour_counts(table.raw).sum() > 1000  # co-visitation was exercised
+    # Field by field, as the codec declares them: each one compared, and each one
+    # exercised (a field the events never change would be compared vacuously).
+    online_rows, offline_rows = canonical(table.raw), canonical(replay.items.raw)
+    for f in ITEM_FIELDS:
+        cols = slice(f.start, f.start + f.width)
+        np.testing.assert_allclose(online_rows[:, cols], offline_rows[:, cols], rtol=1e-12)
+        assert np.any(offline_rows[:, cols] != 0.0), f"item field {f.name} never set"
 
     now = max(w.ts for w in writes) + 60.0
     # A learned neighbour table as a model ships it, bound to each side's rows.
@@ -100,12 +103,17 @@ async def test_redis_and_pure_replay_give_identical_features(
     learned_cols = [k for k, name in enumerate(FEATURE_NAMES) if name.startswith("nb_")]
     learned_seen = related = 0
     empty = np.zeros(0, np.int64)
+    exercised = dict.fromkeys((f.name for f in USER_FIELDS), False)
     for user_id in users:
         online = await store.fetch_user(user_id)
         offline = replay.users[user_id]
         assert online is not None
         if order == "time":
             assert online == offline, user_id
+        for f in USER_FIELDS:  # the codec's user fields, by name
+            got, want = getattr(online, f.name), getattr(offline, f.name)
+            assert got == pytest.approx(want, rel=1e-12), (user_id, f.name)
+            exercised[f.name] |= bool(np.any(np.asarray(want) != 0.0))
         found_on = retrieve(online, table, pop, config, empty, now, online_nb)
         found_off = retrieve(offline, replay.items, offline_pop, config, empty, now, offline_nb)
         cand = assemble(found_off, config)
@@ -119,6 +127,7 @@ async def test_redis_and_pure_replay_give_identical_features(
         learned_seen += int(np.count_nonzero(online_m[:, learned_cols] > 0))
         related += len(found_on.lists[SOURCE_RELATED].items)
     assert learned_seen > 1000 and related > 1000  # the learned table was exercised
+    assert all(exercised.values()), exercised
 
 
 def _learned(writes: list[EventWrite]) -> NeighbourTable:
@@ -142,9 +151,10 @@ async def test_event_ids_apply_once_even_concurrently(aredis: Redis) -> None:
     assert sorted(r[0] for r in results) == [0] * 7 + [1]
     state = await store.fetch_user("u1")
     assert state is not None and state.n_events == 1
-    snap = await store.item_snapshot(0, 0)
+    table = await store.item_table()
     # One click, counted once at each half-life.
-    assert snap.raw[0, 4:].sum() == pytest.approx(float(len(HALF_LIVES)))
+    counts = table.raw[table.index["i1"], COL_COUNTS:COL_NBR_REF]
+    assert counts.sum() == pytest.approx(float(len(HALF_LIVES)))
 
 
 async def test_batch_reports_duplicates_per_event(aredis: Redis) -> None:
@@ -192,48 +202,64 @@ async def test_co_visits_survive_an_item_side_call_that_never_ran(aredis: Redis)
     store = FeatureStore(aredis, store_settings(user_ttl_days=0))
     writes = _session_writes(30, seed=3, t0=1_790_000_000.0)
     assert all(await store.apply_events(writes))
-    item_keys = [k async for k in aredis.scan_iter(match=f"{keys.ITEM_TAG}:*")]
-    assert item_keys
+    # Every item key: the shards' ({i<k>.<j>}) and the catalogue's ({items}).
+    item_keys = [k async for k in aredis.scan_iter(match="{i*")]
+    assert len(item_keys) > 20
     await aredis.delete(*item_keys)  # as if no item-side call had happened
     assert await store.apply_events(writes) == [0] * len(writes)
 
     replay = Replay()
     for w in writes:
         replay.apply(w.ts, w.user_id, w.item_id, w.type)
-    table = table_from_snapshot(await store.item_snapshot(), None)
+    table = await store.item_table()
     assert table.ids == replay.items.ids
     assert neighbour_counts(table.raw).sum() > 50
     np.testing.assert_array_equal(canonical(table.raw), canonical(replay.items.raw))
     # And a third attempt changes nothing on either side.
     assert await store.apply_events(writes) == [0] * len(writes)
-    again = table_from_snapshot(await store.item_snapshot(), None)
+    again = await store.item_table()
     np.testing.assert_array_equal(again.raw, table.raw)
 
 
-async def test_a_delta_snapshot_patches_the_previous_table_exactly(aredis: Redis) -> None:
+async def test_a_delta_read_patches_the_table_exactly(aredis: Redis) -> None:
     store = FeatureStore(aredis, store_settings())
     await store.upsert_items([(f"c{k}", f"cat{k % 3}", 1.0 + k) for k in range(50)])
     writes = _session_writes(20, seed=5, t0=1_790_000_000.0)
     await store.apply_events(writes[:60])
-    first = await store.item_snapshot()
-    assert first.changed is None
-    base = table_from_snapshot(first, None)
+    first = await store.read_items(fresh_cursors())
+    assert all(s.positions is None for s in first.shards)  # everything, the first time
+    table = load_table(first)
+    cursors = [s.cursor() for s in first.shards]
     await store.apply_events(writes[60:])  # new items, new co-visits, new categories
     await store.upsert_items([("c3", "cat-new", 9.5)])
-    delta = await store.item_snapshot(base.n, len(base.categories), first.version, first.epoch)
-    assert delta.changed is not None and 0 < len(delta.changed) < base.n
-    patched = table_from_snapshot(delta, base)
-    full = table_from_snapshot(await store.item_snapshot(), None)
-    assert patched.ids == full.ids and patched.categories == full.categories
-    np.testing.assert_array_equal(patched.raw, full.raw)
-    # The table a request may still hold is untouched.
-    np.testing.assert_array_equal(base.raw, table_from_snapshot(first, None).raw)
-    # Nothing changed since: an empty delta.
-    none = await store.item_snapshot(full.n, len(full.categories), delta.version, delta.epoch)
-    assert none.changed is not None and len(none.changed) == 0 and none.new_ids == []
-    # Another epoch (keys rebuilt): everything, from the first id.
-    rebuilt = await store.item_snapshot(full.n, len(full.categories), delta.version, "other")
-    assert rebuilt.changed is None and rebuilt.new_ids == full.ids
+    delta = await store.read_items(cursors, len(table.categories))
+    assert not delta.rebuilt(cursors)
+    touched = [s for s in delta.shards if not s.same]
+    assert 0 < len(touched) < len(delta.shards)
+    # Only what changed from the shards it held (a shard's first items come whole).
+    held = zip(delta.shards, cursors, strict=True)
+    assert all(s.positions is not None for s, c in held if c.epoch)
+    assert sum(len(s.positions) for s in touched if s.positions is not None) < table.count
+    table.reserve(rows_needed(table, delta))
+    patch_table(table, delta)
+    full = await store.item_table()
+    assert table.ids == full.ids and table.categories == full.categories
+    assert table.count == full.count and table.index == full.index
+    np.testing.assert_array_equal(table.raw, full.raw)
+    np.testing.assert_array_equal(table.present, full.present)
+    # Nothing changed since: every shard answers 'same'.
+    cursors = [s.cursor() for s in delta.shards]
+    none = await store.read_items(cursors, len(table.categories))
+    assert all(s.same for s in none.shards) and none.new_categories == []
+    assert none.version == delta.version and none.epoch == delta.epoch
+    # Another epoch (a shard rebuilt): that shard sends everything, from the first id.
+    shard = next(s.shard for s in touched)
+    cursors[shard] = ShardCursor("other", cursors[shard].version, cursors[shard].known)
+    rebuilt = await store.read_items(cursors, len(table.categories))
+    assert rebuilt.rebuilt(cursors)
+    again = rebuilt.shards[shard]
+    assert again.positions is None and again.first == 0
+    assert again.new_ids == [i for i in full.ids[shard::N_SHARDS] if i]
 
 
 async def test_a_users_co_visit_buckets_expire_and_stay_bounded(aredis: Redis) -> None:
@@ -262,10 +288,11 @@ async def test_data_in_another_storage_format_is_refused(
 ) -> None:
     """Item rows of another width would be misread, not fail: refuse at start, and
     the item refresh refuses to read them too."""
-    await aredis.rpush(keys.ITEM_IDS, "old-item")
-    await aredis.set(keys.ITEM_STATE, b"\0" * 8 * 16)  # a format-1 row
+    await aredis.rpush(keys.LEGACY_ITEM_IDS, "old-item")
+    await aredis.set(f"{keys.ITEM_TAG}:state", b"\0" * 8 * 16)  # a format-1 row
     if marker is not None:
         await aredis.set(keys.FORMAT_KEY, marker)
+        await aredis.hset(keys.shard_keys(0)[3], "format", marker)
     store = FeatureStore(aredis, store_settings())
     with pytest.raises(IncompatibleStore) as info:
         await store.check_format()
@@ -273,4 +300,4 @@ async def test_data_in_another_storage_format_is_refused(
     assert "recsvc seed" in str(info.value)
     if marker is not None:
         with pytest.raises(ResponseError, match="storage format 7"):
-            await store.item_snapshot()
+            await store.read_items(fresh_cursors())

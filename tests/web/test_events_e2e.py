@@ -14,13 +14,20 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
-from features.events import COVISIT_BUCKET_SECS, COVISIT_NEIGHBOURS, EVENT_NAMES
+from features.events import (
+    COVISIT_BUCKET_SECS,
+    COVISIT_NEIGHBOURS,
+    EVENT_NAMES,
+    HALF_LIFE_NAMES,
+    EventType,
+    counter_index,
+)
 from features.replay import Replay
 from features.schema import FEATURE_NAMES, build_matrix
-from features.state import COL_NBR
+from features.state import COL_COUNTS, COL_NBR, shard_of
 from features.synthetic import SyntheticData
 from recsvc.store import keys
-from recsvc.store.feature_store import FeatureStore, IncompatibleStore, table_from_snapshot
+from recsvc.store.feature_store import FeatureStore, IncompatibleStore
 from recsvc.web.api import MAX_EVENTS
 from recsvc.web.app import create_app
 from tests.conftest import settings_for
@@ -45,7 +52,7 @@ async def _features(client: Client, user: str) -> dict[str, Any]:
 async def test_single_event_and_batch_answers(client: Client) -> None:
     resp = await client.post("/v1/events", json=_event("s1"))
     assert resp.status == 200
-    assert await resp.json() == {"accepted": 1, "duplicates": 0, "rejected": []}
+    assert await resp.json() == {"accepted": 1, "duplicates": 0, "rejected": [], "failed": []}
     batch = {
         "events": [
             _event("b1"),
@@ -121,7 +128,8 @@ async def test_same_event_100_times_concurrently_counts_once(client: Client) -> 
 async def test_unknown_item_gets_a_minimal_record(client: Client, seeded: Redis) -> None:
     resp = await client.post("/v1/events", json=_event("new1", item="brand-new-item"))
     assert (await resp.json())["accepted"] == 1
-    assert await seeded.hget("{items}:idx", "brand-new-item") is not None
+    shard = shard_of("brand-new-item")
+    assert await seeded.hget(keys.shard_keys(shard)[0], "brand-new-item") is not None
 
 
 async def test_events_answer_503_when_redis_is_down(model_dir: Path) -> None:
@@ -136,7 +144,7 @@ async def test_events_answer_503_when_redis_is_down(model_dir: Path) -> None:
 async def test_the_service_refuses_to_start_on_another_storage_format(
     aredis: Redis, redis_url: str, model_dir: Path
 ) -> None:
-    await aredis.rpush(keys.ITEM_IDS, "item-from-format-1")
+    await aredis.rpush(keys.LEGACY_ITEM_IDS, "item-from-format-1")
     app = create_app(settings_for(model_dir), redis_url)
     server = TestServer(app, host="127.0.0.1")
     try:
@@ -189,7 +197,7 @@ async def test_parity_through_http_with_duplicates_and_shuffled_arrival(
     replay = Replay(catalogue)
     for e in sorted(events, key=lambda e: e["event_id"]):  # yet another order
         replay.apply(e["ts"], e["user_id"], e["item_id"], EVENT_NAMES.index(e["type"]))
-    table = table_from_snapshot(await store.item_snapshot(0, 0), None)
+    table = await store.item_table()
     assert set(table.ids) == set(replay.items.ids)
     neighbours = (replay.items.raw[:, COL_NBR : COL_NBR + COVISIT_NEIGHBOURS] > 0).sum(axis=1)
     assert neighbours.max() < COVISIT_NEIGHBOURS, "test data must stay below the cap"
@@ -300,10 +308,9 @@ async def test_one_event_id_for_two_users_counts_for_both(client: Client, seeded
         ]
     }
     assert (await (await client.post("/v1/events", json=body)).json())["accepted"] == 2
-    after = (await FeatureStore(seeded, store_settings()).item_snapshot(0, 0)).raw
-    row = int(await seeded.hget("{items}:idx", "solo-item"))
-    clicks_7d = 4 + 1 * 3 + 2  # COL_COUNTS + click row + 7-day half-life
-    assert after[row, clicks_7d] == pytest.approx(2.0)
+    table = await FeatureStore(seeded, store_settings()).item_table()
+    clicks_7d = COL_COUNTS + counter_index(EventType.CLICK, HALF_LIFE_NAMES.index("7d"))
+    assert table.raw[table.index["solo-item"], clicks_7d] == pytest.approx(2.0)
 
 
 async def test_events_older_than_the_dedupe_window_are_refused(client: Client) -> None:

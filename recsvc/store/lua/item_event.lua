@@ -1,81 +1,96 @@
--- Item-side state for a batch of events and catalogue upserts: attributes,
--- decayed popularity and co-visitation neighbours, one packed float64 row per
--- item in one string (layout: features.state COL_*), so a serving process
--- copies the table with one GET, or only the rows changed since its version.
--- 'event' mirrors features.state.ItemTable.apply_event and add_pairs; 'upsert'
--- sets category and price. Returns one 1 (applied) or 0 (duplicate) per entry.
--- KEYS: idx hash, ids list, state string, category idx hash, categories list,
---       version counter, epoch, dirty zset, storage format, then one dedupe
---       key per entry (all in {items})
--- The epoch is set when the first item is created, so a reader notices that
--- the item keys were deleted and rebuilt even if the version came back equal.
--- The dirty zset scores each item index with the version that last changed it.
--- ARGV: dedupe_ttl, n_half_lives, half_life..., neighbours, covisit_half_life,
---       storage format (set with the first item), then per entry: mode, item, type, ts, category, price, dedupe (1/0),
---       pair_ts, n_partners, partner...
-local dedupe_ttl = tonumber(ARGV[1])
-local nh = tonumber(ARGV[2])
+-- One shard's part of a batch of events: decayed popularity counters of the
+-- shard's items, and the co-visitation neighbours of their rows. Mirrors
+-- features.state.ItemTable.apply_event and add_neighbour operation for
+-- operation. Every check comes before the first write: on an error nothing
+-- is written. Rows are packed float64 (layout: recsvc.store.codec.item_layout)
+-- at position * row bytes of the shard's state string; a row index is
+-- position * shards + shard (features.state.item_row).
+-- KEYS: state string, meta hash, dirty zset, ids list, then one dedupe key
+--       per group (all under the shard's hash tag)
+-- ARGV: the layout, storage format, dedupe_ttl, shard, number of shards, then
+--       per group (one event's entries in this shard): dedupe (1/0), number
+--       of entries, then the entries, each one of
+--         'e', row, type, ts, pair_ts, n_partners, partner row...  (the event's item)
+--         'p', row, other row, pair_ts                           (a partner's row)
+-- Returns per group 1 (applied) or 0 (duplicate event id).
+local width = tonumber(ARGV[1])
+local col_ref, col_first = tonumber(ARGV[2]), tonumber(ARGV[3])
+local col_counts, ntypes = tonumber(ARGV[6]), tonumber(ARGV[7])
+local col_nbr_ref, col_nbr, col_nbr_score = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local nk, nbr_hl = tonumber(ARGV[11]), tonumber(ARGV[12])
+local nh = tonumber(ARGV[13])
 local hls = {}
-for j = 1, nh do hls[j] = tonumber(ARGV[2 + j]) end
-local nk = tonumber(ARGV[3 + nh])
-local nbr_hl = tonumber(ARGV[4 + nh])
-local storage_format = ARGV[5 + nh]
--- row[1] ref, row[2] first seen, row[3] price, row[4] category,
--- row[5 + k] counter k, row[nref] neighbour ref, row[nslot + j] neighbour j
--- (item index + 1, 0 = empty), row[nscore + j] its decayed pair count
-local nref = 5 + 4 * nh
-local nslot = nref
-local nscore = nref + nk
-local width = 4 + 4 * nh + 1 + 2 * nk
+for j = 1, nh do hls[j] = tonumber(ARGV[13 + j]) end
+local base = 13 + nh
+local format = ARGV[base + 1]
+local dedupe_ttl = tonumber(ARGV[base + 2])
+local shard, nshards = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+local nc = ntypes * nh
+local row_bytes = width * 8
 local fmt = '<' .. string.rep('d', width)
+local nslot, nscore = col_nbr - 1, col_nbr_score - 1
 
-local function cat_id(c)
-  if c == '' then return -1 end
-  local ci = redis.call('HGET', KEYS[4], c)
-  if ci then return tonumber(ci) end
-  ci = redis.call('RPUSH', KEYS[5], c) - 1
-  redis.call('HSET', KEYS[4], c, ci)
-  return ci
+-- Checks first.
+local found = redis.call('HGET', KEYS[2], 'format')
+if found ~= format then
+  return redis.error_reply('recsvc storage format ' .. tostring(found) .. ' in shard ' .. shard .. ', expected ' .. format)
+end
+local count = redis.call('LLEN', KEYS[4])
+local size = redis.call('STRLEN', KEYS[1])
+if size ~= count * row_bytes then
+  return redis.error_reply('shard ' .. shard .. ' holds ' .. size .. ' bytes of rows for ' .. count .. ' items')
+end
+local function position(row)
+  local pos = (row - shard) / nshards
+  if pos ~= math.floor(pos) or pos < 0 or pos >= count then
+    return nil
+  end
+  return pos
+end
+local groups = {}
+local a = base + 5
+while a <= #ARGV do
+  local g = {dedupe = ARGV[a] == '1', entries = {}}
+  local n = tonumber(ARGV[a + 1])
+  a = a + 2
+  for _ = 1, n do
+    local e
+    if ARGV[a] == 'e' then
+      local np = tonumber(ARGV[a + 5])
+      e = {kind = 'e', row = tonumber(ARGV[a + 1]), t = tonumber(ARGV[a + 2]),
+           ts = tonumber(ARGV[a + 3]), pair_ts = tonumber(ARGV[a + 4]), partners = {}}
+      for j = 1, np do e.partners[j] = tonumber(ARGV[a + 5 + j]) end
+      a = a + 6 + np
+    else
+      e = {kind = 'p', row = tonumber(ARGV[a + 1]), other = tonumber(ARGV[a + 2]),
+           pair_ts = tonumber(ARGV[a + 3])}
+      a = a + 4
+    end
+    e.pos = position(e.row)
+    if e.pos == nil then
+      return redis.error_reply('shard ' .. shard .. ' has no item row ' .. e.row .. ' (' .. count .. ' items)')
+    end
+    g.entries[#g.entries + 1] = e
+  end
+  groups[#groups + 1] = g
 end
 
-local rows, order, index_of = {}, {}, {}
-local function row_of(item, cat, price)
-  local i = index_of[item]
-  if i == nil then
-    i = redis.call('HGET', KEYS[1], item)
-    if i then i = tonumber(i) end
+local rows, order = {}, {}
+local function row_at(pos)
+  local row = rows[pos]
+  if row == nil then
+    local at = pos * row_bytes
+    row = {struct.unpack(fmt, redis.call('GETRANGE', KEYS[1], at, at + row_bytes - 1))}
+    row[width + 1] = nil
+    rows[pos] = row
+    order[#order + 1] = pos
   end
-  if i then
-    index_of[item] = i
-    if rows[i] == nil then
-      local raw = redis.call('GETRANGE', KEYS[3], i * width * 8, (i + 1) * width * 8 - 1)
-      local row = {struct.unpack(fmt, raw)}
-      row[width + 1] = nil
-      rows[i] = row
-      order[#order + 1] = i
-    end
-    return rows[i], i
-  end
-  i = redis.call('RPUSH', KEYS[2], item) - 1
-  redis.call('HSET', KEYS[1], item, i)
-  index_of[item] = i
-  if i == 0 then
-    local now = redis.call('TIME')
-    redis.call('SET', KEYS[7], now[1] .. '.' .. now[2])
-    redis.call('SET', KEYS[9], storage_format)
-  end
-  local row = {}
-  for k = 1, width do row[k] = 0.0 end
-  row[3] = price
-  row[4] = cat_id(cat)
-  rows[i] = row
-  order[#order + 1] = i
-  return row, i
+  return row
 end
 
 -- Mirrors features.state.ItemTable.add_neighbour.
 local function add_neighbour(row, other, t)
-  local ref = row[nref]
+  local ref = row[col_nbr_ref]
   if t > ref then
     local f = 2 ^ (-(t - ref) / nbr_hl)
     for j = 1, nk do row[nscore + j] = row[nscore + j] * f end
@@ -89,13 +104,13 @@ local function add_neighbour(row, other, t)
     local slot = row[nslot + j]
     if slot == key then
       row[nscore + j] = row[nscore + j] + w
-      row[nref] = ref
+      row[col_nbr_ref] = ref
       return
     end
     if slot == 0 then
       row[nslot + j] = key
       row[nscore + j] = w
-      row[nref] = ref
+      row[col_nbr_ref] = ref
       return
     end
   end
@@ -110,29 +125,33 @@ local function add_neighbour(row, other, t)
     row[nslot + weakest] = key
     row[nscore + weakest] = w
   end
-  row[nref] = ref
+  row[col_nbr_ref] = ref
 end
 
-local applied = {}
-local ev = 0
-local seen_now, dedupe_keys = {}, {}
-local a = 6 + nh
-while a <= #ARGV do
-  ev = ev + 1
-  local mode, item = ARGV[a], ARGV[a + 1]
-  local t = tonumber(ARGV[a + 2])
-  local ts = tonumber(ARGV[a + 3])
-  local cat = ARGV[a + 4]
-  local price = tonumber(ARGV[a + 5])
-  local dedupe = ARGV[a + 6] == '1'
-  local pair_ts = tonumber(ARGV[a + 7])
-  local n_partners = tonumber(ARGV[a + 8])
-  local first_partner = a + 9
-  a = first_partner + n_partners
+-- Mirrors features.state.ItemTable.apply_event.
+local function count_event(row, t, ts)
+  local ref = row[col_ref]
+  if ts > ref then
+    for hi = 0, nh - 1 do
+      local f = 2 ^ (-(ts - ref) / hls[hi + 1])
+      for k = hi, nc - 1, nh do row[col_counts + k] = row[col_counts + k] * f end
+    end
+    ref = ts
+  end
+  for hi = 0, nh - 1 do
+    local k = t * nh + hi
+    row[col_counts + k] = row[col_counts + k] + 2 ^ (-(ref - ts) / hls[hi + 1])
+  end
+  row[col_ref] = ref
+  if row[col_first] == 0 or ts < row[col_first] then row[col_first] = ts end
+end
+
+local applied, seen_now, dedupe_keys = {}, {}, {}
+for gi, g in ipairs(groups) do
   local fresh = true
-  if mode == 'event' and dedupe and dedupe_ttl > 0 then
+  if g.dedupe and dedupe_ttl > 0 then
     -- Checked now, set after the rows are written: an error never loses an event.
-    local dk = KEYS[9 + ev]
+    local dk = KEYS[4 + gi]
     fresh = not seen_now[dk] and redis.call('EXISTS', dk) == 0
     if fresh then
       seen_now[dk] = true
@@ -140,50 +159,33 @@ while a <= #ARGV do
     end
   end
   if fresh then
-    local row, i = row_of(item, cat, price)
-    if mode == 'upsert' then
-      row[3] = price
-      row[4] = cat_id(cat)
-    else
-      -- row[1] ref, row[2] first seen, row[5 + k] counter k
-      local ref = row[1]
-      if ts > ref then
-        for hi = 0, nh - 1 do
-          local f = 2 ^ (-(ts - ref) / hls[hi + 1])
-          for k = hi, 4 * nh - 1, nh do row[5 + k] = row[5 + k] * f end
-        end
-        ref = ts
-      end
-      for hi = 0, nh - 1 do
-        local k = t * nh + hi
-        row[5 + k] = row[5 + k] + 2 ^ (-(ref - ts) / hls[hi + 1])
-      end
-      row[1] = ref
-      if row[2] == 0 or ts < row[2] then row[2] = ts end
-      for j = first_partner, first_partner + n_partners - 1 do
-        local other_row, other = row_of(ARGV[j], '', 0.0)
-        add_neighbour(row, other, pair_ts)
-        add_neighbour(other_row, i, pair_ts)
+    for _, e in ipairs(g.entries) do
+      local row = row_at(e.pos)
+      if e.kind == 'e' then
+        count_event(row, e.t, e.ts)
+        for _, other in ipairs(e.partners) do add_neighbour(row, other, e.pair_ts) end
+      else
+        add_neighbour(row, e.other, e.pair_ts)
       end
     end
-    applied[ev] = 1
+    applied[gi] = 1
   else
-    applied[ev] = 0
+    applied[gi] = 0
   end
 end
 if #order > 0 then
-  local version = redis.call('INCR', KEYS[6])
+  local version = redis.call('HINCRBY', KEYS[2], 'ver', 1)
   local dirty = {}
-  for _, i in ipairs(order) do
-    redis.call('SETRANGE', KEYS[3], i * width * 8, struct.pack(fmt, unpack(rows[i])))
+  for _, pos in ipairs(order) do
+    redis.call('SETRANGE', KEYS[1], pos * row_bytes, struct.pack(fmt, unpack(rows[pos])))
     dirty[#dirty + 1] = version
-    dirty[#dirty + 1] = i
+    dirty[#dirty + 1] = pos
     if #dirty >= 400 then
-      redis.call('ZADD', KEYS[8], unpack(dirty))
+      redis.call('ZADD', KEYS[3], unpack(dirty))
       dirty = {}
     end
   end
-  if #dirty > 0 then redis.call('ZADD', KEYS[8], unpack(dirty)) end
+  if #dirty > 0 then redis.call('ZADD', KEYS[3], unpack(dirty)) end
 end
 for _, dk in ipairs(dedupe_keys) do redis.call('SET', dk, '1', 'EX', dedupe_ttl) end
 return applied

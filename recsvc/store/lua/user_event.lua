@@ -1,19 +1,21 @@
 -- Fold a batch of one user's events into their state; mirrors
 -- features.state.apply_user_event operation for operation, event by event.
 -- Returns per event {1, partner...} (applied) or {0, partner...} (duplicate
--- event id): the items the event forms co-visitation pairs with, which the
--- item-side script applies. A duplicate returns the partners stored with its
--- dedupe key, so a retry after a lost item-side call still carries its pairs.
+-- event id): the item rows the event forms co-visitation pairs with, which
+-- the item-side scripts apply. A duplicate returns the partners stored with
+-- its dedupe key, so a retry after a lost item-side call still carries its pairs.
 -- Reads and computes first, writes last (dedupe keys after the state), so a
 -- script error can never mark an event as seen without applying it.
 -- KEYS: state hash, recent zset, purchased set, visits zset, then one dedupe
 --       key per event (all in the user's {u:<id>} slot)
--- ARGV: dedupe_ttl, user_ttl, recent_max, category_half_life, bucket_secs,
---       bucket_items, keep_secs, n_half_lives, half_life..., category_weight x4,
---       then per event: type, ts, item, category, price, dedupe (1/0)
+-- ARGV: the layout (recsvc.store.codec.user_layout: n_scalars, n_types,
+--       recent_max, category_half_life, bucket_secs, bucket_items, keep_secs,
+--       n_half_lives, half_life..., category_weight per type), dedupe_ttl,
+--       user_ttl, then per event: type, ts, item, item row, category, price,
+--       dedupe (1/0)
 local h, r, p, v = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local dedupe_ttl = tonumber(ARGV[1])
-local user_ttl = tonumber(ARGV[2])
+local nsc = tonumber(ARGV[1])
+local ntypes = tonumber(ARGV[2])
 local recent_max = tonumber(ARGV[3])
 local cat_hl = tonumber(ARGV[4])
 local bucket_secs = tonumber(ARGV[5])
@@ -22,15 +24,18 @@ local keep_secs = tonumber(ARGV[7])
 local nh = tonumber(ARGV[8])
 local hls, cws = {}, {}
 for j = 1, nh do hls[j] = tonumber(ARGV[8 + j]) end
-for j = 0, 3 do cws[j] = tonumber(ARGV[9 + nh + j]) end
-local first_event = 13 + nh
-local nc = 4 * nh
+for j = 0, ntypes - 1 do cws[j] = tonumber(ARGV[9 + nh + j]) end
+local dedupe_ttl = tonumber(ARGV[9 + nh + ntypes])
+local user_ttl = tonumber(ARGV[10 + nh + ntypes])
+local first_event = 11 + nh + ntypes
+local nc = ntypes * nh
 
--- State hash fields: 'x' packed float64 n, ref, lt, lp, ps, pn, counter...;
+-- State hash fields: 'x' packed float64 scalars (n, ref, lt, lp, ps, pn: the
+-- first six of codec.USER_SCALARS, nsc in all), then the counters;
 -- 'an' category names, each a little-endian uint32 length then the bytes;
 -- 'av' packed float64 affinities in the order of 'an'. Packed, because
 -- formatting and parsing ~30 decimal fields dominated the script's time.
-local xfmt = '<' .. string.rep('d', 6 + nc)
+local xfmt = '<' .. string.rep('d', nsc + nc)
 local fields = redis.call('HMGET', h, 'x', 'an', 'av')
 local n, ref, lt, lp, ps, pn = 0, 0.0, 0.0, 0.0, 0.0, 0
 local counts = {}
@@ -38,7 +43,7 @@ for k = 0, nc - 1 do counts[k] = 0.0 end
 if fields[1] then
   local x = {struct.unpack(xfmt, fields[1])}
   n, ref, lt, lp, ps, pn = x[1], x[2], x[3], x[4], x[5], x[6]
-  for k = 0, nc - 1 do counts[k] = x[7 + k] end
+  for k = 0, nc - 1 do counts[k] = x[nsc + 1 + k] end
 end
 local names, aff = {}, {}
 if fields[2] then
@@ -57,22 +62,24 @@ end
 local names_changed = false
 
 -- Co-visitation buckets touched by this batch: loaded once, written at the end.
--- Mirrors features.state.visit_partners.
+-- Members are '<bucket>|<item row>|<item>'. Mirrors features.state.visit_partners.
 local buckets, visit_adds = {}, {}
 local function bucket_of(b)
   local bk = buckets[b]
   if bk == nil then
     bk = {set = {}, list = {}}
     for _, m in ipairs(redis.call('ZRANGEBYSCORE', v, b, b)) do
-      local item = string.sub(m, string.find(m, '|', 1, true) + 1)
+      local at = string.find(m, '|', 1, true)
+      local at2 = string.find(m, '|', at + 1, true)
+      local item = string.sub(m, at2 + 1)
       bk.set[item] = true
-      bk.list[#bk.list + 1] = item
+      bk.list[#bk.list + 1] = string.sub(m, at + 1, at2 - 1)
     end
     buckets[b] = bk
   end
   return bk
 end
-local function visit(item, ts)
+local function visit(item, row, ts)
   local b = math.floor(ts / bucket_secs)
   -- Buckets older than the newest event by keep_secs no longer pair (and are
   -- trimmed), whenever the trim happens to run.
@@ -82,8 +89,8 @@ local function visit(item, ts)
   local partners = {}
   for j, other in ipairs(bk.list) do partners[j] = other end
   bk.set[item] = true
-  bk.list[#bk.list + 1] = item
-  visit_adds[#visit_adds + 1] = {b, item}
+  bk.list[#bk.list + 1] = row
+  visit_adds[#visit_adds + 1] = {b, row .. '|' .. item}
   return partners
 end
 
@@ -92,15 +99,15 @@ local changed = false
 local ev = 0
 local seen_now = {}
 local recent_adds, purchases, dedupe_keys = {}, {}, {}
-for a = first_event, #ARGV, 6 do
+for a = first_event, #ARGV, 7 do
   ev = ev + 1
   local t = tonumber(ARGV[a])
   local ts = tonumber(ARGV[a + 1])
-  local item, cat = ARGV[a + 2], ARGV[a + 3]
-  local price = tonumber(ARGV[a + 4])
+  local item, row, cat = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local price = tonumber(ARGV[a + 5])
   local fresh = true
   local dk = nil
-  if ARGV[a + 5] == '1' and dedupe_ttl > 0 then
+  if ARGV[a + 6] == '1' and dedupe_ttl > 0 then
     dk = KEYS[4 + ev]
     local prior = seen_now[dk]
     if prior == nil then
@@ -143,7 +150,7 @@ for a = first_event, #ARGV, 6 do
       aff[cat] = aff[cat] + cws[t] * 2 ^ (-(ref - ts) / cat_hl)
     end
     if ts > lt then lt = ts end
-    local partners = visit(item, ts)
+    local partners = visit(item, row, ts)
     if dk then
       seen_now[dk] = partners
       dedupe_keys[#dedupe_keys + 1] = {dk, partners}
@@ -166,7 +173,7 @@ end
 
 if changed then
   local xv = {n, ref, lt, lp, ps, pn}
-  for k = 0, nc - 1 do xv[7 + k] = counts[k] end
+  for k = 0, nc - 1 do xv[nsc + 1 + k] = counts[k] end
   local parts = {}
   -- In bounded chunks: unpack() of an unbounded table can fail.
   for j = 1, #names, 200 do

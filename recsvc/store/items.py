@@ -1,0 +1,170 @@
+"""Item state read from Redis shard by shard, and applied to an in-process table.
+
+A serving process keeps one cursor per shard (its epoch, version and how many
+of its items it holds). A refresh asks every shard, in one pipeline, for what
+changed since: a shard with no change answers in a few bytes, a changed one
+with its new ids and changed rows, or everything when too much changed or the
+shard was rebuilt (another epoch). ``patch_table`` writes the answers into the
+table in place, O(changed rows); ``load_table`` builds a table from full reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from features.state import ITEM_WIDTH, N_SHARDS, ItemTable, empty_rows, item_row
+
+# A shard sends at most this many changed rows; beyond it, all of its rows
+# (one GET is cheaper than many GETRANGEs).
+DELTA_MAX_ROWS = 5_000
+
+
+@dataclass(frozen=True, slots=True)
+class ShardCursor:
+    """What a reader holds of one shard."""
+
+    epoch: str = ""
+    version: int = -1
+    known: int = 0  # ids (positions) held
+
+
+@dataclass(frozen=True, slots=True)
+class ShardRead:
+    """One shard's answer: ids added after the reader's ``known``; the rows at
+    ``positions`` (``None``: every row, from position 0)."""
+
+    shard: int
+    epoch: str
+    version: int
+    first: int  # position of new_ids[0]
+    new_ids: list[str]
+    positions: np.ndarray | None
+    rows: np.ndarray
+
+    @property
+    def same(self) -> bool:
+        return self.positions is not None and not len(self.positions) and not self.new_ids
+
+    def cursor(self) -> ShardCursor:
+        return ShardCursor(self.epoch, self.version, self.first + len(self.new_ids))
+
+
+@dataclass(frozen=True, slots=True)
+class ItemsRead:
+    """Every shard's answer and the categories added after the reader's count."""
+
+    shards: list[ShardRead]
+    new_categories: list[str]
+
+    @property
+    def epoch(self) -> str:
+        """One token for all shards' epochs: changes when any shard was rebuilt."""
+        joined = "|".join(s.epoch for s in self.shards).encode()
+        return hashlib.blake2b(joined, digest_size=8).hexdigest()
+
+    @property
+    def version(self) -> int:
+        """Grows with every change in any shard."""
+        return sum(s.version for s in self.shards)
+
+    def rebuilt(self, cursors: Sequence[ShardCursor]) -> bool:
+        """Whether a shard the reader held answered from another epoch (the keys were
+        deleted and rebuilt): the reader must start again from empty."""
+        return any(
+            c.epoch and c.epoch != s.epoch for c, s in zip(cursors, self.shards, strict=True)
+        )
+
+
+def decode_shard(shard: int, cursor: ShardCursor, reply: list[Any]) -> ShardRead:
+    """``lua/item_read.lua``'s reply as a ShardRead (a copy that owns its rows)."""
+    epoch, version, ids, mode, positions, rows = reply
+    epoch = epoch.decode()
+    full = mode == b"full"
+    first = cursor.known if epoch == cursor.epoch and cursor.epoch else 0
+    raw = np.frombuffer(rows or b"", dtype="<f8").reshape(-1, ITEM_WIDTH).copy()
+    return ShardRead(
+        shard=shard,
+        epoch=epoch,
+        version=int(version),
+        first=first,
+        new_ids=[i.decode() for i in ids],
+        positions=None if full else np.asarray([int(p) for p in positions], np.int64),
+        rows=raw,
+    )
+
+
+def load_table(read: ItemsRead) -> ItemTable:
+    """A new table from full reads of every shard (all ids from position 0)."""
+    counts = [s.first + len(s.new_ids) for s in read.shards]
+    n = max((item_row(s, c - 1) + 1 for s, c in enumerate(counts) if c), default=0)
+    ids = [""] * n
+    index: dict[str, int] = {}
+    raw = empty_rows(max(n, 16))
+    for s in read.shards:
+        if s.first != 0 or s.positions is not None:
+            raise ValueError(f"shard {s.shard}: a table is loaded from full reads only")
+        if len(s.rows) != len(s.new_ids):
+            raise ValueError(f"shard {s.shard}: {len(s.rows)} rows for {len(s.new_ids)} items")
+        if not s.new_ids:
+            continue
+        rows = range(s.shard, item_row(s.shard, len(s.new_ids)), N_SHARDS)
+        ids[s.shard : rows.stop : N_SHARDS] = s.new_ids
+        index.update(zip(s.new_ids, rows, strict=True))
+        raw[s.shard : rows.stop : N_SHARDS] = s.rows
+    return ItemTable(ids, read.new_categories, raw, index=index)
+
+
+def patch_table(table: ItemTable, read: ItemsRead) -> list[int]:
+    """Apply a refresh to ``table`` in place (rows reserved beforehand with
+    ``rows_needed``); the rows whose values changed."""
+    if read.new_categories:
+        for c in read.new_categories:
+            table.category_id(c)
+    changed: list[int] = []
+    for s in read.shards:
+        if s.same:
+            continue
+        if s.first != table_count(table, s.shard):
+            raise ValueError(
+                f"shard {s.shard}: read from position {s.first}, "
+                f"the table holds {table_count(table, s.shard)}"
+            )
+        _place_ids(table, s)
+        changed += _write_rows(table, s)
+    return changed
+
+
+def table_count(table: ItemTable, shard: int) -> int:
+    return int(table.shard_counts[shard])
+
+
+def rows_needed(table: ItemTable, read: ItemsRead) -> int:
+    """Rows the table needs for ``read``'s new items."""
+    n = table.n
+    for s in read.shards:
+        if s.new_ids:
+            n = max(n, item_row(s.shard, s.first + len(s.new_ids) - 1) + 1)
+    return n
+
+
+def _place_ids(table: ItemTable, s: ShardRead) -> None:
+    for k, item in enumerate(s.new_ids, s.first):
+        table.place(item_row(s.shard, k), item)
+
+
+def _write_rows(table: ItemTable, s: ShardRead) -> list[int]:
+    positions = np.arange(len(s.rows)) if s.positions is None else s.positions
+    if len(positions) != len(s.rows):
+        raise ValueError(f"shard {s.shard}: {len(s.rows)} rows for {len(positions)} positions")
+    if not len(positions):
+        return []
+    rows = positions * N_SHARDS + s.shard
+    if int(rows.max()) >= table.n:
+        raise ValueError(f"shard {s.shard}: a row past the {table.n} the table holds")
+    table.raw[rows] = s.rows
+    return list(rows.tolist())
