@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from features.events import HALF_LIVES, N_HALF_LIVES, N_TYPES
-from features.state import COL_COUNTS, COL_NBR_REF, COL_REF, ItemTable
+from features.state import COL_CATEGORY, COL_COUNTS, COL_NBR_REF, COL_REF, ItemTable
 
 # Popularity = weighted decayed counts at the 1-day half-life: a purchase is
 # worth more than a view, but views dominate by volume. The month's ranking
@@ -53,11 +54,44 @@ def popularity_scores(
     return np.asarray(counts @ POPULARITY_WEIGHTS)
 
 
+def scores_of(
+    table: ItemTable,
+    rows: np.ndarray,
+    now: float,
+    half_life_index: int = POPULARITY_HALF_LIFE_INDEX,
+) -> np.ndarray:
+    """``popularity_scores`` of some rows only."""
+    return np.asarray(decay_column(table.raw[rows], now, half_life_index) @ POPULARITY_WEIGHTS)
+
+
+def order_keys(raw: np.ndarray, half_life_index: int) -> np.ndarray:
+    """A time-invariant ranking key per row: log2 of the weighted counts at the
+    row's reference time, plus that time in half-lives. The score at any later
+    ``now`` is ``2 ** (key - now / half_life)`` (all of a row's counters share
+    its reference time), so ordering by the key is ordering by the score at
+    every ``now``, and a row's key changes only when the row does. Events only
+    ever raise it. -inf for a row with no counts."""
+    start = COL_COUNTS + half_life_index
+    weighted = raw[:, start:COL_NBR_REF:N_HALF_LIVES] @ POPULARITY_WEIGHTS
+    with np.errstate(divide="ignore"):
+        return np.asarray(np.log2(weighted) + raw[:, COL_REF] / HALF_LIVES[half_life_index])
+
+
+def _best(rows: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` of ``rows`` with the highest keys, best first (ties: lower row)."""
+    if len(rows) > k > 0:
+        at = keys[rows]
+        threshold = at[np.argpartition(-at, k - 1)[:k]].min()
+        rows = rows[at >= threshold]  # the top k and every row tied with the k-th
+    order = np.lexsort((rows, -keys[rows]))
+    return rows[order[:k]]
+
+
 @dataclass(frozen=True, slots=True)
 class PopularityIndex:
-    """Most popular item indices, overall and per category index, best first."""
+    """Most popular item indices, overall and per category index, best first, as
+    ranked at ``built_at``."""
 
-    scores: np.ndarray
     top: np.ndarray
     by_category: tuple[np.ndarray, ...]
     built_at: float
@@ -66,37 +100,121 @@ class PopularityIndex:
 
     @classmethod
     def build(cls, table: ItemTable, now: float, top_k: int = TOP_K) -> PopularityIndex:
-        scores = popularity_scores(table, now)
-        # Stable order: ties (e.g. never-seen items) keep row order. Empty rows
-        # (see ItemTable) are never ranked.
-        order = np.argsort(-scores, kind="stable")
-        present = table.present
-        order = order[present[order]]
-        cats = table.category[order]
-        n_cat = len(table.categories)
-        by_cat_order = order[np.argsort(cats, kind="stable")]
-        sorted_cats = table.category[by_cat_order]
-        starts = np.searchsorted(sorted_cats, np.arange(n_cat), side="left")
-        ends = np.searchsorted(sorted_cats, np.arange(n_cat), side="right")
-        by_category = tuple(
-            by_cat_order[s : min(e, s + top_k)] for s, e in zip(starts, ends, strict=True)
-        )
-        month = np.where(present, popularity_scores(table, now, MONTH_HALF_LIFE_INDEX), -np.inf)
-        # Partition first: only the top_k of a large catalogue need sorting.
-        k = min(top_k, len(month))
-        best = np.argpartition(-month, k - 1)[:k] if 0 < k < len(month) else np.arange(len(month))
-        best = np.sort(best)
-        month_top = best[np.argsort(-month[best], kind="stable")]
-        month_top = month_top[present[month_top]]
-        return cls(
-            scores=scores,
-            top=order[:top_k],
-            by_category=by_category,
-            built_at=now,
-            month_top=month_top,
-        )
+        """The index of ``table`` from scratch (O(rows)); a serving process keeps a
+        ``PopularityRanking`` current instead."""
+        return PopularityRanking(table, top_k).index(now)
 
     def for_category(self, category_index: int) -> np.ndarray:
         if 0 <= category_index < len(self.by_category):
             return self.by_category[category_index]
         return self.top[:0]
+
+
+class PopularityRanking:
+    """The popularity lists of one item table, kept current as rows change.
+
+    ``update(table, changed)`` costs O(changed rows + TOP_K) per list touched:
+    a row's ranking key (``order_keys``) does not move with time and only rises
+    with events, so the new top of a list is among its old top and the rows that
+    changed. A list that lost a member (a row moved to another category, or a
+    key fell, which events never do) is rebuilt from all rows instead.
+    Not thread-safe: one updater; the PopularityIndex it hands out is immutable.
+    """
+
+    def __init__(self, table: ItemTable, top_k: int = TOP_K) -> None:
+        self.top_k = top_k
+        n = table.n
+        present = table.present
+        self.day = np.where(present, order_keys(table.raw, POPULARITY_HALF_LIFE_INDEX), -np.inf)
+        self.month = np.where(present, order_keys(table.raw, MONTH_HALF_LIFE_INDEX), -np.inf)
+        self.category = np.where(present, table.category, -1)
+        self.present = present.copy()
+        rows = np.flatnonzero(present)
+        self.top = _best(rows, self.day, top_k)
+        self.month_top = _best(rows, self.month, top_k)
+        n_cat = len(table.categories)
+        self.by_category: list[np.ndarray] = [rows[:0]] * n_cat
+        if len(rows):
+            # Rows by category, best first within each: one sort for all lists.
+            cats = self.category[rows]
+            order = np.lexsort((rows, -self.day[rows], cats))
+            ranked, ranked_cats = rows[order], cats[order]
+            starts = np.searchsorted(ranked_cats, np.arange(n_cat), side="left")
+            ends = np.searchsorted(ranked_cats, np.arange(n_cat), side="right")
+            self.by_category = [
+                ranked[s : min(e, s + top_k)] for s, e in zip(starts, ends, strict=True)
+            ]
+        self.n = n
+
+    def update(self, table: ItemTable, changed: np.ndarray) -> None:
+        """Take the new values of the ``changed`` rows (new items included)."""
+        n = table.n
+        if n > self.n:
+            grow = n - self.n
+            self.day = np.concatenate([self.day, np.full(grow, -np.inf)])
+            self.month = np.concatenate([self.month, np.full(grow, -np.inf)])
+            self.category = np.concatenate([self.category, np.full(grow, -1, np.int64)])
+            self.present = np.concatenate([self.present, np.zeros(grow, bool)])
+            self.n = n
+        if len(self.by_category) < len(table.categories):
+            self.by_category += [self.top[:0]] * (len(table.categories) - len(self.by_category))
+        changed = np.unique(np.asarray(changed, np.int64))
+        changed = changed[table.present[changed]]
+        if not len(changed):
+            return
+        raw = table.raw[changed]
+        day = order_keys(raw, POPULARITY_HALF_LIFE_INDEX)
+        month = order_keys(raw, MONTH_HALF_LIFE_INDEX)
+        category = raw[:, COL_CATEGORY].astype(np.int64)
+        was = self.present[changed]
+        fell_day = was & (day < self.day[changed])
+        fell_month = was & (month < self.month[changed])
+        old_category = np.where(was, self.category[changed], -1)
+        self.day[changed], self.month[changed] = day, month
+        self.category[changed] = category
+        self.present[changed] = True
+        rows = None  # every present row, computed once if a list needs a rebuild
+
+        def everything() -> np.ndarray:
+            nonlocal rows
+            if rows is None:
+                rows = np.flatnonzero(self.present)
+            return rows
+
+        self.top = self._merge(self.top, changed, fell_day, self.day, everything)
+        self.month_top = self._merge(self.month_top, changed, fell_month, self.month, everything)
+        left = old_category[(old_category != category) & (old_category >= 0)]
+        lost = set(left.tolist())
+        touched = np.unique(np.concatenate([category[category >= 0], left]))
+        order = np.argsort(category, kind="stable")
+        in_order = category[order]
+        starts = np.searchsorted(in_order, touched, side="left").tolist()
+        ends = np.searchsorted(in_order, touched, side="right").tolist()
+        for c, s, e in zip(touched.tolist(), starts, ends, strict=True):
+            mine = order[s:e]
+            if c in lost or np.any(fell_day[mine]):
+                members = everything()
+                members = members[self.category[members] == c]
+            else:
+                members = np.union1d(self.by_category[c], changed[mine])
+            self.by_category[c] = _best(members, self.day, self.top_k)
+
+    def _merge(
+        self,
+        current: np.ndarray,
+        changed: np.ndarray,
+        fell: np.ndarray,
+        keys: np.ndarray,
+        everything: Callable[[], np.ndarray],
+    ) -> np.ndarray:
+        if np.any(fell & np.isin(changed, current)):
+            return _best(everything(), keys, self.top_k)
+        return _best(np.union1d(current, changed), keys, self.top_k)
+
+    def index(self, now: float) -> PopularityIndex:
+        return PopularityIndex(
+            top=self.top,
+            by_category=tuple(self.by_category),
+            built_at=now,
+            month_top=self.month_top,
+        )

@@ -16,14 +16,16 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from features.neighbours import Binding, NeighbourTable
-from features.popularity import PopularityIndex
+from features.popularity import PopularityIndex, PopularityRanking
 from features.state import ItemTable
 from recsvc.ops import metrics
 from recsvc.store.feature_store import FeatureStore, fresh_cursors
-from recsvc.store.items import ItemsRead, load_table, patch_table, rows_needed
+from recsvc.store.items import ItemsRead, patch_table, rows_needed
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ NeighbourSource = Callable[[], Iterable[tuple[str, NeighbourTable]]]
 
 def _build(
     table: ItemTable,
+    ranking: PopularityRanking,
     previous: ItemView,
     same: bool,
     epoch: str,
@@ -61,11 +64,11 @@ def _build(
     neighbours: Iterable[tuple[str, NeighbourTable]] = (),
 ) -> ItemView:
     """The view over ``table`` (``same``: the previous view's table, patched), with
-    popularity re-ranked and every neighbour table bound: CPU work, in a thread."""
+    every neighbour table bound: CPU work, in a thread."""
     bindings = {
         key: nt.bind(table, previous.bindings.get(key) if same else None) for key, nt in neighbours
     }
-    return ItemView(table, PopularityIndex.build(table, now), epoch, version, bindings)
+    return ItemView(table, ranking.index(now), epoch, version, bindings)
 
 
 class ItemCache:
@@ -75,7 +78,10 @@ class ItemCache:
         self.store = store
         self.view = ItemView.empty()
         self.cursors = fresh_cursors()
+        self.ranking = PopularityRanking(self.view.table)
         self.refreshed_at: float | None = None
+        # Rows the last refresh wrote (all of them after a full load).
+        self.last_changed = 0
         # The loaded models' neighbour tables, bound with every view (set by the app).
         self.neighbours: NeighbourSource = lambda: ()
 
@@ -99,32 +105,51 @@ class ItemCache:
         current = self.view
         loaded = current.version >= 0
         known_categories = len(current.table.categories) if loaded else 0
-        read = await self.store.read_items(self.cursors, known_categories)
-        if loaded and read.rebuilt(self.cursors):
-            log.warning("item shards were rebuilt in Redis: reloading every item")
-            self.cursors = fresh_cursors()
-            read = await self.store.read_items(self.cursors, 0)
-            loaded = False
+        if loaded:
+            read = await self.store.read_items(self.cursors, known_categories)
+            if read.rebuilt(self.cursors):
+                log.warning("item shards were rebuilt in Redis: reloading every item")
+                loaded = False
         if loaded:
             table = current.table
-            await self._patch(table, read)
+            try:
+                changed = await self._patch(table, read)
+                self.last_changed = len(changed)
+                self.cursors = [s.cursor() for s in read.shards]
+                await asyncio.to_thread(self.ranking.update, table, changed)
+            except Exception:
+                # Half applied: keep serving what is there, reload everything next time.
+                self.cursors = fresh_cursors()
+                self.view = replace(current, version=-1)
+                raise
         else:
-            table = await asyncio.to_thread(load_table, read)
-        self.cursors = [s.cursor() for s in read.shards]
+            table, read = await self.store.load_items()
+            self.last_changed = table.count
+            self.ranking = await asyncio.to_thread(PopularityRanking, table)
+            self.cursors = [s.cursor() for s in read.shards]
         neighbours = list(self.neighbours())
         self.view = await asyncio.to_thread(
-            _build, table, current, loaded, read.epoch, read.version, time.time(), neighbours
+            _build,
+            table,
+            self.ranking,
+            current,
+            loaded,
+            read.epoch,
+            read.version,
+            time.time(),
+            neighbours,
         )
         self.refreshed_at = time.monotonic()
 
     @staticmethod
-    async def _patch(table: ItemTable, read: ItemsRead) -> None:
+    async def _patch(table: ItemTable, read: ItemsRead) -> np.ndarray:
         """Write the changes into ``table``: room for new rows first (a copy, in a
-        thread, only when it grows past its capacity), then the rows, on the loop."""
+        thread, only when it grows past its capacity), then the rows, on the loop.
+        Returns the rows that changed."""
         needed = rows_needed(table, read)
         if needed > table.capacity:
             await asyncio.to_thread(table.reserve, needed)
-        patch_table(table, read)
+        return np.asarray(patch_table(table, read), np.int64)
 
     async def run(self, interval: float, stop: asyncio.Event) -> None:
         """Refresh until ``stop``; failures keep the last good view, logged once per streak.

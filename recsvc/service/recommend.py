@@ -17,6 +17,7 @@ import numpy as np
 from features import candidates as cands
 from features.candidates import CandidateConfig, Candidates
 from features.metrics import top_n
+from features.popularity import scores_of
 from features.schema import NO_CONTEXT, Context, build_matrix
 from features.state import COL_CATEGORY, ItemTable, UserState
 from recsvc.errors import Overloaded, StoreUnavailable
@@ -332,7 +333,8 @@ class Recommender:
             banned = cands.banned(user, table, banned, recent, config)
         if q.candidates is not None:
             pool = _unique(_allowed(cands.ids_to_index(table, q.candidates), banned))
-            pool = pool[top_n(popularity.scores[pool], q.n)] if len(pool) else pool
+            scores = scores_of(table, pool, popularity.built_at)
+            pool = pool[top_n(scores, q.n)] if len(pool) else pool
             sources = ["request"] * len(pool)
         else:
             in_category = np.zeros(0, np.int64)
@@ -344,7 +346,7 @@ class Recommender:
             sources = ["category_popular"] * min(len(in_category), len(pool))
             sources += ["popular"] * (len(pool) - len(sources))
         timer.mark("fallback")
-        items = _items(table, pool, popularity.scores[pool], sources)
+        items = _items(table, pool, scores_of(table, pool, popularity.built_at), sources)
         return Result(q.request_id, q.user_id, items, strategy, reason, None, timer)
 
 

