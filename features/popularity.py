@@ -149,13 +149,14 @@ class PopularityRanking:
     def update(self, table: ItemTable, changed: np.ndarray) -> None:
         """Take the new values of the ``changed`` rows (new items included)."""
         n = table.n
-        if n > self.n:
-            grow = n - self.n
+        if n > len(self.day):
+            # Room for a quarter more rows: growth amortised like the table's.
+            grow = max(n, len(self.day) + len(self.day) // 4) - len(self.day)
             self.day = np.concatenate([self.day, np.full(grow, -np.inf)])
             self.month = np.concatenate([self.month, np.full(grow, -np.inf)])
             self.category = np.concatenate([self.category, np.full(grow, -1, np.int64)])
             self.present = np.concatenate([self.present, np.zeros(grow, bool)])
-            self.n = n
+        self.n = max(self.n, n)
         if len(self.by_category) < len(table.categories):
             self.by_category += [self.top[:0]] * (len(table.categories) - len(self.by_category))
         changed = np.unique(np.asarray(changed, np.int64))

@@ -82,6 +82,8 @@ class ItemCache:
         self.refreshed_at: float | None = None
         # Rows the last refresh wrote (all of them after a full load).
         self.last_changed = 0
+        # Shards last seen with more ids than rows (logged once each).
+        self.damaged: set[int] = set()
         # The loaded models' neighbour tables, bound with every view (set by the app).
         self.neighbours: NeighbourSource = lambda: ()
 
@@ -127,6 +129,7 @@ class ItemCache:
             self.last_changed = table.count
             self.ranking = await asyncio.to_thread(PopularityRanking, table)
             self.cursors = [s.cursor() for s in read.shards]
+        self._report(read)
         neighbours = list(self.neighbours())
         self.view = await asyncio.to_thread(
             _build,
@@ -140,6 +143,17 @@ class ItemCache:
             neighbours,
         )
         self.refreshed_at = time.monotonic()
+
+    def _report(self, read: ItemsRead) -> None:
+        """Log a damaged shard (ids without rows) once until it is whole again."""
+        damaged = {s.shard for s in read.shards if s.damaged}
+        for shard in sorted(damaged - self.damaged):
+            log.error(
+                "item shard %d is damaged: more ids than rows; serving the items with "
+                "rows, refusing writes there until it is repaired (docs/storage.md)",
+                shard,
+            )
+        self.damaged = damaged
 
     @staticmethod
     async def _patch(table: ItemTable, read: ItemsRead) -> np.ndarray:

@@ -17,7 +17,6 @@ slots into equal ranges gives each master an equal share of shards).
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,8 +51,7 @@ from features.state import (
 
 # Version of the Redis layout. 1: before co-visitation; 2: packed user state,
 # item rows with neighbours; 3: a fourth half-life (30 days); 4: item state in
-# N_SHARDS shards (rows at features.state.item_row), co-visit partners kept and
-# passed as item rows.
+# N_SHARDS shards (rows at features.state.item_row).
 STORAGE_FORMAT = 4
 
 
@@ -202,8 +200,3 @@ def _shard_tags(n: int) -> tuple[str, ...]:
 
 
 SHARD_TAGS: tuple[str, ...] = _shard_tags(N_SHARDS)
-
-
-def partner_rows(reply: Sequence[bytes]) -> list[int]:
-    """Co-visit partners as the user script answers them (item rows), sorted."""
-    return sorted(int(r) for r in reply)

@@ -14,7 +14,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from features.events import COVISIT_BUCKET_SECS, RECENT_MAX
-from features.state import N_SHARDS, ItemTable, UserState, covisit_bucket, shard_of
+from features.state import N_SHARDS, ItemTable, UserState, covisit_bucket, item_row, shard_of
 from recsvc.errors import Overloaded, StoreUnavailable
 from recsvc.ops import metrics
 from recsvc.ops.looplag import LoopLag
@@ -27,7 +27,6 @@ from recsvc.store.codec import (
     STORAGE_FORMAT,
     decode_user,
     item_layout,
-    partner_rows,
     user_layout,
 )
 from recsvc.store.items import (
@@ -223,13 +222,14 @@ class FeatureStore:
         event; raises ItemWriteFailed when some could not be (the rest were), and
         StoreUnavailable when Redis failed.
 
-        Three round trips: (1) the events' items get their rows (created bare
-        when new) in their shards, which refuse items they have no room for;
-        (2) one script call per user (pipelines of USERS_PER_PIPELINE) folds
-        the events into the user's state and answers each event's co-visit
-        partners as item rows; (3) one script call per touched shard counts
-        the events on their items and adds the co-visit pairs to both rows. An
-        event whose item got no row stops after (1): nothing is written for it.
+        Round trips: (1) the events' items get their rows (created bare when
+        new) in their shards, which refuse items they have no room for; (2) one
+        script call per user (pipelines of USERS_PER_PIPELINE) folds the events
+        into the user's state and answers each event's co-visit partners;
+        (3) the partners' rows, unless (1) gave them already; (4) one script
+        call per touched shard counts the events on their items and adds the
+        co-visit pairs to both rows. An event whose item got no row stops after
+        (1): nothing is written for it.
         """
         rows, failed = await self._ensure([(e.item_id, "e", -1, 0.0) for e in events])
         results: list[int | None] = [None] * len(events)
@@ -241,8 +241,16 @@ class FeatureStore:
                 reasons[k] = reason
             else:
                 live.append(k)
-        partners = await self._apply_users(events, live, rows, dedupe, results)
-        groups = _item_groups(events, live, rows, partners, dedupe)
+        named = await self._apply_users(events, live, dedupe, results)
+        # Items and partners by id, resolved to their rows now: a row remembered
+        # from earlier could name another item after its shard was rebuilt. A
+        # partner no shard holds any more forms no pair. A duplicate's item is
+        # the one its first attempt counted, whatever the retry names.
+        wanted = {i for item, ps in named.values() for i in (item, *ps)}
+        rows.update(await self._rows_of(wanted - rows.keys()))
+        items = {k: rows[item] for k, (item, _) in named.items() if item in rows}
+        partners = {k: sorted(rows[p] for p in ps if p in rows) for k, (_, ps) in named.items()}
+        groups = _item_groups(events, items, partners, dedupe)
         for shard, reason in (await self._apply_items(groups)).items():
             for g in groups[shard]:
                 reasons[g.event] = reason
@@ -299,18 +307,17 @@ class FeatureStore:
         self,
         events: Sequence[EventWrite],
         live: list[int],
-        rows: dict[str, int],
         dedupe: bool,
         results: list[int | None],
-    ) -> dict[int, list[int]]:
-        """The user side of the ``live`` events; their co-visit partners (item rows,
-        sorted). A duplicate comes back with its stored partners, so the item side
-        (deduplicated on its own) still gets them when an earlier attempt was cut
-        off between the two."""
+    ) -> dict[int, tuple[str, list[str]]]:
+        """The user side of the ``live`` events; per event the item it counts for
+        and its co-visit partners (ids). A duplicate comes back with its first
+        attempt's item and partners, so the item side (deduplicated on its own)
+        still gets them when an earlier attempt was cut off between the two."""
         by_user: dict[str, list[int]] = {}
         for k in live:
             by_user.setdefault(events[k].user_id, []).append(k)
-        partners: dict[int, list[int]] = {}
+        partners: dict[int, tuple[str, list[str]]] = {}
         groups = list(by_user.items())
         for start in range(0, len(groups), USERS_PER_PIPELINE):
             chunk = groups[start : start + USERS_PER_PIPELINE]
@@ -324,7 +331,6 @@ class FeatureStore:
                         int(e.type),  # redis-py would send an IntEnum as its repr
                         e.ts,
                         e.item_id,
-                        rows[e.item_id],
                         e.category,
                         e.price,
                         1 if dedupe and e.event_id else 0,
@@ -334,10 +340,34 @@ class FeatureStore:
             for (_, positions), answer in zip(chunk, answers, strict=True):
                 for k, one in zip(positions, answer, strict=True):
                     results[k] = int(one[0])
-                    # Sorted by row: which neighbour a full row keeps can depend
-                    # on the order (the replay sorts alike).
-                    partners[k] = partner_rows(one[1:])
+                    partners[k] = (one[1].decode(), [p.decode() for p in one[2:]])
         return partners
+
+    async def _rows_of(self, items: set[str]) -> dict[str, int]:
+        """The rows of existing items (one HMGET per shard, one pipeline); items no
+        shard holds are left out."""
+        if not items:
+            return {}
+        by_shard: dict[int, list[str]] = {}
+        for item in sorted(items):
+            by_shard.setdefault(shard_of(item), []).append(item)
+        try:
+            until = asyncio.get_running_loop().time() + self.write_timeout
+            async with self._write_gate.slot(until), asyncio.timeout_at(until):
+                pipe = self.writer.pipeline(transaction=False)
+                for shard, ids in by_shard.items():
+                    pipe.hmget(keys.shard_keys(shard)[0], ids)
+                replies = await pipe.execute()
+        except REDIS_FAILURES as exc:
+            metrics.REDIS_ERRORS.labels("write", type(exc).__name__).inc()
+            self._write_refresh.after(exc)
+            raise StoreUnavailable(type(exc).__name__) from exc
+        rows: dict[str, int] = {}
+        for (shard, ids), positions in zip(by_shard.items(), replies, strict=True):
+            for item, position in zip(ids, positions, strict=True):
+                if position is not None:
+                    rows[item] = item_row(shard, int(position))
+        return rows
 
     async def _apply_items(self, groups: dict[int, list[_Group]]) -> dict[int, str]:
         """One script call per shard (split past ITEM_CALL_MAX entries); the
@@ -515,33 +545,27 @@ class FeatureStore:
 
 def _item_groups(
     events: Sequence[EventWrite],
-    live: list[int],
-    rows: dict[str, int],
+    items: dict[int, int],
     partners: dict[int, list[int]],
     dedupe: bool,
 ) -> dict[int, list[_Group]]:
-    """Each live event's item-side entries, grouped by shard and event, in event
-    order: its own item's counters and pairs ('e'), each partner's pair ('p')."""
+    """Each event's item-side entries (``items``: event -> its item's row),
+    grouped by shard and event, in event order: its item's counters and pairs
+    ('e'), each partner's pair ('p')."""
     groups: dict[int, list[_Group]] = {}
-    for k in live:
-        e = events[k]
-        row = rows[e.item_id]
+    for k in sorted(items):
+        e, row = events[k], items[k]
         pair_ts = covisit_bucket(e.ts) * COVISIT_BUCKET_SECS
         mine: dict[int, _Group] = {}
+        own = ["e", row, int(e.type), e.ts, pair_ts, len(partners[k]), *partners[k]]
         for shard, entry in [
-            (
-                row % N_SHARDS,
-                ["e", row, int(e.type), e.ts, pair_ts, len(partners[k]), *partners[k]],
-            ),
+            (row % N_SHARDS, own),
             *((p % N_SHARDS, ["p", p, row, pair_ts]) for p in partners[k]),
         ]:
             g = mine.get(shard)
             if g is None:
-                key = (
-                    keys.shard_event_seen(shard, e.user_id, e.event_id)
-                    if dedupe and e.event_id
-                    else None
-                )
+                seen = dedupe and e.event_id
+                key = keys.shard_event_seen(shard, e.user_id, e.event_id) if seen else None
                 g = mine[shard] = _Group(k, key)
                 groups.setdefault(shard, []).append(g)
             g.args += entry

@@ -45,13 +45,28 @@ class ShardRead:
     new_ids: list[str]
     positions: np.ndarray | None
     rows: np.ndarray
+    # Rows the shard's row string holds: fewer than its ids only when the shard
+    # is damaged (keys edited or evicted by hand); ids past it are not taken.
+    held: int = -1
+    ids: int = -1  # the shard's id count
 
     @property
     def same(self) -> bool:
         return self.positions is not None and not len(self.positions) and not self.new_ids
 
+    @property
+    def damaged(self) -> bool:
+        return 0 <= self.held < self.ids
+
     def cursor(self) -> ShardCursor:
-        return ShardCursor(self.epoch, self.version, self.first + len(self.new_ids))
+        return ShardCursor(self.epoch, self.version, self.first + len(self.usable_ids))
+
+    @property
+    def usable_ids(self) -> list[str]:
+        """The new ids that have rows."""
+        if self.held < 0:
+            return self.new_ids
+        return self.new_ids[: max(0, self.held - self.first)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +97,7 @@ class ItemsRead:
 
 def decode_shard(shard: int, cursor: ShardCursor, reply: list[Any]) -> ShardRead:
     """``lua/item_read.lua``'s reply as a ShardRead."""
-    epoch, version, ids, mode, positions, rows = reply
+    epoch, version, ids, mode, positions, rows, held, total = reply
     epoch = epoch.decode()
     full = mode == b"full"
     first = cursor.known if epoch == cursor.epoch and cursor.epoch else 0
@@ -96,12 +111,14 @@ def decode_shard(shard: int, cursor: ShardCursor, reply: list[Any]) -> ShardRead
         new_ids=[i.decode() for i in ids],
         positions=None if full else np.asarray([int(p) for p in positions], np.int64),
         rows=raw,
+        held=int(held),
+        ids=int(total),
     )
 
 
 def load_table(read: ItemsRead) -> ItemTable:
     """A new table from full reads of every shard (all ids from position 0)."""
-    counts = [s.first + len(s.new_ids) for s in read.shards]
+    counts = [s.first + len(s.usable_ids) for s in read.shards]
     table = ItemTable(categories=read.new_categories)
     table.reserve(rows_for(counts))
     place_full(table, read.shards)
@@ -119,14 +136,13 @@ def place_full(table: ItemTable, reads: Sequence[ShardRead]) -> None:
     for s in reads:
         if s.first != 0 or s.positions is not None:
             raise ValueError(f"shard {s.shard}: not a full read")
-        if len(s.rows) != len(s.new_ids):
-            raise ValueError(f"shard {s.shard}: {len(s.rows)} rows for {len(s.new_ids)} items")
-        if not s.new_ids:
+        ids = s.usable_ids[: len(s.rows)]  # a damaged shard: only the items with rows
+        if not ids:
             continue
-        rows = np.arange(len(s.new_ids), dtype=np.int64) * N_SHARDS + s.shard
+        rows = np.arange(len(ids), dtype=np.int64) * N_SHARDS + s.shard
         table.reserve(int(rows[-1]) + 1)
-        table.place_many(rows, s.new_ids)
-        table.raw[rows] = s.rows
+        table.place_many(rows, ids)
+        table.raw[rows] = s.rows[: len(ids)]
 
 
 def patch_table(table: ItemTable, read: ItemsRead) -> np.ndarray:
@@ -157,22 +173,27 @@ def rows_needed(table: ItemTable, read: ItemsRead) -> int:
     """Rows the table needs for ``read``'s new items."""
     n = table.n
     for s in read.shards:
-        if s.new_ids:
-            n = max(n, item_row(s.shard, s.first + len(s.new_ids) - 1) + 1)
+        if s.usable_ids:
+            n = max(n, item_row(s.shard, s.first + len(s.usable_ids) - 1) + 1)
     return n
 
 
 def _place_ids(table: ItemTable, s: ShardRead) -> None:
-    positions = np.arange(s.first, s.first + len(s.new_ids), dtype=np.int64)
-    table.place_many(positions * N_SHARDS + s.shard, s.new_ids)
+    ids = s.usable_ids
+    positions = np.arange(s.first, s.first + len(ids), dtype=np.int64)
+    table.place_many(positions * N_SHARDS + s.shard, ids)
 
 
 def _write_rows(table: ItemTable, s: ShardRead) -> np.ndarray:
     positions = np.arange(len(s.rows)) if s.positions is None else s.positions
     if len(positions) != len(s.rows):
         raise ValueError(f"shard {s.shard}: {len(s.rows)} rows for {len(positions)} positions")
+    # Only rows of items the table holds (a damaged shard has rows past its ids,
+    # or ids past its rows).
+    keep = positions < table_count(table, s.shard)
+    positions, values = positions[keep], s.rows[keep]
     rows = np.asarray(positions, np.int64) * N_SHARDS + s.shard
     if len(rows) and int(rows.max()) >= table.n:
         raise ValueError(f"shard {s.shard}: a row past the {table.n} the table holds")
-    table.raw[rows] = s.rows
+    table.raw[rows] = values
     return rows

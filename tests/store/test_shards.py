@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from features.state import COL_COUNTS, COL_NBR, COL_NBR_REF, N_SHARDS, shard_of
 from recsvc.ops.embedded import EmbeddedRedis
+from recsvc.service.itemcache import ItemCache
 from recsvc.store import keys
 from recsvc.store.codec import ITEM_ROW_BYTES
 from recsvc.store.feature_store import EventWrite, FeatureStore, ItemWriteFailed
@@ -155,3 +156,95 @@ async def test_http_reports_failed_events_and_503s_a_single_one(
     single = await client.post("/v1/events", json=event("h3", bad))
     assert single.status == 503
     assert (await single.json())["error"]["code"] == "feature_store_unavailable"
+
+
+async def test_a_limit_lowered_while_running_never_leaves_a_shard_half_written() -> None:
+    """From the review: proto-max-bulk-len lowered after start (the store still
+    believes the shard has room). The row string's growth is the script's first
+    write, so its failure writes nothing: ids and rows stay in step, the batch's
+    other events apply, and a new worker loads every item."""
+    with EmbeddedRedis() as server:
+        client = Redis.from_url(server.url)
+        try:
+            store = FeatureStore(client, store_settings())
+            await store.check_format()
+            await store.upsert_items([(i, "c", 1.0) for i in ids_in_shard(7, 2100, "a")])
+            await client.config_set("proto-max-bulk-len", MIB)  # 2,148 rows; 2,100 held
+            late = ids_in_shard(7, 100, "late")
+            other = ids_in_shard(8, 1, "o")[0]
+            batch = [EventWrite("u", i, 0, T, f"e{i}") for i in [*late, other]]
+            with pytest.raises(ItemWriteFailed) as info:
+                await store.apply_events(batch)
+            assert sorted(info.value.failed) == list(range(100))
+            assert info.value.results[100] == 1
+            _, ids, state, _, _ = keys.shard_keys(7)
+            assert await client.llen(ids) == 2100
+            assert await client.strlen(state) == 2100 * ITEM_ROW_BYTES
+            assert await client.hlen(keys.shard_keys(7)[0]) == 2100
+            cache = ItemCache(store)
+            await cache.refresh()
+            assert cache.ready and cache.view.table.count == 2101  # the shard and `other`
+            assert not cache.damaged
+        finally:
+            await client.aclose()
+
+
+async def test_a_damaged_shard_serves_the_items_it_has_rows_for(aredis: Redis) -> None:
+    """Ids without rows (a shard edited or partly evicted by hand): a worker
+    still loads, serves only the items with rows, says which shard is damaged,
+    and keeps refreshing."""
+    store = FeatureStore(aredis, store_settings())
+    kept = ids_in_shard(6, 3, "d")
+    await store.upsert_items([(i, "c", 1.0) for i in [*kept, "elsewhere"]])
+    idx, ids, _, _, _ = keys.shard_keys(6)
+    await aredis.rpush(ids, "ghost")
+    await aredis.hset(idx, "ghost", 3)
+    cache = ItemCache(store)
+    await cache.refresh()
+    table = cache.view.table
+    assert set(table.index) == {*kept, "elsewhere"} and "ghost" not in table.ids
+    assert cache.damaged == {6}
+    await store.apply_events([EventWrite("u9", "elsewhere", 3, T, "z1")])  # other shards write
+    await cache.refresh()
+    assert cache.view.popularity.top[0] == cache.view.table.index["elsewhere"]
+    assert cache.damaged == {6}
+
+
+async def test_partners_are_resolved_by_id_so_a_rebuilt_shard_pairs_nothing_stale(
+    aredis: Redis,
+) -> None:
+    """From the review: a user's co-visit buckets outlive a shard whose keys were
+    deleted and regrew with other items. Partners are kept as ids and resolved to
+    rows at write time: a partner that no longer exists pairs with nothing, and
+    the new items never gain neighbours the user never saw."""
+    store = FeatureStore(aredis, store_settings())
+    a_items, b_items = ids_in_shard(3, 5, "a"), ids_in_shard(9, 5, "b")
+    hour = (T // 3600.0) * 3600.0 + 1.0
+    visits = [EventWrite("v", b, 0, hour + k, f"v{k}") for k, b in enumerate(b_items)]
+    assert await store.apply_events(visits) == [1] * 5
+    await aredis.delete(*keys.shard_keys(9))
+    newcomers = ids_in_shard(9, 5, "nb")
+    others = [EventWrite("x", i, 0, hour + 30 + k, f"x{k}") for k, i in enumerate(newcomers)]
+    assert await store.apply_events(others) == [1] * 5
+    assert await store.apply_events([EventWrite("v", a_items[3], 0, hour + 40, "v12")]) == [1]
+    table = await store.item_table()
+    row = table.index[a_items[3]]
+    slots = [int(s) - 1 for s in table.raw[row, COL_NBR : COL_NBR + 20] if s]
+    assert not any(table.ids[s].startswith("nb") for s in slots)
+    # The new items' own neighbours are each other (user x), never `a_items[3]`.
+    for item in newcomers:
+        neighbours = table.raw[table.index[item], COL_NBR : COL_NBR + 20]
+        assert row + 1 not in neighbours.tolist()
+
+
+async def test_a_reused_event_id_never_counts_another_item(aredis: Redis) -> None:
+    """From the review: item-side dedupe keys live in each item's shard, so a
+    'retry' naming another item would have been counted in that item's shard.
+    A duplicate's item side uses the item its first attempt was applied to."""
+    store = FeatureStore(aredis, store_settings())
+    first, other = ids_in_shard(1, 1, "r")[0], ids_in_shard(2, 1, "s")[0]
+    assert await store.apply_events([EventWrite("u", first, 1, T, "same")]) == [1]
+    assert await store.apply_events([EventWrite("u", other, 1, T, "same")]) == [0]
+    assert await _counts(store, first) == pytest.approx(4.0)
+    table = await store.item_table()
+    assert other not in table.index or await _counts(store, other) == 0.0

@@ -32,8 +32,11 @@ local nslot, nscore = col_nbr - 1, col_nbr_score - 1
 
 -- Checks first.
 local found = redis.call('HGET', KEYS[2], 'format')
+if not found then
+  return redis.error_reply('shard ' .. shard .. ' holds no items (its keys are missing)')
+end
 if found ~= format then
-  return redis.error_reply('recsvc storage format ' .. tostring(found) .. ' in shard ' .. shard .. ', expected ' .. format)
+  return redis.error_reply('recsvc storage format ' .. found .. ' in shard ' .. shard .. ', expected ' .. format)
 end
 local count = redis.call('LLEN', KEYS[4])
 local size = redis.call('STRLEN', KEYS[1])

@@ -60,6 +60,18 @@ for a = base + 5, #ARGV, 4 do
 end
 
 if #new == 0 and #sets == 0 then return out end
+-- The one write that can fail for size (the row string past
+-- proto-max-bulk-len, which may have been lowered since the capacity was read)
+-- goes first: if it fails, nothing has been written.
+if #new > 0 then
+  local rows, zero = {}, {}
+  for c = 1, width do zero[c] = 0.0 end
+  for j, e in ipairs(new) do
+    zero[col_cat], zero[col_price] = e[2], e[3]
+    rows[j] = struct.pack(fmt, unpack(zero))
+  end
+  redis.call('APPEND', KEYS[3], table.concat(rows))
+end
 if count == 0 and redis.call('HEXISTS', KEYS[4], 'epoch') == 0 then
   local now = redis.call('TIME')
   redis.call('HSET', KEYS[4], 'epoch', now[1] .. '.' .. now[2], 'format', format)
@@ -82,12 +94,8 @@ for _, s in ipairs(sets) do
   redis.call('SETRANGE', KEYS[3], at, struct.pack(fmt, unpack(row)))
   mark(s[1])
 end
-local rows, ids, index = {}, {}, {}
-local zero = {}
-for c = 1, width do zero[c] = 0.0 end
+local ids, index = {}, {}
 for j, e in ipairs(new) do
-  zero[col_cat], zero[col_price] = e[2], e[3]
-  rows[#rows + 1] = struct.pack(fmt, unpack(zero))
   ids[#ids + 1] = e[1]
   index[#index + 1] = e[1]
   index[#index + 1] = count + j - 1
@@ -95,14 +103,12 @@ for j, e in ipairs(new) do
   if #ids >= 200 then
     redis.call('RPUSH', KEYS[2], unpack(ids))
     redis.call('HSET', KEYS[1], unpack(index))
-    redis.call('APPEND', KEYS[3], table.concat(rows))
-    rows, ids, index = {}, {}, {}
+    ids, index = {}, {}
   end
 end
 if #ids > 0 then
   redis.call('RPUSH', KEYS[2], unpack(ids))
   redis.call('HSET', KEYS[1], unpack(index))
-  redis.call('APPEND', KEYS[3], table.concat(rows))
 end
 if #dirty > 0 then redis.call('ZADD', KEYS[5], unpack(dirty)) end
 return out

@@ -1,9 +1,11 @@
 -- Fold a batch of one user's events into their state; mirrors
 -- features.state.apply_user_event operation for operation, event by event.
--- Returns per event {1, partner...} (applied) or {0, partner...} (duplicate
--- event id): the item rows the event forms co-visitation pairs with, which
--- the item-side scripts apply. A duplicate returns the partners stored with
--- its dedupe key, so a retry after a lost item-side call still carries its pairs.
+-- Returns per event {1, item, partner...} (applied) or {0, item, partner...}
+-- (duplicate event id): the item the event was applied to and the items it
+-- forms co-visitation pairs with, which the item-side scripts apply. A
+-- duplicate returns what is stored with its dedupe key (the first attempt's
+-- item, whatever item the retry names, and its partners), so a retry after a
+-- lost item-side call still carries its pairs and never counts another item.
 -- Reads and computes first, writes last (dedupe keys after the state), so a
 -- script error can never mark an event as seen without applying it.
 -- KEYS: state hash, recent zset, purchased set, visits zset, then one dedupe
@@ -11,8 +13,7 @@
 -- ARGV: the layout (recsvc.store.codec.user_layout: n_scalars, n_types,
 --       recent_max, category_half_life, bucket_secs, bucket_items, keep_secs,
 --       n_half_lives, half_life..., category_weight per type), dedupe_ttl,
---       user_ttl, then per event: type, ts, item, item row, category, price,
---       dedupe (1/0)
+--       user_ttl, then per event: type, ts, item, category, price, dedupe (1/0)
 local h, r, p, v = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local nsc = tonumber(ARGV[1])
 local ntypes = tonumber(ARGV[2])
@@ -62,24 +63,22 @@ end
 local names_changed = false
 
 -- Co-visitation buckets touched by this batch: loaded once, written at the end.
--- Members are '<bucket>|<item row>|<item>'. Mirrors features.state.visit_partners.
+-- Members are '<bucket>|<item>'. Mirrors features.state.visit_partners.
 local buckets, visit_adds = {}, {}
 local function bucket_of(b)
   local bk = buckets[b]
   if bk == nil then
     bk = {set = {}, list = {}}
     for _, m in ipairs(redis.call('ZRANGEBYSCORE', v, b, b)) do
-      local at = string.find(m, '|', 1, true)
-      local at2 = string.find(m, '|', at + 1, true)
-      local item = string.sub(m, at2 + 1)
+      local item = string.sub(m, string.find(m, '|', 1, true) + 1)
       bk.set[item] = true
-      bk.list[#bk.list + 1] = string.sub(m, at + 1, at2 - 1)
+      bk.list[#bk.list + 1] = item
     end
     buckets[b] = bk
   end
   return bk
 end
-local function visit(item, row, ts)
+local function visit(item, ts)
   local b = math.floor(ts / bucket_secs)
   -- Buckets older than the newest event by keep_secs no longer pair (and are
   -- trimmed), whenever the trim happens to run.
@@ -89,8 +88,8 @@ local function visit(item, row, ts)
   local partners = {}
   for j, other in ipairs(bk.list) do partners[j] = other end
   bk.set[item] = true
-  bk.list[#bk.list + 1] = row
-  visit_adds[#visit_adds + 1] = {b, row .. '|' .. item}
+  bk.list[#bk.list + 1] = item
+  visit_adds[#visit_adds + 1] = {b, item}
   return partners
 end
 
@@ -99,29 +98,29 @@ local changed = false
 local ev = 0
 local seen_now = {}
 local recent_adds, purchases, dedupe_keys = {}, {}, {}
-for a = first_event, #ARGV, 7 do
+for a = first_event, #ARGV, 6 do
   ev = ev + 1
   local t = tonumber(ARGV[a])
   local ts = tonumber(ARGV[a + 1])
-  local item, row, cat = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local price = tonumber(ARGV[a + 5])
+  local item, cat = ARGV[a + 2], ARGV[a + 3]
+  local price = tonumber(ARGV[a + 4])
   local fresh = true
   local dk = nil
-  if ARGV[a + 6] == '1' and dedupe_ttl > 0 then
+  if ARGV[a + 5] == '1' and dedupe_ttl > 0 then
     dk = KEYS[4 + ev]
     local prior = seen_now[dk]
     if prior == nil then
       local value = redis.call('GET', dk)
       if value then
-        -- Seen before: answer the partners stored with it ('1' then one per line).
+        -- Seen before: the item it was applied to and its partners, one per line.
         prior = {}
-        for item in string.gmatch(value, '\n([^\n]+)') do prior[#prior + 1] = item end
+        for line in string.gmatch(value, '[^\n]+') do prior[#prior + 1] = line end
       end
     end
     if prior then
       fresh = false
       local out = {0}
-      for j, item in ipairs(prior) do out[j + 1] = item end
+      for j, line in ipairs(prior) do out[j + 1] = line end
       applied[ev] = out
     end
   end
@@ -150,10 +149,12 @@ for a = first_event, #ARGV, 7 do
       aff[cat] = aff[cat] + cws[t] * 2 ^ (-(ref - ts) / cat_hl)
     end
     if ts > lt then lt = ts end
-    local partners = visit(item, row, ts)
+    local partners = visit(item, ts)
+    local record = {item}
+    for j, other in ipairs(partners) do record[j + 1] = other end
     if dk then
-      seen_now[dk] = partners
-      dedupe_keys[#dedupe_keys + 1] = {dk, partners}
+      seen_now[dk] = record
+      dedupe_keys[#dedupe_keys + 1] = {dk, record}
     end
     if t == 3 then
       if ts > lp then lp = ts end
@@ -166,7 +167,7 @@ for a = first_event, #ARGV, 7 do
     n = n + 1
     recent_adds[#recent_adds + 1] = {ts, item}
     local out = {1}
-    for j, other in ipairs(partners) do out[j + 1] = other end
+    for j, line in ipairs(record) do out[j + 1] = line end
     applied[ev] = out
   end
 end
@@ -203,9 +204,7 @@ if changed then
     redis.call('EXPIRE', v, math.ceil(keep_secs + bucket_secs))
   end
   for _, d in ipairs(dedupe_keys) do
-    local value = '1'
-    for _, item in ipairs(d[2]) do value = value .. '\n' .. item end
-    redis.call('SET', d[1], value, 'EX', dedupe_ttl)
+    redis.call('SET', d[1], table.concat(d[2], '\n'), 'EX', dedupe_ttl)
   end
   if user_ttl > 0 then
     redis.call('EXPIRE', h, user_ttl)
