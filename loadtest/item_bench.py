@@ -29,10 +29,12 @@ from typing import Any
 import numpy as np
 from redis.asyncio import Redis
 
+from features.state import N_SHARDS, ItemTable
 from recsvc.ops.embedded import EmbeddedRedis
 from recsvc.service.itemcache import ItemCache
 from recsvc.settings import Settings
-from recsvc.store.feature_store import EventWrite, FeatureStore, count_items
+from recsvc.store import keys
+from recsvc.store.feature_store import EventWrite, FeatureStore, count_items, fresh_cursors
 
 UPSERT_BATCH = 50_000
 USERS = 200_000
@@ -115,6 +117,25 @@ def _writer(url: str, n_items: int, rate: int, seconds: float, out: Any) -> None
     out.send(asyncio.run(run()))
 
 
+async def same_as_redis(store: FeatureStore, table: ItemTable) -> bool:
+    """Whether ``table`` holds exactly every shard's ids and rows, compared a few
+    shards at a time (a second table of a large catalogue would not fit)."""
+    cursors = fresh_cursors()
+    for start in range(0, N_SHARDS, 8):
+        read = await store.read_items(cursors, 0, range(start, min(start + 8, N_SHARDS)))
+        for s in read.shards:
+            ids = s.usable_ids
+            rows = np.arange(len(ids), dtype=np.int64) * N_SHARDS + s.shard
+            if int(table.shard_counts[s.shard]) != len(ids):
+                return False
+            if [table.ids[r] for r in rows.tolist()] != ids:
+                return False
+            if not np.array_equal(table.raw[rows], s.rows[: len(ids)]):
+                return False
+    categories = await store.client.lrange(keys.CATEGORIES, 0, -1)
+    return [c.decode() if isinstance(c, bytes) else c for c in categories] == table.categories
+
+
 async def measure(url: str, n_items: int, rate: int, seconds: float, interval: float) -> Any:
     client = Redis.from_url(url)
     store = FeatureStore(client, _settings())
@@ -144,13 +165,7 @@ async def measure(url: str, n_items: int, rate: int, seconds: float, interval: f
     written = int(receive.recv())
     writer.join()
     await cache.refresh()
-    fresh = await store.item_table()
-    table = cache.view.table
-    matches = (
-        fresh.ids == table.ids
-        and bool(np.array_equal(fresh.raw, table.raw))
-        and fresh.categories == table.categories
-    )
+    matches = await same_as_redis(store, cache.view.table)
     await client.aclose()
     return {
         "load_seconds": load_seconds,
