@@ -1,7 +1,7 @@
 """Settings from ``RECSVC_*`` environment variables (12-factor); CLI flags override.
 
 ``SETTINGS_TABLE`` is the visible table of variables, types and defaults; the
-README's table is checked against it by the tests.
+The table in docs/configuration.md is checked against it by the tests.
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def _quota_cores() -> int | None:
 # Never shown in messages or logs.
 SECRETS = frozenset({"admin_token"})
 
-# (field, description) — the README table is generated from this and the defaults.
+# (field, description) — the table in docs/configuration.md is generated from this and the defaults.
 SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     ("host", "address to listen on"),
     ("port", "port to listen on"),
@@ -286,7 +286,7 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
         "items each source proposes, e.g. collaborative=80,related=80,popular=60 (sources: "
         "recent, history, collaborative, related, covisit, popular, popular_month; also "
         "top_categories, "
-        "per_category); empty = the defaults in the README",
+        "per_category); empty = the defaults in docs/ranking.md",
     ),
     (
         "exclude_seen",
@@ -388,7 +388,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 def markdown_table() -> str:
-    """The README's settings table."""
+    """The settings table of docs/configuration.md."""
     defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
     lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for name, meaning in SETTINGS_TABLE:
