@@ -49,6 +49,7 @@ class ShardRead:
     # is damaged (keys edited or evicted by hand); ids past it are not taken.
     held: int = -1
     ids: int = -1  # the shard's id count
+    size: int = -1  # the row string's length in bytes
 
     @property
     def same(self) -> bool:
@@ -56,7 +57,10 @@ class ShardRead:
 
     @property
     def damaged(self) -> bool:
-        return 0 <= self.held < self.ids
+        """More ids than rows, or a row string that is not whole rows."""
+        if self.held < 0:
+            return False
+        return self.held < self.ids or self.size != self.held * ITEM_WIDTH * 8
 
     def cursor(self) -> ShardCursor:
         return ShardCursor(self.epoch, self.version, self.first + len(self.usable_ids))
@@ -97,7 +101,7 @@ class ItemsRead:
 
 def decode_shard(shard: int, cursor: ShardCursor, reply: list[Any]) -> ShardRead:
     """``lua/item_read.lua``'s reply as a ShardRead."""
-    epoch, version, ids, mode, positions, rows, held, total = reply
+    epoch, version, ids, mode, positions, rows, held, total, size = reply
     epoch = epoch.decode()
     full = mode == b"full"
     first = cursor.known if epoch == cursor.epoch and cursor.epoch else 0
@@ -113,6 +117,7 @@ def decode_shard(shard: int, cursor: ShardCursor, reply: list[Any]) -> ShardRead
         rows=raw,
         held=int(held),
         ids=int(total),
+        size=int(size),
     )
 
 

@@ -248,3 +248,65 @@ async def test_a_reused_event_id_never_counts_another_item(aredis: Redis) -> Non
     assert await _counts(store, first) == pytest.approx(4.0)
     table = await store.item_table()
     assert other not in table.index or await _counts(store, other) == 0.0
+
+
+async def test_a_row_rewrite_past_a_lowered_limit_writes_nothing_and_retries_count_once() -> None:
+    """From the second review: with proto-max-bulk-len lowered below a shard's row
+    string, a rewrite of a late row fails for size (SETRANGE checks offset +
+    length even without growth). Rows are written from the highest offset
+    down, so that failure is the first write: nothing lands, and once the
+    limit is back a retry counts each event once."""
+    with EmbeddedRedis() as server:
+        client = Redis.from_url(server.url)
+        try:
+            store = FeatureStore(client, store_settings())
+            await store.check_format()
+            items = ids_in_shard(7, 2200, "a")  # 1,073,600 bytes of rows
+            await store.upsert_items([(i, "c", 1.0) for i in items])
+            meta = keys.shard_keys(7)[3]
+            version = await client.hget(meta, "ver")
+            await client.config_set("proto-max-bulk-len", MIB)
+            batch = [
+                EventWrite("u1", items[0], 1, T, "e1"),
+                EventWrite("u2", items[-1], 1, T, "e2"),
+            ]
+            for _ in range(3):
+                with pytest.raises(ItemWriteFailed):
+                    await store.apply_events(batch)
+            # A catalogue update of both rows fails whole as well.
+            with pytest.raises(ItemWriteFailed):
+                await store.upsert_items([(items[0], "d", 2.0), (items[-1], "d", 2.0)])
+            assert await client.hget(meta, "ver") == version
+            await client.config_set("proto-max-bulk-len", 512 * MIB)
+            assert await _counts(store, items[0]) == 0.0
+            assert await store.apply_events(batch) == [0, 0]  # the user side had applied
+            assert await _counts(store, items[0]) == pytest.approx(4.0)
+            assert await _counts(store, items[-1]) == pytest.approx(4.0)
+        finally:
+            await client.aclose()
+
+
+async def test_a_partial_trailing_row_does_not_stop_a_new_worker(aredis: Redis) -> None:
+    """From the second review: stray bytes on a row string (not whole rows). A new
+    worker loads every item, the shard's too (its whole rows), and names it
+    damaged; deleting the shard's keys and importing its items again repairs it."""
+    store = FeatureStore(aredis, store_settings())
+    mine = ids_in_shard(2, 3, "a")
+    await store.upsert_items([(i, "c", 1.0) for i in [*mine, "elsewhere"]])
+    intact = await _break(aredis, 2)
+    assert len(intact) == 3 * ITEM_ROW_BYTES
+    cache = ItemCache(store)
+    await cache.refresh()
+    assert set(cache.view.table.index) == {*mine, "elsewhere"}
+    assert cache.damaged == {2}
+    with pytest.raises(ItemWriteFailed):
+        await store.apply_events([EventWrite("u", mine[0], 0, T, "w1")])
+    # The documented repair: delete the shard's keys, import its items again.
+    await aredis.delete(*keys.shard_keys(2))
+    await store.upsert_items([(i, "c", 1.0) for i in mine])
+    # w1 was refused at its first step (nothing written): it applies now.
+    assert await store.apply_events([EventWrite("u", mine[0], 0, T, "w1")]) == [1]
+    assert await store.apply_events([EventWrite("u", mine[1], 0, T, "w2")]) == [1]
+    await cache.refresh()  # another epoch for shard 2: everything read again
+    assert cache.damaged == set() and set(cache.view.table.index) == {*mine, "elsewhere"}
+    assert await _counts(store, mine[1]) == pytest.approx(4.0)

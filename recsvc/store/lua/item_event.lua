@@ -1,8 +1,8 @@
 -- One shard's part of a batch of events: decayed popularity counters of the
 -- shard's items, and the co-visitation neighbours of their rows. Mirrors
 -- features.state.ItemTable.apply_event and add_neighbour operation for
--- operation. Every check comes before the first write: on an error nothing
--- is written. Rows are packed float64 (layout: recsvc.store.codec.item_layout)
+-- operation. Every check comes before the first write, and the one write
+-- that can fail for size comes first: on an error nothing is written. Rows are packed float64 (layout: recsvc.store.codec.item_layout)
 -- at position * row bytes of the shard's state string; a row index is
 -- position * shards + shard (features.state.item_row).
 -- KEYS: state string, meta hash, dirty zset, ids list, then one dedupe key
@@ -177,10 +177,16 @@ for gi, g in ipairs(groups) do
   end
 end
 if #order > 0 then
+  -- Rows from the highest offset down: SETRANGE checks offset + length against
+  -- proto-max-bulk-len (even when the string does not grow), so if any row
+  -- write can fail for size, the first one does, and then nothing is written.
+  table.sort(order, function(x, y) return x > y end)
+  for _, pos in ipairs(order) do
+    redis.call('SETRANGE', KEYS[1], pos * row_bytes, struct.pack(fmt, unpack(rows[pos])))
+  end
   local version = redis.call('HINCRBY', KEYS[2], 'ver', 1)
   local dirty = {}
   for _, pos in ipairs(order) do
-    redis.call('SETRANGE', KEYS[1], pos * row_bytes, struct.pack(fmt, unpack(rows[pos])))
     dirty[#dirty + 1] = version
     dirty[#dirty + 1] = pos
     if #dirty >= 400 then

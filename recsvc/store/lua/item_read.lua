@@ -5,10 +5,11 @@
 --       the reader's epoch (another epoch: the shard was rebuilt, send
 --       everything), storage format (another one: an error, never misread
 --       rows), row bytes, max_rows (more changed rows than this: send everything)
--- Returns {epoch, version, new ids, mode, positions, rows, rows held, ids}: mode
--- 'same' (nothing changed), 'delta' (the rows at positions), or 'full' (every
--- row, and every id when the epoch changed); rows held is the row string's
--- length in rows, ids the shard's id count (more ids than rows: a damaged shard).
+-- Returns {epoch, version, new ids, mode, positions, rows, rows held, ids, bytes}:
+-- mode 'same' (nothing changed), 'delta' (the rows at positions), or 'full'
+-- (every row, and every id when the epoch changed); whole rows only. Rows held
+-- is the row string's length in whole rows, ids the shard's id count, bytes the
+-- string's length (not rows held * row bytes, or fewer rows than ids: damaged).
 local meta = redis.call('HMGET', KEYS[1], 'format', 'epoch', 'ver')
 if meta[1] and meta[1] ~= ARGV[4] then
   return redis.error_reply('recsvc storage format ' .. meta[1] .. ', expected ' .. ARGV[4])
@@ -17,19 +18,25 @@ local epoch, version = meta[2] or '', meta[3] or '0'
 local since, known = tonumber(ARGV[1]), tonumber(ARGV[2])
 local row_bytes, max_rows = tonumber(ARGV[5]), tonumber(ARGV[6])
 if epoch ~= ARGV[3] then since, known = -1, 0 end
-local held = math.floor(redis.call('STRLEN', KEYS[3]) / row_bytes)
+local size = redis.call('STRLEN', KEYS[3])
+local held = math.floor(size / row_bytes)
 local total = redis.call('LLEN', KEYS[2])
 if since >= 0 and tonumber(version) == since then
-  return {epoch, version, {}, 'same', {}, '', held, total}
+  return {epoch, version, {}, 'same', {}, '', held, total, size}
 end
 local ids = redis.call('LRANGE', KEYS[2], known, -1)
 if since >= 0 and redis.call('ZCOUNT', KEYS[4], '(' .. since, '+inf') <= max_rows then
   local changed = redis.call('ZRANGEBYSCORE', KEYS[4], '(' .. since, '+inf')
-  local parts = {}
-  for j, pos in ipairs(changed) do
+  local positions, parts = {}, {}
+  for _, pos in ipairs(changed) do
     local at = tonumber(pos) * row_bytes
-    parts[j] = redis.call('GETRANGE', KEYS[3], at, at + row_bytes - 1)
+    if tonumber(pos) < held then  -- whole rows only (a damaged string may end early)
+      positions[#positions + 1] = pos
+      parts[#parts + 1] = redis.call('GETRANGE', KEYS[3], at, at + row_bytes - 1)
+    end
   end
-  return {epoch, version, ids, 'delta', changed, table.concat(parts), held, total}
+  return {epoch, version, ids, 'delta', positions, table.concat(parts), held, total, size}
 end
-return {epoch, version, ids, 'full', {}, redis.call('GET', KEYS[3]) or '', held, total}
+local rows = ''
+if held > 0 then rows = redis.call('GETRANGE', KEYS[3], 0, held * row_bytes - 1) end
+return {epoch, version, ids, 'full', {}, rows, held, total, size}

@@ -60,9 +60,10 @@ for a = base + 5, #ARGV, 4 do
 end
 
 if #new == 0 and #sets == 0 then return out end
--- The one write that can fail for size (the row string past
--- proto-max-bulk-len, which may have been lowered since the capacity was read)
--- goes first: if it fails, nothing has been written.
+-- The writes that can fail for size come first, so that if one fails nothing
+-- has been written: the row string's growth (past proto-max-bulk-len, which may
+-- have been lowered since the capacity was read), else the row rewrites from
+-- the highest offset down (SETRANGE checks offset + length against the limit).
 if #new > 0 then
   local rows, zero = {}, {}
   for c = 1, width do zero[c] = 0.0 end
@@ -71,6 +72,14 @@ if #new > 0 then
     rows[j] = struct.pack(fmt, unpack(zero))
   end
   redis.call('APPEND', KEYS[3], table.concat(rows))
+end
+table.sort(sets, function(x, y) return x[1] > y[1] end)
+for _, s in ipairs(sets) do
+  local at = s[1] * row_bytes
+  local row = {struct.unpack(fmt, redis.call('GETRANGE', KEYS[3], at, at + row_bytes - 1))}
+  row[width + 1] = nil
+  row[col_cat], row[col_price] = s[2], s[3]
+  redis.call('SETRANGE', KEYS[3], at, struct.pack(fmt, unpack(row)))
 end
 if count == 0 and redis.call('HEXISTS', KEYS[4], 'epoch') == 0 then
   local now = redis.call('TIME')
@@ -86,14 +95,7 @@ local function mark(pos)
     dirty = {}
   end
 end
-for _, s in ipairs(sets) do
-  local at = s[1] * row_bytes
-  local row = {struct.unpack(fmt, redis.call('GETRANGE', KEYS[3], at, at + row_bytes - 1))}
-  row[width + 1] = nil
-  row[col_cat], row[col_price] = s[2], s[3]
-  redis.call('SETRANGE', KEYS[3], at, struct.pack(fmt, unpack(row)))
-  mark(s[1])
-end
+for _, s in ipairs(sets) do mark(s[1]) end
 local ids, index = {}, {}
 for j, e in ipairs(new) do
   ids[#ids + 1] = e[1]
