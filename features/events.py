@@ -57,7 +57,12 @@ COVISIT_KEEP_SECS = 2 * 86400.0
 
 # Ids of users, items and events: the API's rule, and the rule for logs we load
 # (an id the API refuses could never be asked about). No way to shape a key.
+# ID_PATTERN is the rule as a JSON Schema (ECMA-262) pattern, where '$' is the
+# end of the string; ID_REGEX is the same rule for Python's re, whose '$' also
+# matches before a final newline ("u1\n" would pass, and a newline in an id
+# would split the lines of a dedupe record).
 ID_PATTERN = r"^[A-Za-z0-9_.:@\-]+$"
+ID_REGEX = r"^[A-Za-z0-9_.:@\-]+\Z"
 MAX_ID_LENGTH = 128
 
 

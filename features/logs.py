@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from features.events import EVENT_BY_NAME, EVENT_NAMES, ID_PATTERN, MAX_ID_LENGTH, EventType
+from features.events import EVENT_BY_NAME, EVENT_NAMES, ID_REGEX, MAX_ID_LENGTH, EventType
 
 RECSVC_EVENTS_HEADER = "ts,user_id,item_id,type"
 RETAILROCKET_EVENTS_HEADER = "timestamp,visitorid,event,itemid,transactionid"
@@ -34,7 +34,7 @@ RETAILROCKET_EVENTS: dict[str, EventType] = {
 }
 CATALOGUE_HEADERS = ("item_id,category,price", "itemid,categoryid", "itemid,categoryid,price")
 MAX_EXAMPLES = 5
-_ID = re.compile(ID_PATTERN)
+_ID = re.compile(ID_REGEX)
 
 
 def valid_id(value: str) -> bool:

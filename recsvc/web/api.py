@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from features.events import ID_PATTERN, MAX_ID_LENGTH
+from features.events import ID_REGEX, MAX_ID_LENGTH
 from recsvc.errors import InvalidRequest
 
 MAX_N = 100
@@ -21,7 +21,9 @@ MAX_CANDIDATES = 1000
 # GET /v1/recommendations: ids per list, so the request line fits aiohttp's 8190 bytes.
 MAX_GET_IDS = 8
 
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)]
+# Validated with the Python form of the rule; the contract shows the JSON Schema
+# form (recsvc.web.openapi swaps it in).
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_REGEX)]
 # number + multipleOf 1, not int: JSON Schema counts 5.0 as an integer (as the contract
 # must), msgspec's int does not.
 N = Annotated[float, msgspec.Meta(ge=1, le=MAX_N, multiple_of=1)]

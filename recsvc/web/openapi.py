@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from features.events import ID_PATTERN, MAX_ID_LENGTH
+from features.events import ID_PATTERN, ID_REGEX, MAX_ID_LENGTH
 from recsvc.web import api
 
 REF = "#/components/schemas/{name}"
@@ -94,6 +94,7 @@ def document() -> dict[str, Any]:
         api.Readiness,
     ]
     _, components = msgspec.json.schema_components(types, ref_template=REF)
+    components = _ecma_patterns(components)
     components["EventBatch"]["properties"]["events"]["items"] = {
         "anyOf": [{"$ref": REF.format(name="EventIn")}, {}],
         "description": "an EventIn; an invalid one is listed in `rejected`, the rest apply",
@@ -201,6 +202,19 @@ def document() -> dict[str, Any]:
 
 def text() -> str:
     return json.dumps(document(), indent=2, sort_keys=True) + "\n"
+
+
+def _ecma_patterns(schema: Any) -> Any:
+    """The schema with the id rule in its JSON Schema form: msgspec validates ids
+    with ID_REGEX (Python's re) and writes that into the schemas it generates."""
+    if isinstance(schema, dict):
+        return {
+            k: ID_PATTERN if k == "pattern" and v == ID_REGEX else _ecma_patterns(v)
+            for k, v in schema.items()
+        }
+    if isinstance(schema, list):
+        return [_ecma_patterns(v) for v in schema]
+    return schema
 
 
 if __name__ == "__main__":

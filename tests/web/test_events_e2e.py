@@ -390,3 +390,21 @@ async def test_context_is_accepted_and_unknown_context_fields_are_400(client: Cl
     resp = await client.post("/v1/recommendations", json=bad)
     assert resp.status == 400
     assert (await resp.json())["error"]["field"] == "context.screen"
+
+
+@pytest.mark.parametrize("bad", ["u1\n", "u1\r\n", "\nu1", "u 1"])
+async def test_an_id_with_a_newline_is_refused_everywhere(client: Client, bad: str) -> None:
+    """Python's '$' matches before a final newline, so "u1\\n" used to pass the id
+    rule; stored, it would split a dedupe record's lines and pair co-visits
+    with a different item on a retry."""
+    for field in ("user_id", "item_id", "event_id"):
+        event = _event("nl1") | {field: bad}
+        resp = await client.post("/v1/events", json=event)
+        assert resp.status == 400, (field, bad)
+        assert (await resp.json())["error"]["field"] == field
+    resp = await client.post("/v1/recommendations", json={"user_id": bad})
+    assert resp.status == 400 and (await resp.json())["error"]["field"] == "user_id"
+    resp = await client.get("/v1/recommendations", params={"user_id": bad})
+    assert resp.status == 400 and (await resp.json())["error"]["field"] == "user_id"
+    resp = await client.get(f"/v1/users/{bad.strip()}x%0A/features")
+    assert resp.status == 400
