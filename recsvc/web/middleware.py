@@ -126,6 +126,8 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         code = HTTP_CODES.get(exc.status, "http_error")
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return error_response(exc.status, code, exc.reason, headers=headers)
+    except ConnectionResetError:
+        raise  # the client went away: observe() counts it, no traceback
     except Exception:
         log.exception(
             "unhandled error",
@@ -297,6 +299,12 @@ def observe(sample: float, slow_ms: float, deadline_ms: float) -> Middleware:
         except asyncio.CancelledError:
             status = CLIENT_CLOSED
             raise
+        except ConnectionResetError:
+            # The client went away (e.g. closed the socket half way through its
+            # body): nothing to answer, no traceback, not a server error. The
+            # answer is never sent; aiohttp drops it quietly.
+            status = CLIENT_CLOSED
+            return web.Response(status=CLIENT_CLOSED)
         finally:
             elapsed = time.perf_counter() - arrived
             route = _route(request)

@@ -6,13 +6,16 @@ difference between two scrapes around the requests under test.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
@@ -20,6 +23,7 @@ from redis.asyncio import Redis
 from features.synthetic import SyntheticData
 from recsvc.ops import metrics
 from recsvc.web.app import create_app
+from recsvc.web.server import setup_runner
 from tests.conftest import settings_for
 from tests.helpers import private_seeded_redis
 
@@ -206,3 +210,46 @@ def test_multiprocess_directory_loses_only_metric_files(
     metrics.prepare_multiprocess(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     assert os.environ[metrics.MULTIPROC_ENV] == str(tmp_path)
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_leaves_mid_body_is_a_499_not_a_500(
+    redis_url: str, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """From the review (issue 17, finding 8): closing a socket half way through
+    a request body counted a 500 and logged a traceback per connection. The
+    server is set up as `recsvc serve` sets it up (setup_runner: no handler
+    cancellation), where the body read raises ConnectionResetError."""
+    runner = await setup_runner(create_app(settings_for(model_dir), redis_url))
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+
+            async def scrape_live() -> Samples:
+                async with session.get("/metrics") as resp:
+                    return parse(await resp.text())
+
+            before = await scrape_live()
+            with caplog.at_level(logging.INFO):
+                for _ in range(5):
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(
+                        b"POST /v1/events HTTP/1.1\r\nHost: t\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+                        b'{"events": ['
+                    )
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    writer.close()
+                    await writer.wait_closed()
+                await asyncio.sleep(0.3)
+            after = await scrape_live()
+    finally:
+        await runner.cleanup()
+    name = "recsvc_http_request_duration_seconds_count"
+    labels = {"route": "/v1/events", "method": "POST"}
+    assert delta(before, after, name, status="500", **labels) == 0
+    assert delta(before, after, name, status="499", **labels) == 5
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
