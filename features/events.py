@@ -55,6 +55,11 @@ COVISIT_HALF_LIFE = 7 * 86400.0
 COVISIT_KEEP_SECS = 2 * 86400.0
 
 
+# Clock skew tolerated from clients: an event may be this far in the future
+# (it is applied at the time it arrives). Its dedupe keys must outlive the
+# window in which a retry is still accepted, which the skew lengthens.
+MAX_FUTURE_SECS = 300.0
+
 # Ids of users, items and events: the API's rule, and the rule for logs we load
 # (an id the API refuses could never be asked about). No way to shape a key.
 # ID_PATTERN is the rule as a JSON Schema (ECMA-262) pattern, where '$' is the

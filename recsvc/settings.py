@@ -313,8 +313,8 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     ("item_refresh_secs", "freshness bound of the in-process item data"),
     (
         "event_dedupe_ttl_secs",
-        "how long an event id is remembered for deduplication (at most 169200: older "
-        "events are refused)",
+        "how long an event id is remembered for deduplication, counted from its event "
+        "time, which may be 300 s ahead (at most 169200: older events are refused)",
     ),
     ("user_ttl_days", "idle time after which a user's state expires; 0 = never"),
     ("max_body_bytes", "largest request body (413 above)"),

@@ -7,16 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from features.events import EVENT_BY_NAME
+from features.events import EVENT_BY_NAME, MAX_FUTURE_SECS
 from features.state import COL_PRICE
 from recsvc.ab.exposures import ExposureLog
 from recsvc.errors import InvalidRequest, StoreUnavailable
 from recsvc.ops import metrics
 from recsvc.service.itemcache import ItemCache
 from recsvc.store.feature_store import EventWrite, FeatureStore, ItemWriteFailed
-
-# Clock skew we tolerate from the frontend; later "future" events are refused.
-MAX_FUTURE_SECS = 300.0
 
 
 class EventIn(Protocol):

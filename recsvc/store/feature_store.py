@@ -13,7 +13,7 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from features.events import COVISIT_BUCKET_SECS, RECENT_MAX
+from features.events import COVISIT_BUCKET_SECS, MAX_FUTURE_SECS, RECENT_MAX
 from features.state import N_SHARDS, ItemTable, UserState, covisit_bucket, item_row, shard_of
 from recsvc.errors import Overloaded, StoreUnavailable
 from recsvc.ops import metrics
@@ -130,6 +130,10 @@ class FeatureStore:
         self.timeout = settings.redis_timeout_ms / 1000.0
         self.write_timeout = settings.redis_write_timeout_ms / 1000.0
         self.dedupe_ttl = settings.event_dedupe_ttl_secs
+        # How long dedupe keys live: a retry is accepted while its (possibly
+        # future, by up to MAX_FUTURE_SECS) event time is within dedupe_ttl of
+        # now, so the keys outlive that by the skew (0 = no deduplication).
+        self.dedupe_key_ttl = int(self.dedupe_ttl + MAX_FUTURE_SECS) if self.dedupe_ttl > 0 else 0
         self.user_ttl = int(settings.user_ttl_days * 86400)
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_secs)
         # Rows one shard's state string can hold (see DEFAULT_MAX_BULK).
@@ -139,7 +143,7 @@ class FeatureStore:
         self._upsert_script = self.writer.register_script(source("item_upsert.lua"))
         self._category_script = self.writer.register_script(source("categories.lua"))
         self._read_script = self.client.register_script(source("item_read.lua"))
-        self._user_head = [*user_layout(), self.dedupe_ttl, self.user_ttl]
+        self._user_head = [*user_layout(), self.dedupe_key_ttl, self.user_ttl]
         self._layout = item_layout()
 
     async def fetch_user(self, user_id: str, deadline: float | None = None) -> UserState | None:
@@ -374,7 +378,7 @@ class FeatureStore:
         reason per shard whose call failed (it wrote nothing)."""
         calls: list[ScriptCall] = []
         owners: list[int] = []
-        head = [*self._layout, STORAGE_FORMAT, self.dedupe_ttl]
+        head = [*self._layout, STORAGE_FORMAT, self.dedupe_key_ttl]
         for shard, shard_groups in sorted(groups.items()):
             start = 0
             while start < len(shard_groups):

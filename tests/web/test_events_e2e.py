@@ -408,3 +408,21 @@ async def test_an_id_with_a_newline_is_refused_everywhere(client: Client, bad: s
     assert resp.status == 400 and (await resp.json())["error"]["field"] == "user_id"
     resp = await client.get(f"/v1/users/{bad.strip()}x%0A/features")
     assert resp.status == 400
+
+
+async def test_dedupe_keys_outlive_the_window_a_future_event_is_retried_in(
+    client: Client, seeded: Redis
+) -> None:
+    """From the review (issue 17, finding 10): an event up to MAX_FUTURE_SECS in
+    the future passes the age check on its own time, so a retry is accepted
+    until that time plus the dedupe window; its dedupe keys used to expire a
+    dedupe window after the first attempt, leaving a gap in which the retry
+    counted again. Every key it writes must live that long."""
+    ttl = settings_for(Path("unused")).event_dedupe_ttl_secs
+    ahead = time.time() + 250.0
+    event = _event("future1", user="fut", item="i3", ts=ahead)
+    assert (await (await client.post("/v1/events", json=event)).json())["accepted"] == 1
+    need = ahead + ttl - time.time() - 5.0  # a retry is accepted this long from now
+    assert await seeded.ttl(keys.user_event_seen("fut", "future1")) >= need
+    item_side = keys.shard_event_seen(shard_of("i3"), "fut", "future1")
+    assert await seeded.ttl(item_side) >= need
