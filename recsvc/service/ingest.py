@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,16 @@ from recsvc.errors import InvalidRequest, StoreUnavailable
 from recsvc.ops import metrics
 from recsvc.service.itemcache import ItemCache
 from recsvc.store.feature_store import EventWrite, FeatureStore, ItemWriteFailed
+
+log = logging.getLogger(__name__)
+
+
+def _public(reason: str) -> str:
+    """What a client is told about a shard that refused a write: which shard and
+    whether to retry, never Redis's own error text (that goes to the log)."""
+    if reason.endswith(" is full"):
+        return reason
+    return reason.split(":", 1)[0] + "; retry later"
 
 
 class EventIn(Protocol):
@@ -112,7 +123,10 @@ class Ingestor:
             except ItemWriteFailed as exc:
                 outcome = exc.results
                 for j, reason in sorted(exc.failed.items()):
-                    result.failed.append({"index": positions[j], "error": reason})
+                    result.failed.append({"index": positions[j], "error": _public(reason)})
+                log.warning(
+                    "%d event(s) not applied: %s", len(exc.failed), sorted(set(exc.failed.values()))
+                )
                 metrics.EVENTS.labels("failed").inc(len(exc.failed))
             except StoreUnavailable:
                 metrics.EVENTS.labels("failed").inc(len(writes))

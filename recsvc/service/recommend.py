@@ -334,7 +334,8 @@ class Recommender:
         if q.candidates is not None:
             pool = _unique(_allowed(cands.ids_to_index(table, q.candidates), banned))
             scores = scores_of(table, pool, popularity.built_at)
-            pool = pool[top_n(scores, q.n)] if len(pool) else pool
+            best = top_n(scores, q.n) if len(pool) else np.zeros(0, np.int64)
+            pool, scores = pool[best], scores[best]
             sources = ["request"] * len(pool)
         else:
             in_category = np.zeros(0, np.int64)
@@ -345,8 +346,9 @@ class Recommender:
             pool = _unique(np.concatenate([in_category, _allowed(popularity.top, banned)]))[: q.n]
             sources = ["category_popular"] * min(len(in_category), len(pool))
             sources += ["popular"] * (len(pool) - len(sources))
+            scores = scores_of(table, pool, popularity.built_at)
         timer.mark("fallback")
-        items = _items(table, pool, scores_of(table, pool, popularity.built_at), sources)
+        items = _items(table, pool, scores, sources)
         return Result(q.request_id, q.user_id, items, strategy, reason, None, timer)
 
 

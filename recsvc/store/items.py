@@ -5,7 +5,8 @@ of its items it holds). A refresh asks every shard, in one pipeline, for what
 changed since: a shard with no change answers in a few bytes, a changed one
 with its new ids and changed rows, or everything when too much changed or the
 shard was rebuilt (another epoch). ``patch_table`` writes the answers into the
-table in place, O(changed rows); ``load_table`` builds a table from full reads.
+table in place, O(changed rows); ``place_full`` fills a new table from full reads
+(``FeatureStore.load_items``).
 """
 
 from __future__ import annotations
@@ -119,15 +120,6 @@ def decode_shard(shard: int, cursor: ShardCursor, reply: list[Any]) -> ShardRead
         ids=int(total),
         size=int(size),
     )
-
-
-def load_table(read: ItemsRead) -> ItemTable:
-    """A new table from full reads of every shard (all ids from position 0)."""
-    counts = [s.first + len(s.usable_ids) for s in read.shards]
-    table = ItemTable(categories=read.new_categories)
-    table.reserve(rows_for(counts))
-    place_full(table, read.shards)
-    return table
 
 
 def rows_for(counts: Sequence[int]) -> int:

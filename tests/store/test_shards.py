@@ -153,6 +153,8 @@ async def test_http_reports_failed_events_and_503s_a_single_one(
     assert body["accepted"] == 1 and body["duplicates"] == 0 and body["rejected"] == []
     assert [f["index"] for f in body["failed"]] == [1]
     assert "item shard 7" in body["failed"][0]["error"]
+    # Which shard and what to do; Redis's own error text stays in the log.
+    assert body["failed"][0]["error"] == "item shard 7 refused the write; retry later"
     single = await client.post("/v1/events", json=event("h3", bad))
     assert single.status == 503
     assert (await single.json())["error"]["code"] == "feature_store_unavailable"

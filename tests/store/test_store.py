@@ -25,7 +25,7 @@ from recsvc.store import keys
 from recsvc.store.client import connect
 from recsvc.store.codec import ITEM_FIELDS, STORAGE_FORMAT, USER_FIELDS
 from recsvc.store.feature_store import EventWrite, FeatureStore, IncompatibleStore, fresh_cursors
-from recsvc.store.items import ShardCursor, load_table, patch_table, rows_needed
+from recsvc.store.items import ShardCursor, patch_table, rows_needed
 from tests.helpers import canonical, neighbour_counts, store_settings
 
 pytestmark = pytest.mark.asyncio
@@ -226,9 +226,8 @@ async def test_a_delta_read_patches_the_table_exactly(aredis: Redis) -> None:
     await store.upsert_items([(f"c{k}", f"cat{k % 3}", 1.0 + k) for k in range(50)])
     writes = _session_writes(20, seed=5, t0=1_790_000_000.0)
     await store.apply_events(writes[:60])
-    first = await store.read_items(fresh_cursors())
+    table, first = await store.load_items(shards_per_read=7)
     assert all(s.positions is None for s in first.shards)  # everything, the first time
-    table = load_table(first)
     cursors = [s.cursor() for s in first.shards]
     await store.apply_events(writes[60:])  # new items, new co-visits, new categories
     await store.upsert_items([("c3", "cat-new", 9.5)])
