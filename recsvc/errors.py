@@ -25,6 +25,15 @@ class InvalidRequest(RecsvcError):
         self.code = code
 
 
+class UnknownItem(InvalidRequest):
+    """A single event naming an item that is not in the catalogue (the unknown-item
+    policy refuses to create it): a conflict with the store's state, not a
+    malformed request."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field="item_id", code="unknown_item")
+
+
 class Unauthorized(RecsvcError):
     """Missing or wrong bearer token (the message never echoes what was sent)."""
 

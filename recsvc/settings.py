@@ -68,6 +68,10 @@ class Settings:
     breaker_reset_secs: float = 2.0
     item_refresh_secs: float = 2.0
     event_dedupe_ttl_secs: int = 86_400
+    # Events naming an item no shard holds: "reject" (listed as unknown_item),
+    # "create" (a bare item), or "auto": reject once a catalogue was loaded
+    # (`recsvc catalogue upsert`, PUT /admin/items), else create.
+    unknown_items: str = "auto"
     user_ttl_days: float = 90.0
     max_body_bytes: int = 64 * 1024
     # A request body must arrive within this (408 and the connection closed).
@@ -156,6 +160,7 @@ class Settings:
                 "event_dedupe_ttl_secs",
                 1 <= self.event_dedupe_ttl_secs <= COVISIT_KEEP_SECS - COVISIT_BUCKET_SECS,
             ),
+            ("unknown_items", self.unknown_items in {"auto", "reject", "create"}),
             ("user_ttl_days", self.user_ttl_days >= 0),
             ("max_body_bytes", self.max_body_bytes >= 1024),
             ("max_inflight", self.max_inflight >= 1),
@@ -315,6 +320,12 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
         "event_dedupe_ttl_secs",
         "how long an event id is remembered for deduplication, counted from its event "
         "time, which may be 300 s ahead (at most 169200: older events are refused)",
+    ),
+    (
+        "unknown_items",
+        "events naming an item not in Redis: reject (listed with reason unknown_item), "
+        "create (a bare item), or auto (reject once a catalogue was loaded with "
+        "`recsvc catalogue upsert` or PUT /admin/items, else create)",
     ),
     ("user_ttl_days", "idle time after which a user's state expires; 0 = never"),
     ("max_body_bytes", "largest request body (413 above)"),

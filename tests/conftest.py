@@ -131,7 +131,9 @@ async def seeded(aredis: Redis, small_data: SyntheticData) -> Redis:
 async def client(
     seeded: Redis, redis_url: str, model_dir: Path
 ) -> AsyncIterator[TestClient[object, object]]:
-    """HTTP client of a real server on 127.0.0.1 over seeded Redis and the small model."""
-    app = create_app(settings_for(model_dir), redis_url)
+    """HTTP client of a real server on 127.0.0.1 over seeded Redis and the small model.
+    Events create the items they name (the parity tests replay logs with items
+    outside the catalogue); tests/service/test_integrity.py tests the policy."""
+    app = create_app(settings_for(model_dir, unknown_items="create"), redis_url)
     async with TestClient(TestServer(app, host="127.0.0.1")) as c:
         yield c

@@ -20,8 +20,10 @@ from recsvc.settings import Settings
 
 def store_settings(**overrides: object) -> Settings:
     """Settings for tests that read Redis directly: the production read deadline
-    (20 ms) would turn a hiccup of this shared machine into a failed read."""
-    return Settings(redis_timeout_ms=2000.0).replace(**overrides)
+    (20 ms) would turn a hiccup of this shared machine into a failed read; and
+    events create the items they name, as the offline replay does (these tests
+    compare the two; tests/service/test_integrity.py tests the policy)."""
+    return Settings(redis_timeout_ms=2000.0, unknown_items="create").replace(**overrides)
 
 
 def dense_table(items: Iterable[tuple[str, str, float]]) -> ItemTable:

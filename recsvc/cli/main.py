@@ -21,7 +21,7 @@ from features.trainer import TrainParams
 from recsvc.ab import experiments
 from recsvc.ab import report as abreport
 from recsvc.cli import seed, simulate, training
-from recsvc.errors import ModelRejected
+from recsvc.errors import ModelRejected, StoreUnavailable
 from recsvc.ops import logs
 from recsvc.ops.embedded import EmbeddedRedis, EmbeddedRedisError
 from recsvc.ranking import models
@@ -146,6 +146,24 @@ def parser() -> argparse.ArgumentParser:
         help="add to a Redis that already holds data (importing a log twice counts it twice)",
     )
     imp.add_argument("--embedded", action="store_true", help="into the data dir's own Redis")
+
+    cat = sub.add_parser("catalogue", help="create, update and delete catalogue items in Redis")
+    cat_sub = cat.add_subparsers(dest="catalogue_command", required=True)
+    up = cat_sub.add_parser(
+        "upsert",
+        help="create or update items (category, price); events for items outside the "
+        "catalogue are then refused (RECSVC_UNKNOWN_ITEMS=auto)",
+    )
+    _common(up)
+    up.add_argument(
+        "--items", type=Path, required=True, help="item_id,category,price or itemid,categoryid"
+    )
+    up.add_argument("--embedded", action="store_true", help="the data dir's own Redis")
+    rm = cat_sub.add_parser("delete", help="delete items: never served again")
+    _common(rm)
+    rm.add_argument("item_ids", nargs="*", help="ids to delete")
+    rm.add_argument("--ids-file", type=Path, help="a file with one id per line")
+    rm.add_argument("--embedded", action="store_true", help="the data dir's own Redis")
 
     md = sub.add_parser("models", help="the model registry")
     md_sub = md.add_subparsers(dest="models_command", required=True)
@@ -394,6 +412,45 @@ async def _ab_report(url: str, settings: Settings, args: argparse.Namespace) -> 
         await client.aclose()
 
 
+async def _catalogue(url: str, settings: Settings, args: argparse.Namespace) -> str:
+    client = connect(url, settings, writes=True)
+    try:
+        store = FeatureStore(client, settings)
+        await store.check_format()
+        if args.catalogue_command == "upsert":
+            catalogue, report = read_catalogue_report(args.items)
+            print(report.summary(), file=sys.stderr)
+            rows = list(
+                zip(
+                    catalogue.item_ids,
+                    catalogue.categories,
+                    catalogue.prices.tolist(),
+                    strict=True,
+                )
+            )
+            for k in range(0, len(rows), seed.BATCH):
+                await store.upsert_items(rows[k : k + seed.BATCH])
+            return f"upserted {len(rows)} items"
+        ids = list(args.item_ids)
+        if args.ids_file:
+            ids += [line.strip() for line in args.ids_file.read_text().splitlines()]
+        ids = list(dict.fromkeys(i for i in ids if i))
+        if not ids:
+            raise SettingsError("no item ids to delete (give ids or --ids-file)")
+        deleted = 0
+        for k in range(0, len(ids), seed.BATCH):
+            deleted += sum(await store.delete_items(ids[k : k + seed.BATCH]))
+        return f"deleted {deleted} of {len(ids)} items ({len(ids) - deleted} not in Redis)"
+    finally:
+        await client.aclose()
+
+
+def cmd_catalogue(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    with _redis(settings, embedded=args.embedded) as url:
+        print(asyncio.run(_catalogue(url, settings, args)), file=sys.stderr)
+
+
 def cmd_ab_report(args: argparse.Namespace) -> None:
     settings = _settings(args)
     with _redis(settings, embedded=args.embedded) as url:
@@ -539,6 +596,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "seed": cmd_seed,
     "import": cmd_import,
+    "catalogue": cmd_catalogue,
     "models": cmd_models,
     "ab-report": cmd_ab_report,
     "simulate": cmd_simulate,
@@ -565,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         NoTrainingGroups,
         SplitError,
         ModelRejected,
+        StoreUnavailable,
     ) as exc:
         print(f"recsvc: {exc}", file=sys.stderr)
         return 2

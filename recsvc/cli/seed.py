@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -64,6 +66,12 @@ async def is_seeded(client: RedisClient) -> bool:
     return await count_items(client) > 0
 
 
+def _apply(store: FeatureStore, batch: list[EventWrite]) -> Coroutine[Any, Any, list[int]]:
+    """A log is history: an item it names outside the catalogue is created, as
+    the offline replay does (the unknown-item policy is for live events)."""
+    return store.apply_events(batch, dedupe=False, unknown_items="create")
+
+
 async def seed(
     client: RedisClient,
     settings: Settings,
@@ -108,7 +116,7 @@ async def seed(
         category, price = meta.get(item_id, ("", 0.0))
         batch.append(EventWrite(user_id, item_id, event_type, ts, "", category, price))
         if len(batch) >= BATCH:
-            pending.add(asyncio.create_task(store.apply_events(batch, dedupe=False)))
+            pending.add(asyncio.create_task(_apply(store, batch)))
             bar.update(len(batch))
             batch = []
             if len(pending) >= IN_FLIGHT:
@@ -116,7 +124,7 @@ async def seed(
                 for task in done:
                     task.result()
     if batch:
-        pending.add(asyncio.create_task(store.apply_events(batch, dedupe=False)))
+        pending.add(asyncio.create_task(_apply(store, batch)))
         bar.update(len(batch))
     for task in pending:
         await task

@@ -99,7 +99,8 @@ CIRCUIT_STATE = Gauge(
 )
 EVENTS = Counter(
     "recsvc_events_total",
-    "Behaviour events by outcome: accepted, duplicate, rejected, failed (Redis).",
+    "Behaviour events by outcome: accepted, duplicate, rejected (invalid), unknown_item "
+    "(refused by RECSVC_UNKNOWN_ITEMS), failed (Redis).",
     ("outcome",),
 )
 MODEL_LOADED = Gauge(

@@ -14,7 +14,7 @@ from recsvc.ab.exposures import ExposureLog
 from recsvc.errors import InvalidRequest, StoreUnavailable
 from recsvc.ops import metrics
 from recsvc.service.itemcache import ItemCache
-from recsvc.store.feature_store import EventWrite, FeatureStore, ItemWriteFailed
+from recsvc.store.feature_store import UNKNOWN_ITEM, EventWrite, FeatureStore, ItemWriteFailed
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class EventIn(Protocol):
 class IngestResult:
     accepted: int = 0
     duplicates: int = 0
+    # Events that will never apply as sent: index, reason (invalid or
+    # unknown_item), error and field.
     rejected: list[dict[str, Any]] = field(default_factory=list)
     # Valid events the store could not apply now (retry them): index and reason.
     failed: list[dict[str, Any]] = field(default_factory=list)
@@ -113,7 +115,9 @@ class Ingestor:
                 sources.append(e)
                 positions.append(k)
             except InvalidRequest as err:
-                result.rejected.append({"index": k, "error": err.message, "field": err.field})
+                result.rejected.append(
+                    {"index": k, "reason": "invalid", "error": err.message, "field": err.field}
+                )
         if result.rejected:
             metrics.EVENTS.labels("rejected").inc(len(result.rejected))
         if writes:
@@ -131,8 +135,25 @@ class Ingestor:
             except StoreUnavailable:
                 metrics.EVENTS.labels("failed").inc(len(writes))
                 raise
+            unknown = 0
+            for j, a in enumerate(outcome):
+                if a == UNKNOWN_ITEM:  # the policy refused to create it; nothing written
+                    unknown += 1
+                    result.rejected.append(
+                        {
+                            "index": positions[j],
+                            "reason": "unknown_item",
+                            "error": f"item {writes[j].item_id!r} is not in the catalogue",
+                            "field": "item_id",
+                        }
+                    )
+            if unknown:
+                result.rejected.sort(key=lambda r: r["index"])
+                metrics.EVENTS.labels("unknown_item").inc(unknown)
             done = [
-                (w, e, a) for w, e, a in zip(writes, sources, outcome, strict=True) if a is not None
+                (w, e, a)
+                for w, e, a in zip(writes, sources, outcome, strict=True)
+                if a is not None and a != UNKNOWN_ITEM
             ]
             result.accepted = sum(a for _, _, a in done)
             result.duplicates = len(done) - result.accepted

@@ -66,6 +66,10 @@ class ItemWriteFailed(StoreUnavailable):
         super().__init__(f"item writes failed for {len(failed)} event(s)")
 
 
+# apply_events' answer for an event whose item no shard holds, refused by the
+# unknown-item policy (Settings.unknown_items): nothing was written for it.
+UNKNOWN_ITEM = -1
+UNKNOWN_REASON = "unknown_item"
 # A Redis read is only called slow (a breaker failure) after at least this long.
 REDIS_SLOW_SECS = 0.002
 # Entries per item-script call: bounds how long one call holds a shard's Redis.
@@ -141,6 +145,8 @@ class FeatureStore:
         self._user_script = self.writer.register_script(source("user_event.lua"))
         self._item_script = self.writer.register_script(source("item_event.lua"))
         self._upsert_script = self.writer.register_script(source("item_upsert.lua"))
+        self._delete_script = self.writer.register_script(source("item_delete.lua"))
+        self.unknown_items = settings.unknown_items
         self._category_script = self.writer.register_script(source("categories.lua"))
         self._read_script = self.client.register_script(source("item_read.lua"))
         self._user_head = [*user_layout(), self.dedupe_key_ttl, self.user_ttl]
@@ -221,9 +227,13 @@ class FeatureStore:
         floor = spent - 2.0 * self.lag.since(started[0]) - self.lag.waited_since(started[0])
         return floor >= max(0.5 * spent, REDIS_SLOW_SECS)
 
-    async def apply_events(self, events: Sequence[EventWrite], dedupe: bool = True) -> list[int]:
-        """Apply events exactly once each. Returns 1 (applied) or 0 (duplicate) per
-        event; raises ItemWriteFailed when some could not be (the rest were), and
+    async def apply_events(
+        self, events: Sequence[EventWrite], dedupe: bool = True, unknown_items: str | None = None
+    ) -> list[int]:
+        """Apply events exactly once each. Returns 1 (applied), 0 (duplicate) or
+        UNKNOWN_ITEM (an item no shard holds, refused by ``unknown_items``,
+        default Settings.unknown_items; nothing written) per event; raises
+        ItemWriteFailed when some could not be (the rest were), and
         StoreUnavailable when Redis failed.
 
         Round trips: (1) the events' items get their rows (created bare when
@@ -235,13 +245,16 @@ class FeatureStore:
         co-visit pairs to both rows. An event whose item got no row stops after
         (1): nothing is written for it.
         """
-        rows, failed = await self._ensure([(e.item_id, "e", -1, 0.0) for e in events])
+        policy = unknown_items or self.unknown_items
+        rows, failed = await self._ensure([(e.item_id, "e", -1, 0.0) for e in events], policy)
         results: list[int | None] = [None] * len(events)
         reasons: dict[int, str] = {}
         live: list[int] = []
         for k, e in enumerate(events):
             reason = failed.get(e.item_id)
-            if reason is not None:
+            if reason == UNKNOWN_REASON:
+                results[k] = UNKNOWN_ITEM
+            elif reason is not None:
                 reasons[k] = reason
             else:
                 live.append(k)
@@ -266,11 +279,12 @@ class FeatureStore:
         return [int(r or 0) for r in results]
 
     async def _ensure(
-        self, items: Sequence[tuple[str, str, int, float]]
+        self, items: Sequence[tuple[str, str, int, float]], policy: str = "create"
     ) -> tuple[dict[str, int], dict[str, str]]:
         """Rows for (item id, mode, category id, price): 'e' creates a bare item when
-        new, 's' creates it or sets its category and price. Returns the rows, and
-        the reason per item that got none (its shard is full or broken)."""
+        new and ``policy`` allows it, 's' creates it or sets its category and price.
+        Returns the rows, and the reason per item that got none (its shard is full
+        or broken, or UNKNOWN_REASON: the policy refused it)."""
         by_shard: dict[int, list[tuple[str, str, int, float]]] = {}
         seen: set[tuple[str, str]] = set()
         for item in items:
@@ -284,7 +298,7 @@ class FeatureStore:
         for shard, chunk_items in sorted(by_shard.items()):
             for start in range(0, len(chunk_items), ITEM_CALL_MAX):
                 part = chunk_items[start : start + ITEM_CALL_MAX]
-                args: list[Any] = [*head, shard, N_SHARDS]
+                args: list[Any] = [*head, shard, N_SHARDS, policy]
                 for item_id, mode, cat, price in part:
                     args += [item_id, mode, cat, price]
                 calls.append((self._upsert_script, keys.shard_keys(shard), args))
@@ -301,7 +315,9 @@ class FeatureStore:
                     failed[item_id] = reason
                 continue
             for (item_id, *_), row in zip(part, reply, strict=True):
-                if int(row) < 0:
+                if int(row) == -2:
+                    failed[item_id] = UNKNOWN_REASON
+                elif int(row) < 0:
                     failed[item_id] = f"item shard {shard} is full"
                 else:
                     rows[item_id] = int(row)
@@ -422,9 +438,15 @@ class FeatureStore:
             self._write_refresh.after(exc)
             raise StoreUnavailable(type(exc).__name__) from exc
 
-    async def upsert_items(self, items: Sequence[tuple[str, str, float]]) -> None:
+    async def upsert_items(
+        self, items: Sequence[tuple[str, str, float]], catalogue: bool = True
+    ) -> None:
         """Set (item_id, category, price) for catalogue items (creating them when new).
+        ``catalogue``: mark every shard as holding a catalogue, so that the
+        ``auto`` unknown-item policy refuses events for items outside it.
         Raises ItemWriteFailed naming the items a shard had no room for."""
+        if catalogue:
+            await self._mark_catalogue()
         names = list(dict.fromkeys(c for _, c, _ in items if c))
         ids: dict[str, int] = {}
         if names:
@@ -441,6 +463,46 @@ class FeatureStore:
                 [None if i in failed else 1 for i, _, _ in items],
                 {index[i]: reason for i, reason in failed.items()},
             )
+
+    async def _mark_catalogue(self) -> None:
+        """Every shard's meta says a catalogue was loaded (the flag the ``auto``
+        unknown-item policy reads inside the item scripts, shard by shard)."""
+        try:
+            until = asyncio.get_running_loop().time() + self.write_timeout
+            async with self._write_gate.slot(until), asyncio.timeout_at(until):
+                pipe = self.writer.pipeline(transaction=False)
+                for shard in range(N_SHARDS):
+                    pipe.hset(keys.shard_keys(shard)[3], "catalogue", 1)
+                await pipe.execute()
+        except REDIS_FAILURES as exc:
+            self._write_refresh.after(exc)
+            raise StoreUnavailable(type(exc).__name__) from exc
+
+    async def delete_items(self, item_ids: Sequence[str]) -> list[bool]:
+        """Delete items (``lua/item_delete.lua``): per id whether a shard held it.
+        Each shard touched gets a new epoch, so every serving process reloads its
+        items (docs/storage.md); raises ItemWriteFailed naming the ids of a shard
+        that refused (it wrote nothing)."""
+        by_shard: dict[int, list[int]] = {}
+        for k, item_id in enumerate(item_ids):
+            by_shard.setdefault(shard_of(item_id), []).append(k)
+        calls: list[ScriptCall] = []
+        head = [*self._layout, STORAGE_FORMAT]
+        for shard, positions in sorted(by_shard.items()):
+            args = [*head, shard, *(item_ids[k] for k in positions)]
+            calls.append((self._delete_script, keys.shard_keys(shard), args))
+        done: list[bool | None] = [None] * len(item_ids)
+        failed: dict[int, str] = {}
+        replies = await self._execute(calls, raise_on_error=False) if calls else []
+        for (shard, positions), reply in zip(sorted(by_shard.items()), replies, strict=True):
+            for j, k in enumerate(positions):
+                if isinstance(reply, Exception):
+                    failed[k] = _shard_failure(shard, reply)
+                else:
+                    done[k] = bool(int(reply[j]))
+        if failed:
+            raise ItemWriteFailed([None if d is None else int(d) for d in done], failed)
+        return [bool(d) for d in done]
 
     async def read_items(
         self,
@@ -585,10 +647,10 @@ def _shard_failure(shard: int, exc: Exception) -> str:
 
 
 async def count_items(client: RedisClient) -> int:
-    """How many items Redis holds (every shard's id list, one pipeline)."""
+    """How many items Redis holds (every shard's id index, one pipeline)."""
     pipe = client.pipeline(transaction=False)
     for shard in range(N_SHARDS):
-        pipe.llen(keys.shard_keys(shard)[1])
+        pipe.hlen(keys.shard_keys(shard)[0])
     return int(sum(await pipe.execute()))
 
 
@@ -599,6 +661,7 @@ def fresh_cursors() -> list[ShardCursor]:
 
 __all__ = [
     "REDIS_FAILURES",
+    "UNKNOWN_ITEM",
     "EventWrite",
     "FeatureStore",
     "IncompatibleStore",

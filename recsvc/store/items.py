@@ -93,10 +93,13 @@ class ItemsRead:
         return sum(s.version for s in self.shards)
 
     def rebuilt(self, cursors: Sequence[ShardCursor]) -> bool:
-        """Whether a shard the reader held answered from another epoch (the keys were
-        deleted and rebuilt): the reader must start again from empty."""
+        """Whether a shard the reader held answered from another epoch (its keys
+        were rebuilt, items deleted, or another server answers: a failover or a
+        restart, see lua/item_read.lua) or with an older version under the same
+        epoch (data rolled back): the reader must start again from empty."""
         return any(
-            c.epoch and c.epoch != s.epoch for c, s in zip(cursors, self.shards, strict=True)
+            c.epoch and (c.epoch != s.epoch or s.version < c.version)
+            for c, s in zip(cursors, self.shards, strict=True)
         )
 
 
@@ -137,9 +140,15 @@ def place_full(table: ItemTable, reads: Sequence[ShardRead]) -> None:
         if not ids:
             continue
         rows = np.arange(len(ids), dtype=np.int64) * N_SHARDS + s.shard
+        values = s.rows[: len(ids)]
         table.reserve(int(rows[-1]) + 1)
+        if "" in ids:  # a deleted item's place (lua/item_delete.lua): an empty row
+            keep = np.asarray([bool(i) for i in ids])
+            rows, values, ids = rows[keep], values[keep], [i for i in ids if i]
         table.place_many(rows, ids)
-        table.raw[rows] = s.rows[: len(ids)]
+        table.raw[rows] = values
+        # The shard's next item goes after its last place, deleted or not.
+        table.shard_counts[s.shard] = max(int(table.shard_counts[s.shard]), len(s.usable_ids))
 
 
 def patch_table(table: ItemTable, read: ItemsRead) -> np.ndarray:

@@ -91,6 +91,10 @@ class UserRef(msgspec.Struct, frozen=True):
     user_id: Id
 
 
+class ItemRef(msgspec.Struct, frozen=True):
+    item_id: Id
+
+
 MAX_FEATURE_USERS = 100
 MAX_FEATURE_ITEMS = 100
 
@@ -189,6 +193,23 @@ class EventBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     events: Annotated[list[EventIn], msgspec.Meta(min_length=1, max_length=MAX_EVENTS)]
 
 
+Price = Annotated[float, msgspec.Meta(ge=0, le=1e9)]
+
+
+class CatalogueItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One catalogue item as ``PUT /admin/items`` sets it."""
+
+    item_id: Id
+    category: Id | None = None
+    price: Price = 0.0
+
+
+class CatalogueUpsert(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``PUT /admin/items``: items created or updated (category and price)."""
+
+    items: Annotated[list[CatalogueItem], msgspec.Meta(min_length=1, max_length=MAX_EVENTS)]
+
+
 # Answer types: the contract of what the service sends (the handlers build the
 # same shapes; tests/web/test_openapi.py checks live answers against them).
 
@@ -256,7 +277,12 @@ class RecommendResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
 
 
 class RejectedEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An event that will never apply as sent: ``reason`` ``invalid`` (the field
+    named is wrong) or ``unknown_item`` (the item is not in the catalogue and
+    RECSVC_UNKNOWN_ITEMS refuses to create it)."""
+
     index: int
+    reason: Literal["invalid", "unknown_item"]
     error: str
     field: str | None
 

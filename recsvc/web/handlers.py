@@ -16,7 +16,7 @@ from aiohttp import web
 
 from features.candidates import CandidateConfig
 from features.schema import NO_CONTEXT, Context
-from recsvc.errors import InvalidRequest, Overloaded, StoreUnavailable, Unauthorized
+from recsvc.errors import InvalidRequest, Overloaded, StoreUnavailable, Unauthorized, UnknownItem
 from recsvc.ops import metrics
 from recsvc.ranking.models import LoadedModel
 from recsvc.service.online import feature_values, user_feature_values
@@ -26,7 +26,9 @@ from recsvc.settings import Settings
 from recsvc.web import appkeys
 from recsvc.web.api import (
     MAX_GET_IDS,
+    CatalogueUpsert,
     FeaturesRequest,
+    ItemRef,
     RecommendRequest,
     UserRef,
     convert_query,
@@ -190,7 +192,10 @@ async def events_post(request: web.Request) -> web.Response:
     batch, events = decode_events(await request.read())
     result = await request.app[appkeys.INGESTOR].ingest(events)
     if not batch and result.rejected:  # a single event is valid or the request is bad
-        raise InvalidRequest(result.rejected[0]["error"], field=result.rejected[0]["field"])
+        first = result.rejected[0]
+        if first["reason"] == "unknown_item":
+            raise UnknownItem(first["error"])
+        raise InvalidRequest(first["error"], field=first["field"])
     if not batch and result.failed:  # ... and applied, or the store is unavailable
         raise StoreUnavailable(result.failed[0]["error"])
     return json_response(result.body())
@@ -215,17 +220,20 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Whether this process should receive traffic.
 
-    ready: Redis answers and a model or the default strategy can serve.
+    ready: Redis answers and item data is in memory (a model, or the default
+    strategy without one, serves).
     degraded (still 200): Redis does not answer but the default strategy serves
     from the in-process item data; taking every instance out of rotation during
     a Redis outage would turn a degraded service into none.
-    not_ready (503): nothing useful can be served (no item data in memory yet).
+    not_ready (503): nothing useful can be served: no item data in memory (not
+    loaded yet, or it could not be), whatever else works; every answer would
+    be an empty list.
     """
     redis_ok = await request.app[appkeys.STORE].ping()
     model = request.app[appkeys.MODELS].current
     items_ready = request.app[appkeys.ITEMS].ready
     checks = {"redis": redis_ok, "model": model is not None, "default_strategy": items_ready}
-    if redis_ok and (model is not None or items_ready):
+    if redis_ok and items_ready:
         status = "ready"
     elif items_ready:
         status = "degraded"
@@ -307,6 +315,30 @@ async def admin_experiments_reload(request: web.Request) -> web.Response:
     _require_admin(request)
     ok, message = request.app[appkeys.EXPERIMENTS].reload()
     return json_response({"loaded": ok, "message": message}, status=200 if ok else 409)
+
+
+async def admin_items_put(request: web.Request) -> web.Response:
+    """Create or update catalogue items (category, price). The first upsert marks
+    the store as holding a catalogue: with RECSVC_UNKNOWN_ITEMS=auto, events for
+    items outside it are refused from then on."""
+    _require_admin(request)
+    req = decode_json(await request.read(), CatalogueUpsert)
+    await request.app[appkeys.STORE].upsert_items(
+        [(i.item_id, i.category or "", i.price) for i in req.items]
+    )
+    return json_response({"upserted": len(req.items)})
+
+
+async def admin_items_delete(request: web.Request) -> web.Response:
+    """Delete an item: it is never served again (every process reloads the
+    item's shard within RECSVC_ITEM_REFRESH_SECS); events naming it are then
+    unknown items. 404 when no shard holds it."""
+    _require_admin(request)
+    ref = convert_query({"item_id": request.match_info["item_id"]}, ItemRef)
+    (deleted,) = await request.app[appkeys.STORE].delete_items([ref.item_id])
+    if not deleted:
+        raise web.HTTPNotFound(reason=f"no item {ref.item_id!r}")
+    return json_response({"item_id": ref.item_id, "deleted": True})
 
 
 _DOCS_PAGE = resources.files("recsvc.web").joinpath("static", "docs.html").read_bytes()

@@ -23,6 +23,7 @@ from recsvc.errors import (
     RecsvcError,
     StoreUnavailable,
     Unauthorized,
+    UnknownItem,
 )
 from recsvc.ops import metrics
 from recsvc.web.frontdoor import ARRIVED, OVERLOADED_MESSAGE
@@ -53,6 +54,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _RETRY = {"Retry-After": "1"}
 ERROR_TABLE: dict[type[RecsvcError], tuple[int, str, str, dict[str, str] | None]] = {
     InvalidRequest: (400, "invalid_request", "", None),
+    UnknownItem: (409, "unknown_item", "", None),
     Unauthorized: (
         401,
         "unauthorized",

@@ -135,6 +135,10 @@ def document() -> dict[str, Any]:
                         "accepted, duplicates, rejected, failed (retry)", "EventsResponse"
                     ),
                     **_ERRORS,
+                    "409": _answer(
+                        "a single event naming an item outside the catalogue (code unknown_item)",
+                        "ErrorResponse",
+                    ),
                     "503": _answer(
                         "the feature store is unavailable (Retry-After)", "ErrorResponse"
                     ),

@@ -24,3 +24,5 @@ def setup_routes(app: web.Application) -> None:
         app.router.add_get("/admin/models", handlers.admin_models_get)
         app.router.add_post("/admin/models/reload", handlers.admin_models_reload)
         app.router.add_post("/admin/experiments/reload", handlers.admin_experiments_reload)
+        app.router.add_put("/admin/items", handlers.admin_items_put)
+        app.router.add_delete("/admin/items/{item_id}", handlers.admin_items_delete)

@@ -182,7 +182,7 @@ async def test_parity_through_http_with_duplicates_and_shuffled_arrival(
     ]
     sent = events + rng.sample(events, 300)  # duplicates, some in the same batch
     rng.shuffle(sent)
-    app = create_app(settings_for(model_dir), redis_url)
+    app = create_app(settings_for(model_dir, unknown_items="create"), redis_url)
     async with TestClient(TestServer(app, host="127.0.0.1")) as c:
         answers = await asyncio.gather(
             *(

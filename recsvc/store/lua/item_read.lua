@@ -7,14 +7,23 @@
 --       rows), row bytes, max_rows (more changed rows than this: send everything)
 -- Returns {epoch, version, new ids, mode, positions, rows, rows held, ids, bytes}:
 -- mode 'same' (nothing changed), 'delta' (the rows at positions), or 'full'
--- (every row, and every id when the epoch changed); whole rows only. Rows held
+-- (every row, and every id when the epoch changed); whole rows only. A
+-- version below the reader's (data rolled back) answers 'delta' with nothing:
+-- the reader sees the version go back and reloads everything. Rows held
 -- is the row string's length in whole rows, ids the shard's id count, bytes the
 -- string's length (not rows held * row bytes, or fewer rows than ids: damaged).
 local meta = redis.call('HMGET', KEYS[1], 'format', 'epoch', 'ver')
 if meta[1] and meta[1] ~= ARGV[4] then
   return redis.error_reply('recsvc storage format ' .. meta[1] .. ', expected ' .. ARGV[4])
 end
+-- A shard's epoch as readers see it names the server too (its run_id, new at
+-- every start): after a failover to a replica or a restart from an older
+-- snapshot, the same epoch and version can hold other data, so every reader
+-- loads the shard again in full.
 local epoch, version = meta[2] or '', meta[3] or '0'
+if epoch ~= '' then
+  epoch = epoch .. '@' .. (string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or '')
+end
 local since, known = tonumber(ARGV[1]), tonumber(ARGV[2])
 local row_bytes, max_rows = tonumber(ARGV[5]), tonumber(ARGV[6])
 if epoch ~= ARGV[3] then since, known = -1, 0 end

@@ -1,14 +1,17 @@
 -- Create items in one shard (bare rows, or with catalogue attributes) and set
 -- catalogue attributes. Every check comes before the first write: on an error
 -- nothing is written; an item the shard has no room for is answered -1 and
--- not created, the others are.
+-- not created, an unknown item the policy refuses -2; the others are.
 -- KEYS: idx hash (id -> position), ids list, state string, meta hash, dirty zset
 --       (all under the shard's hash tag, recsvc.store.keys.shard_keys)
 -- ARGV: the layout (recsvc.store.codec.item_layout), storage format, the
---       shard's capacity in rows, shard, number of shards, then per item: id,
---       mode ('e': create bare when new; 's': create or set category and
---       price), category id, price
--- Returns per item its row (position * shards + shard), or -1.
+--       shard's capacity in rows, shard, number of shards, the unknown-item
+--       policy for mode 'e' ('create', 'reject', or 'auto': reject when the
+--       shard's meta says a catalogue was loaded), then per item: id, mode
+--       ('e': create bare when new, as the policy allows; 's': create or set
+--       category and price), category id, price
+-- Returns per item its row (position * shards + shard), -1 (no room) or -2
+-- (unknown, refused by the policy).
 local width = tonumber(ARGV[1])
 local col_price, col_cat = tonumber(ARGV[4]), tonumber(ARGV[5])
 local nh = tonumber(ARGV[13])
@@ -16,10 +19,13 @@ local base = 13 + nh
 local format = ARGV[base + 1]
 local capacity = tonumber(ARGV[base + 2])
 local shard, nshards = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+local policy = ARGV[base + 5]
 local row_bytes = width * 8
 local fmt = '<' .. string.rep('d', width)
 
-local found = redis.call('HGET', KEYS[4], 'format')
+local meta = redis.call('HMGET', KEYS[4], 'format', 'catalogue')
+local found = meta[1]
+local refuse = policy == 'reject' or (policy == 'auto' and meta[2] == '1')
 if found and found ~= format then
   return redis.error_reply('recsvc storage format ' .. found .. ' in shard ' .. shard .. ', expected ' .. format)
 end
@@ -32,7 +38,7 @@ end
 local out, new, sets = {}, {}, {}
 local new_at = {}  -- id -> index in new
 local k = 0
-for a = base + 5, #ARGV, 4 do
+for a = base + 6, #ARGV, 4 do
   k = k + 1
   local id, mode = ARGV[a], ARGV[a + 1]
   local cat, price = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
@@ -49,6 +55,8 @@ for a = base + 5, #ARGV, 4 do
       end
       if mode == 's' then sets[#sets + 1] = {pos, cat, price} end
       out[k] = pos * nshards + shard
+    elseif mode == 'e' and refuse then
+      out[k] = -2
     elseif count + #new < capacity then
       if mode == 's' then new[#new + 1] = {id, cat, price} else new[#new + 1] = {id, -1, 0.0} end
       new_at[id] = #new
