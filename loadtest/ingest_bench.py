@@ -1,11 +1,14 @@
 """Event ingestion benchmark and Redis memory per user and per item (not a test).
 
-Starts a private redis-server and the real service on 127.0.0.1, posts batches
-of events to POST /v1/events from a few concurrent clients, and reports the
-sustained rate. Then loads the demo's synthetic log (run `recsvc demo` once
-first) into a fresh server and reports Redis bytes per user and per item.
+Starts a private redis-server and the real service on 127.0.0.1, loads a
+catalogue of the items the events name (so every event passes the catalogue
+check of RECSVC_UNKNOWN_ITEMS=auto, as in production; ``--no-catalogue``:
+events create their items), posts batches of events to POST /v1/events from a
+few concurrent clients, and reports the sustained rate. Then loads the demo's
+synthetic log (run `recsvc demo` once first) into a fresh server and reports
+Redis bytes per user and per item.
 
-    .venv/bin/python loadtest/ingest_bench.py [--events 100000] [--batch 500]
+    .venv/bin/python loadtest/ingest_bench.py [--events 100000] [--batch 500] [--no-catalogue]
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from recsvc.cli import seed
 from recsvc.ops.embedded import EmbeddedRedis
 from recsvc.settings import Settings
 from recsvc.store import keys
-from recsvc.store.feature_store import count_items
+from recsvc.store.feature_store import FeatureStore, count_items
 from recsvc.web.app import create_app
 
 CLIENTS = 4
+N_ITEMS = 5_000
 MEMORY_SAMPLE = 2000
 
 
@@ -40,16 +44,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def ingest_rate(url: str, n_events: int, batch: int) -> tuple[float, float]:
+async def ingest_rate(
+    url: str, n_events: int, batch: int, catalogue: bool = True
+) -> tuple[float, float]:
     """Events/s through HTTP, and Redis bytes per event of the two dedupe keys."""
     settings = Settings(port=_free_port())
+    if catalogue:
+        client = Redis.from_url(url)
+        store = FeatureStore(client, settings)
+        await store.check_format()
+        await store.upsert_items([(f"i{k}", f"c{k % 50}", 10.0) for k in range(N_ITEMS)])
+        await client.aclose()
     runner = web.AppRunner(create_app(settings, url), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", settings.port).start()
     rng = np.random.default_rng(0)
     now = time.time()
     users = rng.integers(0, 20_000, n_events)
-    items = rng.integers(0, 5_000, n_events)
+    items = rng.integers(0, N_ITEMS, n_events)
     kinds = rng.choice(4, n_events, p=[0.7, 0.2, 0.07, 0.03])
     bodies = [
         {
@@ -137,11 +149,19 @@ def main() -> None:
     p.add_argument("--events", type=int, default=100_000)
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--data-dir", type=Path, default=Settings().data_dir)
+    p.add_argument(
+        "--no-catalogue",
+        action="store_true",
+        help="no catalogue: events create their items (no catalogue check)",
+    )
     args = p.parse_args()
     with EmbeddedRedis() as server:
-        rate, dedupe = asyncio.run(ingest_rate(server.url, args.events, args.batch))
+        rate, dedupe = asyncio.run(
+            ingest_rate(server.url, args.events, args.batch, not args.no_catalogue)
+        )
+    checks = "without a catalogue" if args.no_catalogue else "with catalogue checks"
     print(
-        f"ingestion through POST /v1/events: {rate:,.0f} events/s "
+        f"ingestion through POST /v1/events {checks}: {rate:,.0f} events/s "
         f"({args.events} events, batches of {args.batch}, {CLIENTS} concurrent clients)"
     )
     print(f"dedupe keys (user + item side): {dedupe:,.0f} bytes per event id")

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
-from loadtest import bench, cluster_bench, item_bench, slo
+from loadtest import bench, cluster_bench, ingest_bench, item_bench, slo
 from recsvc.cli import seed
 from recsvc.settings import Settings
 from recsvc.store.codec import ITEM_ROW_BYTES
@@ -223,3 +223,11 @@ def test_the_cluster_ingestion_benchmark_runs_at_a_tiny_size() -> None:
     assert len(result.item_usec) == 3 and all(c > 100 for c in result.item_calls)
     assert sum(result.item_share) == pytest.approx(1.0)
     assert result.worst_deviation < 0.5, result
+
+
+@pytest.mark.asyncio
+async def test_the_ingestion_benchmark_runs_at_a_tiny_size(redis_url: str) -> None:
+    """loadtest/ingest_bench.py through real HTTP with its catalogue loaded: every
+    event passes the catalogue check (it stops unless all are accepted)."""
+    rate, dedupe_bytes = await ingest_bench.ingest_rate(redis_url, 600, 100)
+    assert rate > 0 and dedupe_bytes > 0
