@@ -158,6 +158,12 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--items", type=Path, required=True, help="item_id,category,price or itemid,categoryid"
     )
+    up.add_argument(
+        "--prune",
+        action="store_true",
+        help="also delete every item the file does not list (e.g. made by events before "
+        "the catalogue was loaded)",
+    )
     up.add_argument("--embedded", action="store_true", help="the data dir's own Redis")
     rm = cat_sub.add_parser("delete", help="delete items: never served again")
     _common(rm)
@@ -429,8 +435,17 @@ async def _catalogue(url: str, settings: Settings, args: argparse.Namespace) -> 
                 )
             )
             for k in range(0, len(rows), seed.BATCH):
-                await store.upsert_items(rows[k : k + seed.BATCH])
-            return f"upserted {len(rows)} items"
+                await store.upsert_items(
+                    rows[k : k + seed.BATCH], catalogue=k + seed.BATCH >= len(rows)
+                )
+            done = f"upserted {len(rows)} items"
+            if args.prune:  # every item the file does not list
+                listed = set(catalogue.item_ids)
+                stale = [i for i in (await store.item_table()).index if i not in listed]
+                for k in range(0, len(stale), seed.BATCH):
+                    await store.delete_items(stale[k : k + seed.BATCH])
+                done += f", deleted {len(stale)} items not in the file"
+            return done
         ids = list(args.item_ids)
         if args.ids_file:
             ids += [line.strip() for line in args.ids_file.read_text().splitlines()]

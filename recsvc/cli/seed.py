@@ -88,7 +88,7 @@ async def seed(
             zip(catalogue.item_ids, catalogue.categories, catalogue.prices.tolist(), strict=True)
         )
         for k in range(0, len(rows), BATCH):
-            await store.upsert_items(rows[k : k + BATCH])
+            await store.upsert_items(rows[k : k + BATCH], catalogue=k + BATCH >= len(rows))
     meta = (
         dict(
             zip(

@@ -95,7 +95,10 @@ class ItemCache:
 
     @property
     def ready(self) -> bool:
-        return self.view.table.count > 0
+        """Whether the item data in memory is what Redis held at a successful
+        load (even none: a new shop whose events create its items must get
+        traffic to get items)."""
+        return self.refreshed_at is not None
 
     def age(self) -> float | None:
         return None if self.refreshed_at is None else time.monotonic() - self.refreshed_at

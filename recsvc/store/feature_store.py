@@ -56,9 +56,10 @@ class IncompatibleStore(Exception):
 class ItemWriteFailed(StoreUnavailable):
     """Some events' item side could not be written (a full or broken shard); the
     others were applied. ``results`` holds 1 (applied) / 0 (duplicate) / None
-    (failed) per event, ``failed`` the reason per failed event index. The item
-    side of a failed event wrote nothing; its user side may have been applied
-    (a retry then counts it once: both sides deduplicate on their own)."""
+    (failed) or UNKNOWN_ITEM per event, ``failed`` the reason per failed event
+    index. The item side of a failed event wrote nothing; its user side may
+    have been applied (a retry then counts it once: both sides deduplicate on
+    their own)."""
 
     def __init__(self, results: list[int | None], failed: dict[int, str]) -> None:
         self.results = results
@@ -246,7 +247,10 @@ class FeatureStore:
         (1): nothing is written for it.
         """
         policy = unknown_items or self.unknown_items
-        rows, failed = await self._ensure([(e.item_id, "e", -1, 0.0) for e in events], policy)
+        epochs: dict[int, str] = {}
+        rows, failed = await self._ensure(
+            [(e.item_id, "e", -1, 0.0) for e in events], policy, epochs
+        )
         results: list[int | None] = [None] * len(events)
         reasons: dict[int, str] = {}
         live: list[int] = []
@@ -264,11 +268,11 @@ class FeatureStore:
         # partner no shard holds any more forms no pair. A duplicate's item is
         # the one its first attempt counted, whatever the retry names.
         wanted = {i for item, ps in named.values() for i in (item, *ps)}
-        rows.update(await self._rows_of(wanted - rows.keys()))
+        rows.update(await self._rows_of(wanted - rows.keys(), epochs))
         items = {k: rows[item] for k, (item, _) in named.items() if item in rows}
         partners = {k: sorted(rows[p] for p in ps if p in rows) for k, (_, ps) in named.items()}
         groups = _item_groups(events, items, partners, dedupe)
-        for shard, reason in (await self._apply_items(groups)).items():
+        for shard, reason in (await self._apply_items(groups, epochs)).items():
             for g in groups[shard]:
                 reasons[g.event] = reason
         if reasons:
@@ -279,12 +283,16 @@ class FeatureStore:
         return [int(r or 0) for r in results]
 
     async def _ensure(
-        self, items: Sequence[tuple[str, str, int, float]], policy: str = "create"
+        self,
+        items: Sequence[tuple[str, str, int, float]],
+        policy: str = "create",
+        epochs: dict[int, str] | None = None,
     ) -> tuple[dict[str, int], dict[str, str]]:
         """Rows for (item id, mode, category id, price): 'e' creates a bare item when
         new and ``policy`` allows it, 's' creates it or sets its category and price.
         Returns the rows, and the reason per item that got none (its shard is full
-        or broken, or UNKNOWN_REASON: the policy refused it)."""
+        or broken, or UNKNOWN_REASON: the policy refused it, or it was deleted).
+        ``epochs`` gets each answering shard's epoch (see _note_epoch)."""
         by_shard: dict[int, list[tuple[str, str, int, float]]] = {}
         seen: set[tuple[str, str]] = set()
         for item in items:
@@ -314,7 +322,10 @@ class FeatureStore:
                 for item_id, *_ in part:
                     failed[item_id] = reason
                 continue
-            for (item_id, *_), row in zip(part, reply, strict=True):
+            epoch, answers = reply
+            if epochs is not None:
+                _note_epoch(epochs, shard, epoch)
+            for (item_id, *_), row in zip(part, answers, strict=True):
                 if int(row) == -2:
                     failed[item_id] = UNKNOWN_REASON
                 elif int(row) < 0:
@@ -363,9 +374,9 @@ class FeatureStore:
                     partners[k] = (one[1].decode(), [p.decode() for p in one[2:]])
         return partners
 
-    async def _rows_of(self, items: set[str]) -> dict[str, int]:
+    async def _rows_of(self, items: set[str], epochs: dict[int, str]) -> dict[str, int]:
         """The rows of existing items (one HMGET per shard, one pipeline); items no
-        shard holds are left out."""
+        shard holds are left out. ``epochs`` gets each shard's epoch."""
         if not items:
             return {}
         by_shard: dict[int, list[str]] = {}
@@ -377,21 +388,28 @@ class FeatureStore:
                 pipe = self.writer.pipeline(transaction=False)
                 for shard, ids in by_shard.items():
                     pipe.hmget(keys.shard_keys(shard)[0], ids)
+                    pipe.hget(keys.shard_keys(shard)[3], "epoch")
                 replies = await pipe.execute()
         except REDIS_FAILURES as exc:
             metrics.REDIS_ERRORS.labels("write", type(exc).__name__).inc()
             self._write_refresh.after(exc)
             raise StoreUnavailable(type(exc).__name__) from exc
         rows: dict[str, int] = {}
-        for (shard, ids), positions in zip(by_shard.items(), replies, strict=True):
+        for (shard, ids), positions, epoch in zip(
+            by_shard.items(), replies[::2], replies[1::2], strict=True
+        ):
+            _note_epoch(epochs, shard, epoch)
             for item, position in zip(ids, positions, strict=True):
                 if position is not None:
                     rows[item] = item_row(shard, int(position))
         return rows
 
-    async def _apply_items(self, groups: dict[int, list[_Group]]) -> dict[int, str]:
-        """One script call per shard (split past ITEM_CALL_MAX entries); the
-        reason per shard whose call failed (it wrote nothing)."""
+    async def _apply_items(
+        self, groups: dict[int, list[_Group]], epochs: dict[int, str]
+    ) -> dict[int, str]:
+        """One script call per shard (split past ITEM_CALL_MAX entries), each
+        refused by a shard whose epoch is no longer the one its rows were read
+        under; the reason per shard whose call failed (it wrote nothing)."""
         calls: list[ScriptCall] = []
         owners: list[int] = []
         head = [*self._layout, STORAGE_FORMAT, self.dedupe_key_ttl]
@@ -407,7 +425,7 @@ class FeatureStore:
                 part = shard_groups[start:end]
                 _, ids, state, meta, dirty = keys.shard_keys(shard)
                 item_keys = [state, meta, dirty, ids]
-                args: list[Any] = [*head, shard, N_SHARDS]
+                args: list[Any] = [*head, shard, N_SHARDS, epochs.get(shard, CHANGED)]
                 for k, g in enumerate(part):
                     # A group without dedupe still takes a KEYS slot (never read).
                     item_keys.append(g.dedupe_key or f"{meta}:x{k}")
@@ -442,11 +460,11 @@ class FeatureStore:
         self, items: Sequence[tuple[str, str, float]], catalogue: bool = True
     ) -> None:
         """Set (item_id, category, price) for catalogue items (creating them when new).
-        ``catalogue``: mark every shard as holding a catalogue, so that the
-        ``auto`` unknown-item policy refuses events for items outside it.
+        ``catalogue``: then mark every shard as holding a catalogue, so that the
+        ``auto`` unknown-item policy refuses events for items outside it (after
+        the items are written: an event for one of them is never refused; a
+        load in batches marks with its last batch).
         Raises ItemWriteFailed naming the items a shard had no room for."""
-        if catalogue:
-            await self._mark_catalogue()
         names = list(dict.fromkeys(c for _, c, _ in items if c))
         ids: dict[str, int] = {}
         if names:
@@ -463,6 +481,8 @@ class FeatureStore:
                 [None if i in failed else 1 for i, _, _ in items],
                 {index[i]: reason for i, reason in failed.items()},
             )
+        if catalogue:
+            await self._mark_catalogue()
 
     async def _mark_catalogue(self) -> None:
         """Every shard's meta says a catalogue was loaded (the flag the ``auto``
@@ -637,6 +657,18 @@ def _item_groups(
             g.args += entry
             g.entries += 1
     return groups
+
+
+# No shard's epoch: rows of one shard were read under two epochs (items were
+# deleted in between), so the item-side script refuses the call.
+CHANGED = "changed"
+
+
+def _note_epoch(epochs: dict[int, str], shard: int, epoch: bytes | str | None) -> None:
+    """Record the epoch a shard's rows were read under (CHANGED after two)."""
+    value = epoch.decode() if isinstance(epoch, bytes) else (epoch or "")
+    if epochs.setdefault(shard, value) != value:
+        epochs[shard] = CHANGED
 
 
 def _shard_failure(shard: int, exc: Exception) -> str:

@@ -220,14 +220,15 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Whether this process should receive traffic.
 
-    ready: Redis answers and item data is in memory (a model, or the default
+    ready: Redis answers and the item data was loaded (a model, or the default
     strategy without one, serves).
     degraded (still 200): Redis does not answer but the default strategy serves
     from the in-process item data; taking every instance out of rotation during
     a Redis outage would turn a degraded service into none.
-    not_ready (503): nothing useful can be served: no item data in memory (not
-    loaded yet, or it could not be), whatever else works; every answer would
-    be an empty list.
+    not_ready (503): the item data was never loaded (not yet, or it could not
+    be), whatever else works: every answer would be an empty list. A Redis
+    that holds no items loads as empty and is ready: a new shop whose events
+    create its items must get traffic to get items.
     """
     redis_ok = await request.app[appkeys.STORE].ping()
     model = request.app[appkeys.MODELS].current

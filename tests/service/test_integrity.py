@@ -20,11 +20,11 @@ from redis.asyncio import Redis
 
 from features.state import COL_COUNTS, COL_NBR_REF, ItemTable, shard_of
 from recsvc.cli.main import main
-from recsvc.ops.embedded import find_binary
+from recsvc.ops.embedded import EmbeddedRedis, find_binary
 from recsvc.service.itemcache import ItemCache
 from recsvc.store import keys
-from recsvc.store.codec import ITEM_ROW_BYTES
-from recsvc.store.feature_store import EventWrite, FeatureStore, count_items
+from recsvc.store.codec import ITEM_ROW_BYTES, STORAGE_FORMAT
+from recsvc.store.feature_store import EventWrite, FeatureStore, ItemWriteFailed, count_items
 from recsvc.web import appkeys
 from recsvc.web.app import create_app
 from tests.conftest import settings_for
@@ -204,6 +204,11 @@ async def test_the_catalogue_command_upserts_and_deletes(
     assert with_policy == [-1]
     # Nothing to delete is an error.
     assert await asyncio.to_thread(main, ["catalogue", "delete", *base]) == 2
+    # Items made by events before the catalogue arrived go with --prune.
+    await FeatureStore(aredis, store_settings()).apply_events([_write("early")])
+    assert await asyncio.to_thread(main, [*upsert, "--prune"]) == 0
+    assert "deleted 1 items not in the file" in capsys.readouterr().err
+    assert set((await store.item_table()).index) == {"k1", "k2"}
 
 
 def _write(item: str) -> EventWrite:
@@ -252,17 +257,28 @@ async def test_finding_1_a_full_shard_over_http_applies_all_or_nothing_and_once(
 # Finding 6: ready with no item data.
 
 
-async def test_finding_6_not_ready_without_item_data(
-    aredis: Redis, redis_url: str, model_dir: Path
+async def test_finding_6_not_ready_when_the_items_cannot_be_loaded(
+    seeded: Redis, redis_url: str, model_dir: Path
 ) -> None:
+    """The review's case: Redis answers and a model is loaded, but the worker
+    could not load the items (here a shard in another format): not ready."""
+    meta = keys.shard_keys(3)[3]
+    await seeded.hset(meta, "format", "99")
     app = create_app(settings_for(model_dir), redis_url)
     async with TestClient(TestServer(app, host="127.0.0.1")) as c:
         resp = await c.get("/readyz")
         body = await resp.json()
         assert body["checks"] == {"redis": True, "model": True, "default_strategy": False}
         assert resp.status == 503 and body["status"] == "not_ready"
-        await FeatureStore(aredis, store_settings()).upsert_items([("i1", "c", 1.0)])
+        await seeded.hset(meta, "format", str(STORAGE_FORMAT))
         await refresh(c)
+        assert (await c.get("/readyz")).status == 200
+
+
+async def test_an_empty_store_is_ready(aredis: Redis, redis_url: str, model_dir: Path) -> None:
+    """A new shop whose events create its items must get traffic to get any."""
+    app = create_app(settings_for(model_dir), redis_url)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as c:
         assert (await c.get("/readyz")).status == 200
 
 
@@ -379,3 +395,128 @@ async def test_a_version_that_goes_back_reloads_too(aredis: Redis, redis_url: st
     assert int(await aredis.hget(meta, "ver") or 0) < cache.cursors[shard].version
     await cache.refresh()
     assert_same_items(cache.view.table, await store.item_table())
+
+
+# From the outside review of the change above.
+
+
+async def test_rollback_detection_degrades_where_info_is_denied(aredis: Redis) -> None:
+    """Managed Redis often denies INFO (ACL -@dangerous): items still load and
+    refresh (only a version that goes back is detected then)."""
+    await aredis.execute_command(
+        "ACL", "SETUSER", "limited", "on", ">secret-pass", "~*", "&*", "+@all", "-@dangerous"
+    )
+    store = FeatureStore(aredis, store_settings())
+    await store.upsert_items([("i1", "c", 1.0), ("i2", "c", 2.0)], catalogue=False)
+    path = aredis.connection_pool.connection_kwargs["path"]
+    limited = Redis(unix_socket_path=path, username="limited", password="secret-pass")
+    try:
+        with pytest.raises(Exception, match="no permissions"):
+            await limited.info("server")
+        cache = ItemCache(FeatureStore(limited, store_settings()))
+        await cache.refresh()
+        await store.upsert_items([("i3", "c", 3.0)], catalogue=False)
+        await cache.refresh()
+        assert_same_items(cache.view.table, await store.item_table())
+    finally:
+        await limited.aclose()
+        await aredis.execute_command("ACL", "DELUSER", "limited")
+
+
+async def test_a_delete_at_the_size_limit_writes_nothing() -> None:
+    """proto-max-bulk-len lowered below a shard's row string: the delete fails
+    with nothing written (the id keeps its place, workers keep agreeing), and
+    succeeds once there is room."""
+    with EmbeddedRedis() as server:
+        client = Redis.from_url(server.url)
+        try:
+            store = FeatureStore(client, store_settings())
+            shard = 17
+            items = ids_in_shard(shard, MIB // ITEM_ROW_BYTES + 10, "big")
+            await store.upsert_items([(i, "c", 1.0) for i in items], catalogue=False)
+            _, ids, _, meta, _ = keys.shard_keys(shard)
+            before = await client.hgetall(meta)
+            await client.config_set("proto-max-bulk-len", MIB)
+            with pytest.raises(ItemWriteFailed):
+                await store.delete_items([items[-1]])
+            assert await client.hget(keys.shard_keys(shard)[0], items[-1]) is not None
+            assert (await client.lrange(ids, -1, -1))[0].decode() == items[-1]
+            assert await client.hgetall(meta) == before
+            await client.config_set("proto-max-bulk-len", 512 * MIB)
+            assert await store.delete_items([items[-1]]) == [True]
+            assert items[-1] not in (await store.item_table()).index
+        finally:
+            await client.aclose()
+
+
+class EventDuringLoad(FeatureStore):
+    """Applies ``racer`` through ``other`` when the load writes its items: an
+    event arriving in the middle of a catalogue load."""
+
+    racer: EventWrite | None = None
+    other: FeatureStore | None = None
+    outcome: list[int] | None = None
+
+    async def _ensure(self, *args: Any, **kwargs: Any) -> Any:
+        if self.racer is not None and self.other is not None:
+            racer, self.racer = self.racer, None
+            self.outcome = await self.other.apply_events([racer])
+        return await super()._ensure(*args, **kwargs)
+
+
+async def test_an_event_racing_a_catalogue_load_is_never_refused(aredis: Redis) -> None:
+    """The catalogue flag is set after the items are written: an event for an
+    item of the load, arriving while it is written, is applied."""
+    store = EventDuringLoad(aredis, store_settings(unknown_items="auto"))
+    store.other = FeatureStore(aredis, store_settings(unknown_items="auto"))
+    store.racer = EventWrite("u1", "cat7", 0, time.time(), "r1")
+    await store.upsert_items([(f"cat{k}", "c", 1.0) for k in range(20)])
+    assert store.outcome == [1]
+    assert await store.apply_events([EventWrite("u", "outsider", 0, time.time(), "o")]) == [-1]
+
+
+async def test_a_deleted_item_is_not_created_again_by_events(aredis: Redis) -> None:
+    """Deleted under the create policy (no catalogue): an event cannot bring it
+    back; a catalogue upsert can."""
+    store = FeatureStore(aredis, store_settings(unknown_items="create"))
+    await store.apply_events([EventWrite("u1", "gone", 3, time.time(), "g1")])
+    assert await store.delete_items(["gone"]) == [True]
+    assert await store.apply_events([EventWrite("u2", "gone", 3, time.time(), "g2")]) == [-1]
+    assert "gone" not in (await store.item_table()).index
+    await store.upsert_items([("gone", "back", 5.0)], catalogue=False)
+    assert await store.apply_events([EventWrite("u3", "gone", 3, time.time(), "g3")]) == [1]
+
+
+class DeleteMidway(FeatureStore):
+    """Deletes ``victim`` after an event's rows were resolved and its user side
+    applied, before its item side: a delete racing the event."""
+
+    victim = ""
+
+    async def _apply_users(self, *args: Any, **kwargs: Any) -> Any:
+        named = await super()._apply_users(*args, **kwargs)
+        if self.victim:
+            await self.delete_items([self.victim])
+            self.victim = ""
+        return named
+
+
+async def test_a_delete_racing_an_event_never_writes_into_the_deleted_row(
+    aredis: Redis,
+) -> None:
+    store = DeleteMidway(aredis, store_settings())
+    await store.upsert_items([("keep", "c", 1.0), ("doomed", "c", 1.0)], catalogue=False)
+    store.victim = "doomed"
+    now = time.time()
+    with pytest.raises(ItemWriteFailed) as info:
+        await store.apply_events([EventWrite("u1", "doomed", 3, now, "d1")])
+    assert list(info.value.failed) == [0]
+    # The retry: the item is gone, so the event is an unknown item.
+    assert await store.apply_events([EventWrite("u1", "doomed", 3, now, "d1")]) == [-1]
+    table = await store.item_table()
+    state = await aredis.get(keys.shard_keys(shard_of("doomed"))[2])
+    rows = np.frombuffer(state or b"", "<f8").reshape(-1, table.raw.shape[1])
+    assert not rows[:, COL_COUNTS:COL_NBR_REF].any()  # nothing counted on the empty row
+    cache = ItemCache(store)
+    await cache.refresh()
+    assert_same_items(cache.view.table, table)

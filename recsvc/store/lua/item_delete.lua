@@ -3,7 +3,11 @@
 -- '' and its row is emptied (as features.state.empty_rows); the position is
 -- never reused, because other items' co-visitation slots may still name the
 -- row (readers skip rows that hold no item). The shard gets a new epoch, so
--- every reader loads it again in full. Checks come before the first write.
+-- every reader loads it again in full; the meta hash keeps 'deleted:<id>', so
+-- an event cannot create the item again (item_upsert.lua; a catalogue upsert
+-- can). Checks come before the first write, and the one write that can fail
+-- for size (a row's SETRANGE past proto-max-bulk-len) comes first, highest
+-- offset first: on an error nothing is written.
 -- KEYS: idx hash, ids list, state string, meta hash, dirty zset (the shard's)
 -- ARGV: the layout (recsvc.store.codec.item_layout), storage format, shard,
 --       then the ids to delete
@@ -45,11 +49,19 @@ local zero = {}
 for c = 1, width do zero[c] = 0.0 end
 zero[col_cat] = -1
 local empty = struct.pack('<' .. string.rep('d', width), unpack(zero))
+local order, marks = {}, {}
+for id, pos in pairs(gone) do
+  order[#order + 1] = pos
+  marks[#marks + 1] = 'deleted:' .. id
+  marks[#marks + 1] = 1
+end
+table.sort(order, function(x, y) return x > y end)
+for _, pos in ipairs(order) do redis.call('SETRANGE', KEYS[3], pos * row_bytes, empty) end
 for id, pos in pairs(gone) do
   redis.call('HDEL', KEYS[1], id)
   redis.call('LSET', KEYS[2], pos, '')
-  redis.call('SETRANGE', KEYS[3], pos * row_bytes, empty)
 end
+redis.call('HSET', KEYS[4], unpack(marks))
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[4], 'epoch', now[1] .. '.' .. now[2] .. 'd')
 redis.call('HINCRBY', KEYS[4], 'ver', 1)

@@ -7,7 +7,9 @@
 -- position * shards + shard (features.state.item_row).
 -- KEYS: state string, meta hash, dirty zset, ids list, then one dedupe key
 --       per group (all under the shard's hash tag)
--- ARGV: the layout, storage format, dedupe_ttl, shard, number of shards, then
+-- ARGV: the layout, storage format, dedupe_ttl, shard, number of shards, the
+--       shard's epoch when the rows were read (another one now: items were
+--       deleted in between, a row may be a deleted item's; refused), then
 --       per group (one event's entries in this shard): dedupe (1/0), number
 --       of entries, then the entries, each one of
 --         'e', row, type, ts, pair_ts, n_partners, partner row...  (the event's item)
@@ -25,18 +27,23 @@ local base = 13 + nh
 local format = ARGV[base + 1]
 local dedupe_ttl = tonumber(ARGV[base + 2])
 local shard, nshards = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+local read_epoch = ARGV[base + 5]
 local nc = ntypes * nh
 local row_bytes = width * 8
 local fmt = '<' .. string.rep('d', width)
 local nslot, nscore = col_nbr - 1, col_nbr_score - 1
 
 -- Checks first.
-local found = redis.call('HGET', KEYS[2], 'format')
+local meta = redis.call('HMGET', KEYS[2], 'format', 'epoch')
+local found = meta[1]
 if not found then
   return redis.error_reply('shard ' .. shard .. ' holds no items (its keys are missing)')
 end
 if found ~= format then
   return redis.error_reply('recsvc storage format ' .. found .. ' in shard ' .. shard .. ', expected ' .. format)
+end
+if meta[2] ~= read_epoch then
+  return redis.error_reply('shard ' .. shard .. ' changed while the events were applied (items deleted); retry')
 end
 local count = redis.call('LLEN', KEYS[4])
 local size = redis.call('STRLEN', KEYS[1])
@@ -51,7 +58,7 @@ local function position(row)
   return pos
 end
 local groups = {}
-local a = base + 5
+local a = base + 6
 while a <= #ARGV do
   local g = {dedupe = ARGV[a] == '1', entries = {}}
   local n = tonumber(ARGV[a + 1])

@@ -19,10 +19,13 @@ end
 -- A shard's epoch as readers see it names the server too (its run_id, new at
 -- every start): after a failover to a replica or a restart from an older
 -- snapshot, the same epoch and version can hold other data, so every reader
--- loads the shard again in full.
+-- loads the shard again in full. Where INFO is renamed away or denied (ACL
+-- -@dangerous), only a version that goes back is detected.
 local epoch, version = meta[2] or '', meta[3] or '0'
 if epoch ~= '' then
-  epoch = epoch .. '@' .. (string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or '')
+  local info = redis.pcall('INFO', 'server')
+  local run = type(info) == 'string' and string.match(info, 'run_id:(%w+)') or ''
+  epoch = epoch .. '@' .. run
 end
 local since, known = tonumber(ARGV[1]), tonumber(ARGV[2])
 local row_bytes, max_rows = tonumber(ARGV[5]), tonumber(ARGV[6])

@@ -1,7 +1,10 @@
 -- Create items in one shard (bare rows, or with catalogue attributes) and set
 -- catalogue attributes. Every check comes before the first write: on an error
 -- nothing is written; an item the shard has no room for is answered -1 and
--- not created, an unknown item the policy refuses -2; the others are.
+-- not created, an unknown item the policy refuses (or a deleted one, see
+-- item_delete.lua) -2; the others are. Answers the shard's epoch too: the
+-- item-side script refuses rows read under another epoch (items deleted in
+-- between).
 -- KEYS: idx hash (id -> position), ids list, state string, meta hash, dirty zset
 --       (all under the shard's hash tag, recsvc.store.keys.shard_keys)
 -- ARGV: the layout (recsvc.store.codec.item_layout), storage format, the
@@ -10,8 +13,8 @@
 --       shard's meta says a catalogue was loaded), then per item: id, mode
 --       ('e': create bare when new, as the policy allows; 's': create or set
 --       category and price), category id, price
--- Returns per item its row (position * shards + shard), -1 (no room) or -2
--- (unknown, refused by the policy).
+-- Returns {epoch, rows}: per item its row (position * shards + shard), -1 (no
+-- room) or -2 (unknown, refused by the policy, or deleted).
 local width = tonumber(ARGV[1])
 local col_price, col_cat = tonumber(ARGV[4]), tonumber(ARGV[5])
 local nh = tonumber(ARGV[13])
@@ -44,7 +47,7 @@ for a = base + 6, #ARGV, 4 do
   local cat, price = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local j = new_at[id]
   if j then
-    if mode == 's' then new[j][2], new[j][3] = cat, price end
+    if mode == 's' then new[j][2], new[j][3], new[j][4] = cat, price, true end
     out[k] = (count + j - 1) * nshards + shard
   else
     local pos = redis.call('HGET', KEYS[1], id)
@@ -55,10 +58,14 @@ for a = base + 6, #ARGV, 4 do
       end
       if mode == 's' then sets[#sets + 1] = {pos, cat, price} end
       out[k] = pos * nshards + shard
-    elseif mode == 'e' and refuse then
+    elseif mode == 'e' and (refuse or redis.call('HEXISTS', KEYS[4], 'deleted:' .. id) == 1) then
       out[k] = -2
     elseif count + #new < capacity then
-      if mode == 's' then new[#new + 1] = {id, cat, price} else new[#new + 1] = {id, -1, 0.0} end
+      if mode == 's' then
+        new[#new + 1] = {id, cat, price, true}
+      else
+        new[#new + 1] = {id, -1, 0.0, false}
+      end
       new_at[id] = #new
       out[k] = (count + #new - 1) * nshards + shard
     else
@@ -67,7 +74,10 @@ for a = base + 6, #ARGV, 4 do
   end
 end
 
-if #new == 0 and #sets == 0 then return out end
+local function answer()
+  return {redis.call('HGET', KEYS[4], 'epoch') or '', out}
+end
+if #new == 0 and #sets == 0 then return answer() end
 -- The writes that can fail for size come first, so that if one fails nothing
 -- has been written: the row string's growth (past proto-max-bulk-len, which may
 -- have been lowered since the capacity was read), else the row rewrites from
@@ -121,4 +131,9 @@ if #ids > 0 then
   redis.call('HSET', KEYS[1], unpack(index))
 end
 if #dirty > 0 then redis.call('ZADD', KEYS[5], unpack(dirty)) end
-return out
+local revived = {}
+for _, e in ipairs(new) do
+  if e[4] then revived[#revived + 1] = 'deleted:' .. e[1] end  -- back in the catalogue
+end
+if #revived > 0 then redis.call('HDEL', KEYS[4], unpack(revived)) end
+return answer()
