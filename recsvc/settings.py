@@ -295,8 +295,8 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     (
         "exclude_seen",
         "auto (as the model's training log says: where its users hardly repeat items, the "
-        "user's 100 most recent items are not recommended), always, or never; purchases "
-        "are never recommended again",
+        "user's 100 most recent items are not recommended), always, or never; the items "
+        "of the user's newest 200 purchases are never recommended",
     ),
     ("default_n", "items returned when a request gives no n"),
     (

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from features.candidates import SOURCE_RELATED, CandidateConfig, assemble, retrieve
-from features.events import COVISIT_BUCKET_SECS, HALF_LIVES
+from features.events import COVISIT_BUCKET_SECS, HALF_LIVES, PURCHASED_MAX
 from features.item2item import LearnConfig, learn
 from features.neighbours import Bound, NeighbourTable
 from features.popularity import PopularityIndex
@@ -61,7 +61,21 @@ async def test_redis_and_pure_replay_give_identical_features(
         EventWrite(f"u{k}", f"new-item-{k % 7}", k % 4, writes[k * 50].ts + 0.5, f"x{k}")
         for k in range(60)
     ]
-    writes = writes + strangers
+    # A user with more purchases than are kept: both sides drop the oldest.
+    cat = small_data.catalogue
+    collector = [
+        EventWrite(
+            "collector",
+            cat.item_ids[k % 250],
+            3,
+            writes[100].ts + 37.0 * k,
+            f"c{k}",
+            cat.categories[k % 250],
+            float(cat.prices[k % 250]),
+        )
+        for k in range(PURCHASED_MAX + 100)
+    ]
+    writes = writes + strangers + collector
     if order == "shuffled":
         random.Random(4).shuffle(writes)
     catalogue = small_data.catalogue
@@ -99,7 +113,7 @@ async def test_redis_and_pure_replay_give_identical_features(
     pop = PopularityIndex.build(table, now)
     offline_pop = PopularityIndex.build(replay.items, now)
     config = CandidateConfig()
-    users = sorted({w.user_id for w in writes})[:60]
+    users = [*sorted({w.user_id for w in writes})[:60], "collector"]
     learned_cols = [k for k, name in enumerate(FEATURE_NAMES) if name.startswith("nb_")]
     learned_seen = related = 0
     empty = np.zeros(0, np.int64)
@@ -110,6 +124,7 @@ async def test_redis_and_pure_replay_give_identical_features(
         assert online is not None
         if order == "time":
             assert online == offline, user_id
+        assert online.purchased == offline.purchased, user_id
         for f in USER_FIELDS:  # the codec's user fields, by name
             got, want = getattr(online, f.name), getattr(offline, f.name)
             assert got == pytest.approx(want, rel=1e-12), (user_id, f.name)
@@ -127,6 +142,13 @@ async def test_redis_and_pure_replay_give_identical_features(
         learned_seen += int(np.count_nonzero(online_m[:, learned_cols] > 0))
         related += len(found_on.lists[SOURCE_RELATED].items)
     assert learned_seen > 1000 and related > 1000  # the learned table was exercised
+    # The cap was exercised: 250 items bought, the newest PURCHASED_MAX kept.
+    # Redis stores no more than it reads (the read alone would hide an
+    # unbounded key: it asks for the newest PURCHASED_MAX).
+    kept = replay.users["collector"].purchase_times
+    assert len(kept) == PURCHASED_MAX and min(kept.values()) > collector[49].ts
+    assert replay.users["collector"].purchased == set(kept)
+    assert await aredis.zcard(keys.user_purchased("collector")) == PURCHASED_MAX
     assert all(exercised.values()), exercised
 
 

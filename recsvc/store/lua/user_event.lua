@@ -8,27 +8,29 @@
 -- lost item-side call still carries its pairs and never counts another item.
 -- Reads and computes first, writes last (dedupe keys after the state), so a
 -- script error can never mark an event as seen without applying it.
--- KEYS: state hash, recent zset, purchased set, visits zset, then one dedupe
+-- KEYS: state hash, recent zset, purchased zset, visits zset, then one dedupe
 --       key per event (all in the user's {u:<id>} slot)
 -- ARGV: the layout (recsvc.store.codec.user_layout: n_scalars, n_types,
---       recent_max, category_half_life, bucket_secs, bucket_items, keep_secs,
---       n_half_lives, half_life..., category_weight per type), dedupe_ttl,
---       user_ttl, then per event: type, ts, item, category, price, dedupe (1/0)
+--       recent_max, purchased_max, category_half_life, bucket_secs,
+--       bucket_items, keep_secs, n_half_lives, half_life..., category_weight
+--       per type), dedupe_ttl, user_ttl, then per event: type, ts, item,
+--       category, price, dedupe (1/0)
 local h, r, p, v = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local nsc = tonumber(ARGV[1])
 local ntypes = tonumber(ARGV[2])
 local recent_max = tonumber(ARGV[3])
-local cat_hl = tonumber(ARGV[4])
-local bucket_secs = tonumber(ARGV[5])
-local bucket_items = tonumber(ARGV[6])
-local keep_secs = tonumber(ARGV[7])
-local nh = tonumber(ARGV[8])
+local purchased_max = tonumber(ARGV[4])
+local cat_hl = tonumber(ARGV[5])
+local bucket_secs = tonumber(ARGV[6])
+local bucket_items = tonumber(ARGV[7])
+local keep_secs = tonumber(ARGV[8])
+local nh = tonumber(ARGV[9])
 local hls, cws = {}, {}
-for j = 1, nh do hls[j] = tonumber(ARGV[8 + j]) end
-for j = 0, ntypes - 1 do cws[j] = tonumber(ARGV[9 + nh + j]) end
-local dedupe_ttl = tonumber(ARGV[9 + nh + ntypes])
-local user_ttl = tonumber(ARGV[10 + nh + ntypes])
-local first_event = 11 + nh + ntypes
+for j = 1, nh do hls[j] = tonumber(ARGV[9 + j]) end
+for j = 0, ntypes - 1 do cws[j] = tonumber(ARGV[10 + nh + j]) end
+local dedupe_ttl = tonumber(ARGV[10 + nh + ntypes])
+local user_ttl = tonumber(ARGV[11 + nh + ntypes])
+local first_event = 12 + nh + ntypes
 local nc = ntypes * nh
 
 -- State hash fields: 'x' packed float64 scalars (n, ref, lt, lp, ps, pn: the
@@ -158,7 +160,7 @@ for a = first_event, #ARGV, 6 do
     end
     if t == 3 then
       if ts > lp then lp = ts end
-      purchases[#purchases + 1] = item
+      purchases[#purchases + 1] = {ts, item}
     end
     if price > 0 then
       ps = ps + price
@@ -194,7 +196,26 @@ if changed then
     redis.call('ZADD', r, 'GT', add[1], add[2])
     redis.call('ZREMRANGEBYRANK', r, 0, -(recent_max + 1))
   end
-  for _, item in ipairs(purchases) do redis.call('SADD', p, item) end
+  if redis.call('TYPE', p)['ok'] == 'set' then
+    -- Written before purchases were capped (an unbounded set, times unknown):
+    -- up to purchased_max of its items stay, as the oldest purchases. UNLINK
+    -- frees a large set in the background.
+    local old = redis.call('SRANDMEMBER', p, purchased_max)
+    redis.call('UNLINK', p)
+    for j = 1, #old, 200 do
+      local args = {}
+      for q = j, math.min(j + 199, #old) do
+        args[#args + 1] = 0
+        args[#args + 1] = old[q]
+      end
+      redis.call('ZADD', p, unpack(args))
+    end
+  end
+  -- Per purchase, in order, as features.state trims after each event.
+  for _, add in ipairs(purchases) do
+    redis.call('ZADD', p, 'GT', add[1], add[2])
+    redis.call('ZREMRANGEBYRANK', p, 0, -(purchased_max + 1))
+  end
   if #visit_adds > 0 then
     for _, add in ipairs(visit_adds) do
       redis.call('ZADD', v, add[1], string.format('%d|', add[1]) .. add[2])
