@@ -144,6 +144,18 @@ def user_layout() -> list[float | int]:
     ]
 
 
+# A user-side dedupe value: the event's type (one byte) and time (float64),
+# then its item and co-visit partners, one per line (lua/user_event.lua
+# writes it with the partners; the store rewrites it without them once the
+# item side has them).
+_DEDUPE_HEAD = struct.Struct("<Bd")
+
+
+def dedupe_record(event_type: int, ts: float, item_id: str) -> bytes:
+    """The dedupe value of an applied event whose pairs the item side has."""
+    return _DEDUPE_HEAD.pack(event_type, ts) + item_id.encode()
+
+
 def _names(blob: bytes) -> list[str]:
     out, pos = [], 0
     while pos < len(blob):

@@ -1,11 +1,18 @@
 -- Fold a batch of one user's events into their state; mirrors
 -- features.state.apply_user_event operation for operation, event by event.
--- Returns per event {1, item, partner...} (applied) or {0, item, partner...}
--- (duplicate event id): the item the event was applied to and the items it
--- forms co-visitation pairs with, which the item-side scripts apply. A
--- duplicate returns what is stored with its dedupe key (the first attempt's
--- item, whatever item the retry names, and its partners), so a retry after a
--- lost item-side call still carries its pairs and never counts another item.
+-- Returns per event {1, type, ts, item, partner...} (applied) or {0, type,
+-- ts, item, partner...} (duplicate event id): the type, time (a string,
+-- %.17g) and item the event was applied with and the items it forms
+-- co-visitation pairs with, which the item-side scripts apply. A duplicate
+-- returns what is stored with its dedupe key (the first attempt's type, time
+-- and item, whatever the retry says, and its partners), so a retry after a
+-- lost item-side call still carries its pairs, never counts another item and
+-- counts the item at the time the user side did.
+-- A dedupe value (recsvc.store.codec.dedupe_record): a byte (the type, 0-3)
+-- and a little-endian float64 (the time), then the item and its partners,
+-- one per line. The store rewrites it without the partners once the item
+-- side has them (they are up to 19 ids). A value that starts with an id
+-- character was written before type and time were kept: the retry's apply.
 -- Reads and computes first, writes last (dedupe keys after the state), so a
 -- script error can never mark an event as seen without applying it.
 -- KEYS: state hash, recent zset, purchased zset, visits zset, then one dedupe
@@ -97,6 +104,24 @@ end
 
 local applied = {}
 local changed = false
+-- A dedupe value as {type, ts, item, partner...}; t, ts: the retry's, for a
+-- value written before they were kept.
+local function parse(value, t, ts)
+  local body = value
+  if #value >= 9 and string.byte(value, 1) < 4 then
+    t, ts = struct.unpack('<Bd', value)
+    body = string.sub(value, 10)
+  end
+  local rec = {t, ts}
+  for line in string.gmatch(body, '[^\n]+') do rec[#rec + 1] = line end
+  return rec
+end
+local function answer(flag, rec)
+  local out = {flag, rec[1], string.format('%.17g', rec[2])}
+  for j = 3, #rec do out[j + 1] = rec[j] end
+  return out
+end
+
 local ev = 0
 local seen_now = {}
 local recent_adds, purchases, dedupe_keys = {}, {}, {}
@@ -113,17 +138,11 @@ for a = first_event, #ARGV, 6 do
     local prior = seen_now[dk]
     if prior == nil then
       local value = redis.call('GET', dk)
-      if value then
-        -- Seen before: the item it was applied to and its partners, one per line.
-        prior = {}
-        for line in string.gmatch(value, '[^\n]+') do prior[#prior + 1] = line end
-      end
+      if value then prior = parse(value, t, ts) end
     end
     if prior then
       fresh = false
-      local out = {0}
-      for j, line in ipairs(prior) do out[j + 1] = line end
-      applied[ev] = out
+      applied[ev] = answer(0, prior)
     end
   end
   if fresh then
@@ -152,8 +171,8 @@ for a = first_event, #ARGV, 6 do
     end
     if ts > lt then lt = ts end
     local partners = visit(item, ts)
-    local record = {item}
-    for j, other in ipairs(partners) do record[j + 1] = other end
+    local record = {t, ts, item}
+    for j, other in ipairs(partners) do record[j + 3] = other end
     if dk then
       seen_now[dk] = record
       dedupe_keys[#dedupe_keys + 1] = {dk, record}
@@ -168,9 +187,7 @@ for a = first_event, #ARGV, 6 do
     end
     n = n + 1
     recent_adds[#recent_adds + 1] = {ts, item}
-    local out = {1}
-    for j, line in ipairs(record) do out[j + 1] = line end
-    applied[ev] = out
+    applied[ev] = answer(1, record)
   end
 end
 
@@ -225,7 +242,9 @@ if changed then
     redis.call('EXPIRE', v, math.ceil(keep_secs + bucket_secs))
   end
   for _, d in ipairs(dedupe_keys) do
-    redis.call('SET', d[1], table.concat(d[2], '\n'), 'EX', dedupe_ttl)
+    local rec = d[2]
+    local value = struct.pack('<Bd', rec[1], rec[2]) .. table.concat(rec, '\n', 3)
+    redis.call('SET', d[1], value, 'EX', dedupe_ttl)
   end
   if user_ttl > 0 then
     redis.call('EXPIRE', h, user_ttl)
