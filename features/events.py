@@ -38,6 +38,12 @@ CATEGORY_WEIGHTS: tuple[float, ...] = (1.0, 2.0, 4.0, 6.0)
 # Newest items remembered per user (by event time): the recent and history
 # sources, the seen-items ban, and the recent-position features read them.
 RECENT_MAX = 100
+# Newest purchases remembered per user (by purchase time), never recommended
+# again. Read on every recommendation, so bounded (a reseller's or a bot's
+# 300k purchases cost 47 ms of Redis per read); twice the candidate cap, and
+# a purchase older than the user's newest 200 is mostly of an item no source
+# proposes any more.
+PURCHASED_MAX = 200
 
 # Co-visitation: two items are co-visited when one user interacted with both in
 # the same clock-hour bucket. Fixed buckets (rather than "within W seconds of each

@@ -31,6 +31,7 @@ from features.events import (
     HALF_LIVES,
     N_COUNTERS,
     N_HALF_LIVES,
+    PURCHASED_MAX,
     RECENT_MAX,
 )
 
@@ -78,6 +79,7 @@ class UserState:
     counts: list[float] = field(default_factory=lambda: [0.0] * N_COUNTERS)
     category_affinity: dict[str, float] = field(default_factory=dict)
     recent: dict[str, float] = field(default_factory=dict)
+    # The items of the newest PURCHASED_MAX purchases (by each item's newest).
     purchased: set[str] = field(default_factory=set)
     last_ts: float = 0.0
     last_purchase_ts: float = 0.0
@@ -87,6 +89,10 @@ class UserState:
     # Co-visitation buckets (bucket -> items in it): written by the event path,
     # never read by serving, so not part of what the store decodes or compares.
     visits: dict[int, list[str]] = field(default_factory=dict, compare=False)
+    # When each purchased item was last bought: the replay drops the oldest
+    # past PURCHASED_MAX by it, as Redis does by its sorted set's scores.
+    # Serving reads only which items, so neither decoded nor compared either.
+    purchase_times: dict[str, float] = field(default_factory=dict, compare=False)
 
     def recent_newest_first(self) -> list[tuple[str, float]]:
         """Recent items, newest first (ties: larger id first, as Redis ZREVRANGE)."""
@@ -151,7 +157,16 @@ def apply_user_event(
     partners = visit_partners(s, item_id, ts)
     if event_type == 3:
         s.last_purchase_ts = max(s.last_purchase_ts, ts)
+        if ts > s.purchase_times.get(item_id, -np.inf):
+            s.purchase_times[item_id] = ts
         s.purchased.add(item_id)
+        if len(s.purchase_times) > PURCHASED_MAX:
+            # Drop the oldest, as ZREMRANGEBYRANK 0 -(PURCHASED_MAX+1) does. Kept:
+            # the newest PURCHASED_MAX items by their newest purchase, whatever
+            # the arrival order (an item dropped is never newer than those kept).
+            oldest = min(s.purchase_times.items(), key=_TIME_THEN_ID)[0]
+            del s.purchase_times[oldest]
+            s.purchased.discard(oldest)
     if price > 0:
         s.price_sum = s.price_sum + price
         s.price_n += 1

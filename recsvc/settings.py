@@ -74,6 +74,9 @@ class Settings:
     unknown_items: str = "auto"
     user_ttl_days: float = 90.0
     max_body_bytes: int = 64 * 1024
+    # POST /v1/features: user x item rows per request. A row is ~2.2 KB of JSON
+    # and ~25 us of CPU: 2,000 rows answer ~4.4 MB in ~50 ms (off the loop).
+    features_max_cells: int = 2_000
     # A request body must arrive within this (408 and the connection closed).
     body_timeout_ms: float = 2000.0
     # Hard cap of requests in flight per process, every route (503 above).
@@ -163,6 +166,7 @@ class Settings:
             ("unknown_items", self.unknown_items in {"auto", "reject", "create"}),
             ("user_ttl_days", self.user_ttl_days >= 0),
             ("max_body_bytes", self.max_body_bytes >= 1024),
+            ("features_max_cells", self.features_max_cells >= 1),
             ("max_inflight", self.max_inflight >= 1),
             ("body_timeout_ms", self.body_timeout_ms > 0),
             ("admission_target_ms", self.admission_target_ms > 0),
@@ -296,8 +300,8 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     (
         "exclude_seen",
         "auto (as the model's training log says: where its users hardly repeat items, the "
-        "user's 100 most recent items are not recommended), always, or never; purchases "
-        "are never recommended again",
+        "user's 100 most recent items are not recommended), always, or never; the items "
+        "of the user's newest 200 purchases are never recommended",
     ),
     ("default_n", "items returned when a request gives no n"),
     (
@@ -329,6 +333,11 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     ),
     ("user_ttl_days", "idle time after which a user's state expires; 0 = never"),
     ("max_body_bytes", "largest request body (413 above)"),
+    (
+        "features_max_cells",
+        "most user x item rows one POST /v1/features may ask for (len(user_ids) x "
+        "len(item_ids); 400 above)",
+    ),
     ("body_timeout_ms", "a request body must arrive within this (else 408, connection closed)"),
     ("max_inflight", "hard cap of requests in flight per process, every route (503 above)"),
     (

@@ -80,6 +80,9 @@ class Ingestor:
             raise InvalidRequest(
                 f"ts {ts} is more than {MAX_FUTURE_SECS:.0f} s in the future", field="ts"
             )
+        # Tolerated clock skew must not put state in the future; the window is
+        # checked on the time that is applied.
+        ts = min(ts, now)
         if ts < now - self.store.dedupe_ttl:
             # Older than the dedupe window: a retry could no longer be recognised.
             raise InvalidRequest(
@@ -87,7 +90,6 @@ class Ingestor:
                 "(load history with `recsvc import`)",
                 field="ts",
             )
-        ts = min(ts, now)  # tolerated clock skew must not put state in the future
         # Item attributes come from the item table, never from the client, so the
         # online update sees what the offline replay sees (see EventWrite).
         table = self.items.view.table

@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
+import orjson
 
 from features.candidates import ids_to_index
 from features.schema import FEATURE_NAMES, build_matrix, user_features
 from features.state import ItemTable, UserState
+from recsvc.errors import InvalidRequest
 from recsvc.service.itemcache import ItemView
 from recsvc.service.recommend import Recommender
+
+T = TypeVar("T")
 
 
 def _json_number(v: float) -> float | None:
@@ -53,11 +58,10 @@ def _user_entry(
         # model, so the rows are the ones that model would score.
         found = rec.retrieve(state, view, rec.models.current, now)
         rows = build_matrix(state, table, idx, now, dtype=np.float64, retrieval=found).tolist()
+        # NaN (missing) stays NaN here: orjson writes it as null, and a plain
+        # dict(zip(...)) per row costs half of mapping each value.
         entry["items"] = [
-            {
-                "item_id": table.ids[i],
-                "features": {k: _json_number(v) for k, v in zip(FEATURE_NAMES, row, strict=True)},
-            }
+            {"item_id": table.ids[i], "features": dict(zip(FEATURE_NAMES, row, strict=True))}
             for i, row in zip(idx.tolist(), rows, strict=True)
         ]
     return entry
@@ -69,13 +73,29 @@ def _user_entry(
 USERS_PER_READ_DEADLINE = 10
 
 
-async def feature_values(
-    rec: Recommender, user_ids: list[str], item_ids: list[str]
-) -> dict[str, Any]:
-    """Features of users (and user x item rows) at this instant, one Redis round trip.
+def check_cells(user_ids: list[str], item_ids: list[str], max_cells: int) -> None:
+    """InvalidRequest (naming ``item_ids``) past ``max_cells`` user x item rows:
+    their cost grows with the product, which the per-list limits do not bound."""
+    cells = len(user_ids) * len(item_ids)
+    if cells > max_cells:
+        raise InvalidRequest(
+            f"{len(user_ids)} user_ids x {len(item_ids)} item_ids is {cells} rows; "
+            f"at most {max_cells} per request",
+            field="item_ids",
+        )
 
-    The rows (candidate sources and a feature matrix per user) are built in a
-    worker thread: a batch of users x items must not hold up recommendations.
+
+async def _entries(
+    rec: Recommender,
+    user_ids: list[str],
+    item_ids: list[str],
+    finish: Callable[[dict[str, Any]], T],
+) -> tuple[list[T], list[str]]:
+    """Each user's entry, passed through ``finish``, and the unknown item ids.
+
+    One Redis round trip; the entries (candidate sources and a feature matrix
+    per user, the recent items) are built in a worker thread, so a batch does
+    not hold up recommendations on the event loop.
     """
     store = rec.store
     batches = -(-len(user_ids) // USERS_PER_READ_DEADLINE)
@@ -84,15 +104,42 @@ async def feature_values(
     now = time.time()
     view = rec.items.view
 
-    def entries() -> list[dict[str, Any]]:
+    def build() -> list[T]:
         return [
-            _user_entry(rec, u, s, view, item_ids, now)
+            finish(_user_entry(rec, u, s, view, item_ids, now))
             for u, s in zip(user_ids, users, strict=True)
         ]
 
     unknown = [i for i in dict.fromkeys(item_ids) if i not in view.table.index]
-    body = await asyncio.to_thread(entries) if item_ids else entries()
-    return {"users": body, "unknown_items": unknown}
+    return await asyncio.to_thread(build), unknown
+
+
+async def feature_values(
+    rec: Recommender, user_ids: list[str], item_ids: list[str]
+) -> dict[str, Any]:
+    """Features of users (and user x item rows) at this instant."""
+    entries, unknown = await _entries(rec, user_ids, item_ids, lambda entry: entry)
+    return {"users": entries, "unknown_items": unknown}
+
+
+async def feature_values_json(
+    rec: Recommender, user_ids: list[str], item_ids: list[str], max_cells: int
+) -> list[bytes]:
+    """``feature_values`` as JSON in pieces that concatenate to the answer (one
+    per user), at most ``max_cells`` user x item rows (``check_cells``).
+
+    Each user's entry is encoded in the worker thread as it is built, and the
+    pieces are never joined here: the answer runs to megabytes, and one encoder
+    call or one copy over all of it holds the interpreter lock (and so the
+    event loop) for tens of milliseconds.
+    """
+    check_cells(user_ids, item_ids, max_cells)
+    parts, unknown = await _entries(rec, user_ids, item_ids, orjson.dumps)
+    out = [b'{"users":[']
+    for k, part in enumerate(parts):
+        out.append(b"," + part if k else part)
+    out.append(b'],"unknown_items":' + orjson.dumps(unknown) + b"}")
+    return out
 
 
 async def user_feature_values(rec: Recommender, user_id: str) -> dict[str, Any]:

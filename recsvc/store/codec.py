@@ -33,6 +33,7 @@ from features.events import (
     HALF_LIVES,
     N_COUNTERS,
     N_TYPES,
+    PURCHASED_MAX,
     RECENT_MAX,
 )
 from features.state import (
@@ -80,7 +81,7 @@ ITEM_ROW_BYTES = ITEM_WIDTH * 8
 # The user state hash: field 'x' packs these float64 scalars, then the
 # counters; 'an' the category names (uint32 length + UTF-8 each), 'av' their
 # affinities (float64, same order). Recent items, purchases and co-visit
-# buckets are a zset, a set and a zset beside it (see recsvc.store.keys).
+# buckets are three zsets beside it (see recsvc.store.keys).
 USER_SCALARS: tuple[str, ...] = (
     "n_events",
     "ref",
@@ -125,13 +126,14 @@ ITEM_LAYOUT_ARGS = len(item_layout())
 
 def user_layout() -> list[float | int]:
     """The user script's leading arguments: scalars before the counters, event
-    types, recent items kept, category half-life, co-visit bucket seconds,
-    items per bucket, seconds of buckets kept, the number of half-lives, each
-    half-life, then one category weight per event type."""
+    types, recent items kept, purchases kept, category half-life, co-visit
+    bucket seconds, items per bucket, seconds of buckets kept, the number of
+    half-lives, each half-life, then one category weight per event type."""
     return [
         len(USER_SCALARS),
         N_TYPES,
         RECENT_MAX,
+        PURCHASED_MAX,
         CATEGORY_HALF_LIFE,
         COVISIT_BUCKET_SECS,
         COVISIT_BUCKET_ITEMS,
@@ -140,6 +142,18 @@ def user_layout() -> list[float | int]:
         *HALF_LIVES,
         *CATEGORY_WEIGHTS,
     ]
+
+
+# A user-side dedupe value: the event's type (one byte) and time (float64),
+# then its item and co-visit partners, one per line (lua/user_event.lua
+# writes it with the partners; the store rewrites it without them once the
+# item side has them).
+_DEDUPE_HEAD = struct.Struct("<Bd")
+
+
+def dedupe_record(event_type: int, ts: float, item_id: str) -> bytes:
+    """The dedupe value of an applied event whose pairs the item side has."""
+    return _DEDUPE_HEAD.pack(event_type, ts) + item_id.encode()
 
 
 def _names(blob: bytes) -> list[str]:
@@ -161,10 +175,10 @@ def _pairs(reply: list[Any]) -> Any:
 
 
 def decode_user(
-    state: dict[bytes, bytes], recent: list[Any], purchased: set[bytes]
+    state: dict[bytes, bytes], recent: list[Any], purchased: list[bytes]
 ) -> UserState | None:
     """UserState from the three user keys (``recent`` as ZREVRANGE ... WITHSCORES
-    sends it); None when the user has no state."""
+    sends it, ``purchased`` the members only); None when the user has no state."""
     packed = state.get(b"x")
     if not packed:
         return None

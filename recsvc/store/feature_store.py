@@ -7,13 +7,13 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from features.events import COVISIT_BUCKET_SECS, MAX_FUTURE_SECS, RECENT_MAX
+from features.events import COVISIT_BUCKET_SECS, MAX_FUTURE_SECS, PURCHASED_MAX, RECENT_MAX
 from features.state import N_SHARDS, ItemTable, UserState, covisit_bucket, item_row, shard_of
 from recsvc.errors import Overloaded, StoreUnavailable
 from recsvc.ops import metrics
@@ -26,6 +26,7 @@ from recsvc.store.codec import (
     ITEM_ROW_BYTES,
     STORAGE_FORMAT,
     decode_user,
+    dedupe_record,
     item_layout,
     user_layout,
 )
@@ -98,6 +99,15 @@ class EventWrite:
     event_id: str = ""
     category: str = ""
     price: float = 0.0
+
+
+class _Applied(NamedTuple):
+    """How the user side applied an event (a duplicate: its first attempt)."""
+
+    type: int
+    ts: float
+    item: str
+    partners: list[str]
 
 
 @dataclass(slots=True)
@@ -187,7 +197,8 @@ class FeatureStore:
             pipe.execute_command(
                 "ZREVRANGE", keys.user_recent(user_id), 0, RECENT_MAX - 1, "WITHSCORES"
             )
-            pipe.smembers(keys.user_purchased(user_id))
+            # Members only: banning needs no times (200 scores cost ~40 us of Redis).
+            pipe.execute_command("ZREVRANGE", keys.user_purchased(user_id), 0, PURCHASED_MAX - 1)
         started = (0.0, 0.0)
         try:
             # The gate first, with its own wait: a full pool is not a slow Redis.
@@ -196,7 +207,7 @@ class FeatureStore:
                 until = loop.time() + budget
                 cut_short = deadline is not None and deadline < until
                 async with asyncio.timeout_at(deadline if cut_short else until):
-                    replies = await pipe.execute()
+                    replies = _legacy_purchases(await pipe.execute(raise_on_error=False))
         except PoolExhausted as exc:
             metrics.REDIS_ERRORS.labels("read", "PoolExhausted").inc()
             raise Overloaded("redis_pool") from exc
@@ -265,16 +276,18 @@ class FeatureStore:
         named = await self._apply_users(events, live, dedupe, results)
         # Items and partners by id, resolved to their rows now: a row remembered
         # from earlier could name another item after its shard was rebuilt. A
-        # partner no shard holds any more forms no pair. A duplicate's item is
-        # the one its first attempt counted, whatever the retry names.
-        wanted = {i for item, ps in named.values() for i in (item, *ps)}
+        # partner no shard holds any more forms no pair. A duplicate's item,
+        # type and time are the ones its first attempt counted, whatever the
+        # retry says (a retry without ts, or with a future one, has another).
+        wanted = {i for n in named.values() for i in (n.item, *n.partners)}
         rows.update(await self._rows_of(wanted - rows.keys(), epochs))
-        items = {k: rows[item] for k, (item, _) in named.items() if item in rows}
-        partners = {k: sorted(rows[p] for p in ps if p in rows) for k, (_, ps) in named.items()}
-        groups = _item_groups(events, items, partners, dedupe)
+        items = {k: rows[n.item] for k, n in named.items() if n.item in rows}
+        partners = {k: sorted(rows[p] for p in n.partners if p in rows) for k, n in named.items()}
+        groups = _item_groups(events, named, items, partners, dedupe)
         for shard, reason in (await self._apply_items(groups, epochs)).items():
             for g in groups[shard]:
                 reasons[g.event] = reason
+        await self._forget_partners(events, named, reasons)
         if reasons:
             for k in reasons:
                 results[k] = None
@@ -340,15 +353,15 @@ class FeatureStore:
         live: list[int],
         dedupe: bool,
         results: list[int | None],
-    ) -> dict[int, tuple[str, list[str]]]:
-        """The user side of the ``live`` events; per event the item it counts for
-        and its co-visit partners (ids). A duplicate comes back with its first
-        attempt's item and partners, so the item side (deduplicated on its own)
+    ) -> dict[int, _Applied]:
+        """The user side of the ``live`` events; per event the type, time and item
+        it counts for and its co-visit partners (ids). A duplicate comes back
+        with its first attempt's, so the item side (deduplicated on its own)
         still gets them when an earlier attempt was cut off between the two."""
         by_user: dict[str, list[int]] = {}
         for k in live:
             by_user.setdefault(events[k].user_id, []).append(k)
-        partners: dict[int, tuple[str, list[str]]] = {}
+        partners: dict[int, _Applied] = {}
         groups = list(by_user.items())
         for start in range(0, len(groups), USERS_PER_PIPELINE):
             chunk = groups[start : start + USERS_PER_PIPELINE]
@@ -371,8 +384,42 @@ class FeatureStore:
             for (_, positions), answer in zip(chunk, answers, strict=True):
                 for k, one in zip(positions, answer, strict=True):
                     results[k] = int(one[0])
-                    partners[k] = (one[1].decode(), [p.decode() for p in one[2:]])
+                    partners[k] = _Applied(
+                        int(one[1]), float(one[2]), one[3].decode(), [p.decode() for p in one[4:]]
+                    )
         return partners
+
+    async def _forget_partners(
+        self, events: Sequence[EventWrite], named: dict[int, _Applied], failed: dict[int, str]
+    ) -> None:
+        """Drop the partners from the user-side dedupe values of the events whose
+        item side is complete (applied now or before, in every shard it
+        touches): a retry needs them only while some shard still lacks its
+        pairs, and they are up to 19 ids, ~2.5 KB a key for a day. One
+        pipeline; if it fails the values keep their partners, which costs
+        memory, not correctness (a retry's pairs then meet item-side
+        duplicates)."""
+        if self.dedupe_key_ttl <= 0:
+            return
+        done = [
+            (events[k], n)
+            for k, n in named.items()
+            if n.partners and k not in failed and events[k].event_id
+        ]
+        if not done:
+            return
+        try:
+            until = asyncio.get_running_loop().time() + self.write_timeout
+            async with self._write_gate.slot(until), asyncio.timeout_at(until):
+                pipe = self.writer.pipeline(transaction=False)
+                for e, n in done:
+                    # XX: never bring back a key that expired meanwhile.
+                    key = keys.user_event_seen(e.user_id, e.event_id)
+                    pipe.set(key, dedupe_record(n.type, n.ts, n.item), xx=True, keepttl=True)
+                await pipe.execute()
+        except REDIS_FAILURES as exc:
+            metrics.REDIS_ERRORS.labels("write", type(exc).__name__).inc()
+            self._write_refresh.after(exc)
 
     async def _rows_of(self, items: set[str], epochs: dict[int, str]) -> dict[str, int]:
         """The rows of existing items (one HMGET per shard, one pipeline); items no
@@ -631,19 +678,21 @@ class FeatureStore:
 
 def _item_groups(
     events: Sequence[EventWrite],
+    named: dict[int, _Applied],
     items: dict[int, int],
     partners: dict[int, list[int]],
     dedupe: bool,
 ) -> dict[int, list[_Group]]:
-    """Each event's item-side entries (``items``: event -> its item's row),
-    grouped by shard and event, in event order: its item's counters and pairs
-    ('e'), each partner's pair ('p')."""
+    """Each event's item-side entries (``items``: event -> its item's row), with
+    the type and time the user side applied (``named``), grouped by shard and
+    event, in event order: its item's counters and pairs ('e'), each
+    partner's pair ('p')."""
     groups: dict[int, list[_Group]] = {}
     for k in sorted(items):
-        e, row = events[k], items[k]
-        pair_ts = covisit_bucket(e.ts) * COVISIT_BUCKET_SECS
+        e, row, n = events[k], items[k], named[k]
+        pair_ts = covisit_bucket(n.ts) * COVISIT_BUCKET_SECS
         mine: dict[int, _Group] = {}
-        own = ["e", row, int(e.type), e.ts, pair_ts, len(partners[k]), *partners[k]]
+        own = ["e", row, n.type, n.ts, pair_ts, len(partners[k]), *partners[k]]
         for shard, entry in [
             (row % N_SHARDS, own),
             *((p % N_SHARDS, ["p", p, row, pair_ts]) for p in partners[k]),
@@ -669,6 +718,20 @@ def _note_epoch(epochs: dict[int, str], shard: int, epoch: bytes | str | None) -
     value = epoch.decode() if isinstance(epoch, bytes) else (epoch or "")
     if epochs.setdefault(shard, value) != value:
         epochs[shard] = CHANGED
+
+
+def _legacy_purchases(replies: list[Any]) -> list[Any]:
+    """A user read's replies, the purchases of a user whose purchased key is
+    still a set (written before purchases were capped) read as none: the
+    user's next event makes it a capped sorted set. Any other error reply
+    raises, as ``execute()`` would have."""
+    for k, reply in enumerate(replies):
+        if isinstance(reply, ResponseError):
+            if k % 3 == 2 and str(reply).startswith("WRONGTYPE"):
+                replies[k] = []
+            else:
+                raise reply
+    return replies
 
 
 def _shard_failure(shard: int, exc: Exception) -> str:

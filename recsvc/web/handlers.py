@@ -12,14 +12,15 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import payload, web
+from aiohttp.abc import AbstractStreamWriter
 
 from features.candidates import CandidateConfig
 from features.schema import NO_CONTEXT, Context
 from recsvc.errors import InvalidRequest, Overloaded, StoreUnavailable, Unauthorized, UnknownItem
 from recsvc.ops import metrics
 from recsvc.ranking.models import LoadedModel
-from recsvc.service.online import feature_values, user_feature_values
+from recsvc.service.online import feature_values_json, user_feature_values
 from recsvc.service.recommend import DEADLINE as DEADLINE_REASON
 from recsvc.service.recommend import OVERLOADED, Query
 from recsvc.settings import Settings
@@ -46,6 +47,22 @@ def json_response(
     return web.Response(
         status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
     )
+
+
+class _Pieces(payload.Payload):
+    """A body sent piece by piece (a drain between pieces, Content-Length set):
+    megabytes never become one buffer copied on the event loop."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        super().__init__(pieces, content_type="application/json")
+        self._size = sum(len(p) for p in pieces)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        for piece in self._value:
+            await writer.write(piece)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return b"".join(self._value).decode(encoding, errors)
 
 
 def _flags(request: web.Request, body_flags: dict[str, str] | None) -> dict[str, str]:
@@ -209,8 +226,13 @@ async def user_features_get(request: web.Request) -> web.Response:
 
 async def features_post(request: web.Request) -> web.Response:
     req = decode_json(await request.read(), FeaturesRequest)
-    body = await feature_values(request.app[appkeys.RECOMMENDER], req.user_ids, req.item_ids)
-    return json_response(body)
+    body = await feature_values_json(
+        request.app[appkeys.RECOMMENDER],
+        req.user_ids,
+        req.item_ids,
+        request.app[appkeys.SETTINGS].features_max_cells,
+    )
+    return web.Response(body=_Pieces(body))
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -155,6 +155,10 @@ def document() -> dict[str, Any]:
         "/v1/features": {
             "post": {
                 "summary": "Features of up to 100 users, and user x item rows",
+                "description": (
+                    "At most RECSVC_FEATURES_MAX_CELLS (default 2000) user x item rows, "
+                    "len(user_ids) x len(item_ids); past it a 400 naming `item_ids`."
+                ),
                 "requestBody": {**_json("FeaturesRequest"), "required": True},
                 "responses": {"200": _answer("features", "FeaturesResponse"), **_ERRORS},
             }

@@ -14,6 +14,7 @@ from features.events import (
     COVISIT_KEEP_SECS,
     COVISIT_NEIGHBOURS,
     HALF_LIVES,
+    PURCHASED_MAX,
     RECENT_MAX,
     EventType,
     counter_index,
@@ -108,9 +109,24 @@ def test_recent_items_keep_the_newest_by_event_time() -> None:
 def test_purchase_marks_item_purchased_and_sets_last_purchase() -> None:
     s = UserState()
     apply_user_event(s, EventType.PURCHASE, T0, "i9", "c1", 12.0)
-    assert s.purchased == {"i9"}
+    assert s.purchased == {"i9"} and s.purchase_times == {"i9": T0}
     assert s.last_purchase_ts == T0
     assert s.price_sum / s.price_n == 12.0
+
+
+def test_purchases_keep_the_newest_whatever_the_arrival_order() -> None:
+    """Capped at PURCHASED_MAX, the oldest dropped: the newest purchase time per
+    item decides, ties by id, and arrival order does not matter."""
+    buys = [(T0 + (k % (PURCHASED_MAX + 30)), f"i{k % (PURCHASED_MAX + 60)}") for k in range(900)]
+    newest: dict[str, float] = {}
+    for ts, item in buys:
+        newest[item] = max(ts, newest.get(item, 0.0))
+    kept = sorted(newest.items(), key=lambda kv: (kv[1], kv[0]))[-PURCHASED_MAX:]
+    for order in (buys, buys[::-1], random.Random(5).sample(buys, len(buys))):
+        s = UserState()
+        for ts, item in order:
+            apply_user_event(s, EventType.PURCHASE, ts, item, "", 0.0)
+        assert s.purchase_times == dict(kept) and s.purchased == set(dict(kept))
 
 
 def _replay(events: list[tuple[float, str, str, int]]) -> Replay:

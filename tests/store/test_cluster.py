@@ -95,7 +95,7 @@ def _user_reads(cluster: LocalCluster) -> dict[int, int]:
             stats = c.info("commandstats")
         out[port] = sum(
             int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
-            for name in ("hgetall", "zrevrange", "smembers")
+            for name in ("hgetall", "zrevrange")
         )
     return out
 

@@ -11,20 +11,26 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from features.candidates import SOURCE_RELATED, CandidateConfig, assemble, retrieve
-from features.events import COVISIT_BUCKET_SECS, HALF_LIVES
+from features.events import COVISIT_BUCKET_SECS, HALF_LIVES, PURCHASED_MAX
 from features.item2item import LearnConfig, learn
 from features.neighbours import Bound, NeighbourTable
 from features.popularity import PopularityIndex
 from features.replay import Replay
 from features.schema import FEATURE_NAMES, build_matrix
-from features.state import COL_COUNTS, COL_NBR_REF, N_SHARDS
+from features.state import COL_COUNTS, COL_NBR_REF, N_SHARDS, shard_of
 from features.synthetic import SyntheticData
 from recsvc.errors import StoreUnavailable
 from recsvc.settings import Settings
 from recsvc.store import keys
 from recsvc.store.client import connect
 from recsvc.store.codec import ITEM_FIELDS, STORAGE_FORMAT, USER_FIELDS
-from recsvc.store.feature_store import EventWrite, FeatureStore, IncompatibleStore, fresh_cursors
+from recsvc.store.feature_store import (
+    EventWrite,
+    FeatureStore,
+    IncompatibleStore,
+    ItemWriteFailed,
+    fresh_cursors,
+)
 from recsvc.store.items import ShardCursor, patch_table, rows_needed
 from tests.helpers import canonical, neighbour_counts, store_settings
 
@@ -61,7 +67,21 @@ async def test_redis_and_pure_replay_give_identical_features(
         EventWrite(f"u{k}", f"new-item-{k % 7}", k % 4, writes[k * 50].ts + 0.5, f"x{k}")
         for k in range(60)
     ]
-    writes = writes + strangers
+    # A user with more purchases than are kept: both sides drop the oldest.
+    cat = small_data.catalogue
+    collector = [
+        EventWrite(
+            "collector",
+            cat.item_ids[k % 250],
+            3,
+            writes[100].ts + 37.0 * k,
+            f"c{k}",
+            cat.categories[k % 250],
+            float(cat.prices[k % 250]),
+        )
+        for k in range(PURCHASED_MAX + 100)
+    ]
+    writes = writes + strangers + collector
     if order == "shuffled":
         random.Random(4).shuffle(writes)
     catalogue = small_data.catalogue
@@ -99,7 +119,7 @@ async def test_redis_and_pure_replay_give_identical_features(
     pop = PopularityIndex.build(table, now)
     offline_pop = PopularityIndex.build(replay.items, now)
     config = CandidateConfig()
-    users = sorted({w.user_id for w in writes})[:60]
+    users = [*sorted({w.user_id for w in writes})[:60], "collector"]
     learned_cols = [k for k, name in enumerate(FEATURE_NAMES) if name.startswith("nb_")]
     learned_seen = related = 0
     empty = np.zeros(0, np.int64)
@@ -110,6 +130,7 @@ async def test_redis_and_pure_replay_give_identical_features(
         assert online is not None
         if order == "time":
             assert online == offline, user_id
+        assert online.purchased == offline.purchased, user_id
         for f in USER_FIELDS:  # the codec's user fields, by name
             got, want = getattr(online, f.name), getattr(offline, f.name)
             assert got == pytest.approx(want, rel=1e-12), (user_id, f.name)
@@ -127,6 +148,13 @@ async def test_redis_and_pure_replay_give_identical_features(
         learned_seen += int(np.count_nonzero(online_m[:, learned_cols] > 0))
         related += len(found_on.lists[SOURCE_RELATED].items)
     assert learned_seen > 1000 and related > 1000  # the learned table was exercised
+    # The cap was exercised: 250 items bought, the newest PURCHASED_MAX kept.
+    # Redis stores no more than it reads (the read alone would hide an
+    # unbounded key: it asks for the newest PURCHASED_MAX).
+    kept = replay.users["collector"].purchase_times
+    assert len(kept) == PURCHASED_MAX and min(kept.values()) > collector[49].ts
+    assert replay.users["collector"].purchased == set(kept)
+    assert await aredis.zcard(keys.user_purchased("collector")) == PURCHASED_MAX
     assert all(exercised.values()), exercised
 
 
@@ -196,29 +224,67 @@ def _session_writes(n_users: int, seed: int, t0: float) -> list[EventWrite]:
     return out
 
 
-async def test_co_visits_survive_an_item_side_call_that_never_ran(aredis: Redis) -> None:
-    """The user side applied (and recorded the event ids), the item side was lost:
-    a retry is a duplicate for the user, yet the item side gets every pair."""
+async def damage_shards(aredis: Redis, shards: set[int]) -> dict[int, bytes]:
+    """Make item shards refuse every write (a row string that is not whole rows,
+    which both item scripts check before writing); their row strings, to
+    ``repair_shards`` with."""
+    saved = {}
+    for shard in shards:
+        state = keys.shard_keys(shard)[2]
+        saved[shard] = await aredis.get(state) or b""
+        await aredis.append(state, b"x")
+    return saved
+
+
+async def repair_shards(aredis: Redis, saved: dict[int, bytes]) -> None:
+    for shard, rows in saved.items():
+        await aredis.set(keys.shard_keys(shard)[2], rows)
+
+
+async def test_co_visits_survive_an_item_side_call_that_failed(aredis: Redis) -> None:
+    """The user side applied (and recorded the event ids), the item side failed
+    in some shards: a retry is a duplicate for the user, yet those shards get
+    every pair, and the others count nothing twice. Shards refuse the first
+    attempt for real: a partner's shard is only written in the item step, so
+    an event whose own shard is sound gets its user side and part of its item
+    side applied."""
     store = FeatureStore(aredis, store_settings(user_ttl_days=0))
     writes = _session_writes(30, seed=3, t0=1_790_000_000.0)
-    assert all(await store.apply_events(writes))
-    # Every item key: the shards' ({i<k>.<j>}) and the catalogue's ({items}).
-    item_keys = [k async for k in aredis.scan_iter(match="{i*")]
-    assert len(item_keys) > 20
-    await aredis.delete(*item_keys)  # as if no item-side call had happened
-    assert await store.apply_events(writes) == [0] * len(writes)
-
+    ids = sorted({w.item_id for w in writes})
+    await store.upsert_items([(i, "", 0.0) for i in ids])
     replay = Replay()
+    for i in ids:
+        replay.items.upsert_item(i, "", 0.0)
+    # Each user's first three events land whole; then some shards break, and
+    # the last three, which pair with the first, are cut off there.
+    early = [w for w in writes if int(w.event_id.rsplit("-", 1)[1]) < 3]
+    late = [w for w in writes if w not in early]
+    assert all(await store.apply_events(early))
+    broken = {shard_of(i) for i in ids[::3]}
+    saved = await damage_shards(aredis, broken)
+    with pytest.raises(ItemWriteFailed) as info:
+        await store.apply_events(late)
+    first = info.value.results
+    sound = [shard_of(w.item_id) not in broken for w in late]
+    cut = [k for k, r in enumerate(first) if r is None and sound[k]]
+    assert len(cut) > 5  # user side applied, item side cut off in a partner's shard
+    await repair_shards(aredis, saved)
+    again = await store.apply_events(late)
+    # Retried: a duplicate where the user side had applied, fresh where not.
+    assert [again[k] for k, r in enumerate(first) if r is None] == [
+        0 if sound[k] else 1 for k, r in enumerate(first) if r is None
+    ]
+
     for w in writes:
         replay.apply(w.ts, w.user_id, w.item_id, w.type)
     table = await store.item_table()
     assert table.ids == replay.items.ids
     assert neighbour_counts(table.raw).sum() > 50
-    np.testing.assert_array_equal(canonical(table.raw), canonical(replay.items.raw))
-    # And a third attempt changes nothing on either side.
+    # The events reached the user side in another order: equal up to rounding.
+    np.testing.assert_allclose(canonical(table.raw), canonical(replay.items.raw), rtol=1e-12)
+    # And another attempt changes nothing on either side.
     assert await store.apply_events(writes) == [0] * len(writes)
-    again = await store.item_table()
-    np.testing.assert_array_equal(again.raw, table.raw)
+    np.testing.assert_array_equal((await store.item_table()).raw, table.raw)
 
 
 async def test_a_delta_read_patches_the_table_exactly(aredis: Redis) -> None:

@@ -280,17 +280,21 @@ async def test_batch_feature_read_names_every_feature(client: Client, seeded: Re
 async def test_the_largest_batch_feature_read_answers_with_the_rankers_rows(
     client: Client, small_data: SyntheticData
 ) -> None:
-    """100 users x 100 items, the heaviest users of the log: within the limits, so
-    an answer (the batch read gets a deadline for its size), and the rows carry the
-    retrieval features the model would score (learned neighbours, source ranks)."""
+    """The heaviest users of the log, 100 x 20 items and 20 x 100 (the rows
+    cap, RECSVC_FEATURES_MAX_CELLS): an answer (the batch read gets a deadline
+    for its size), and the rows carry the retrieval features the model would
+    score (learned neighbours, source ranks)."""
     counts = np.bincount(small_data.events.user)
-    users = [small_data.events.user_ids[u] for u in np.argsort(-counts)[:100]]
-    items = small_data.catalogue.item_ids[:100]
-    resp = await client.post("/v1/features", json={"user_ids": users, "item_ids": items})
-    assert resp.status == 200, await resp.text()
-    body = await resp.json()
-    assert len(body["users"]) == 100 and all(len(u["items"]) == 100 for u in body["users"])
-    rows = [i["features"] for u in body["users"] for i in u["items"]]
+    heaviest = [small_data.events.user_ids[u] for u in np.argsort(-counts)[:100]]
+    rows = []
+    for n_users, n_items in [(100, 20), (20, 100)]:
+        users, items = heaviest[:n_users], small_data.catalogue.item_ids[:n_items]
+        resp = await client.post("/v1/features", json={"user_ids": users, "item_ids": items})
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        assert len(body["users"]) == n_users
+        assert all(len(u["items"]) == n_items for u in body["users"])
+        rows += [i["features"] for u in body["users"] for i in u["items"]]
     assert sum(1 for r in rows if r["nb_related_last10"]) > 100
     assert sum(1 for r in rows if r["src_popular_rank"] is not None) > 100
 

@@ -1,34 +1,43 @@
 -- Fold a batch of one user's events into their state; mirrors
 -- features.state.apply_user_event operation for operation, event by event.
--- Returns per event {1, item, partner...} (applied) or {0, item, partner...}
--- (duplicate event id): the item the event was applied to and the items it
--- forms co-visitation pairs with, which the item-side scripts apply. A
--- duplicate returns what is stored with its dedupe key (the first attempt's
--- item, whatever item the retry names, and its partners), so a retry after a
--- lost item-side call still carries its pairs and never counts another item.
+-- Returns per event {1, type, ts, item, partner...} (applied) or {0, type,
+-- ts, item, partner...} (duplicate event id): the type, time (a string,
+-- %.17g) and item the event was applied with and the items it forms
+-- co-visitation pairs with, which the item-side scripts apply. A duplicate
+-- returns what is stored with its dedupe key (the first attempt's type, time
+-- and item, whatever the retry says, and its partners), so a retry after a
+-- lost item-side call still carries its pairs, never counts another item and
+-- counts the item at the time the user side did.
+-- A dedupe value (recsvc.store.codec.dedupe_record): a byte (the type, 0-3)
+-- and a little-endian float64 (the time), then the item and its partners,
+-- one per line. The store rewrites it without the partners once the item
+-- side has them (they are up to 19 ids). A value that starts with an id
+-- character was written before type and time were kept: the retry's apply.
 -- Reads and computes first, writes last (dedupe keys after the state), so a
 -- script error can never mark an event as seen without applying it.
--- KEYS: state hash, recent zset, purchased set, visits zset, then one dedupe
+-- KEYS: state hash, recent zset, purchased zset, visits zset, then one dedupe
 --       key per event (all in the user's {u:<id>} slot)
 -- ARGV: the layout (recsvc.store.codec.user_layout: n_scalars, n_types,
---       recent_max, category_half_life, bucket_secs, bucket_items, keep_secs,
---       n_half_lives, half_life..., category_weight per type), dedupe_ttl,
---       user_ttl, then per event: type, ts, item, category, price, dedupe (1/0)
+--       recent_max, purchased_max, category_half_life, bucket_secs,
+--       bucket_items, keep_secs, n_half_lives, half_life..., category_weight
+--       per type), dedupe_ttl, user_ttl, then per event: type, ts, item,
+--       category, price, dedupe (1/0)
 local h, r, p, v = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local nsc = tonumber(ARGV[1])
 local ntypes = tonumber(ARGV[2])
 local recent_max = tonumber(ARGV[3])
-local cat_hl = tonumber(ARGV[4])
-local bucket_secs = tonumber(ARGV[5])
-local bucket_items = tonumber(ARGV[6])
-local keep_secs = tonumber(ARGV[7])
-local nh = tonumber(ARGV[8])
+local purchased_max = tonumber(ARGV[4])
+local cat_hl = tonumber(ARGV[5])
+local bucket_secs = tonumber(ARGV[6])
+local bucket_items = tonumber(ARGV[7])
+local keep_secs = tonumber(ARGV[8])
+local nh = tonumber(ARGV[9])
 local hls, cws = {}, {}
-for j = 1, nh do hls[j] = tonumber(ARGV[8 + j]) end
-for j = 0, ntypes - 1 do cws[j] = tonumber(ARGV[9 + nh + j]) end
-local dedupe_ttl = tonumber(ARGV[9 + nh + ntypes])
-local user_ttl = tonumber(ARGV[10 + nh + ntypes])
-local first_event = 11 + nh + ntypes
+for j = 1, nh do hls[j] = tonumber(ARGV[9 + j]) end
+for j = 0, ntypes - 1 do cws[j] = tonumber(ARGV[10 + nh + j]) end
+local dedupe_ttl = tonumber(ARGV[10 + nh + ntypes])
+local user_ttl = tonumber(ARGV[11 + nh + ntypes])
+local first_event = 12 + nh + ntypes
 local nc = ntypes * nh
 
 -- State hash fields: 'x' packed float64 scalars (n, ref, lt, lp, ps, pn: the
@@ -95,6 +104,24 @@ end
 
 local applied = {}
 local changed = false
+-- A dedupe value as {type, ts, item, partner...}; t, ts: the retry's, for a
+-- value written before they were kept.
+local function parse(value, t, ts)
+  local body = value
+  if #value >= 9 and string.byte(value, 1) < 4 then
+    t, ts = struct.unpack('<Bd', value)
+    body = string.sub(value, 10)
+  end
+  local rec = {t, ts}
+  for line in string.gmatch(body, '[^\n]+') do rec[#rec + 1] = line end
+  return rec
+end
+local function answer(flag, rec)
+  local out = {flag, rec[1], string.format('%.17g', rec[2])}
+  for j = 3, #rec do out[j + 1] = rec[j] end
+  return out
+end
+
 local ev = 0
 local seen_now = {}
 local recent_adds, purchases, dedupe_keys = {}, {}, {}
@@ -111,17 +138,11 @@ for a = first_event, #ARGV, 6 do
     local prior = seen_now[dk]
     if prior == nil then
       local value = redis.call('GET', dk)
-      if value then
-        -- Seen before: the item it was applied to and its partners, one per line.
-        prior = {}
-        for line in string.gmatch(value, '[^\n]+') do prior[#prior + 1] = line end
-      end
+      if value then prior = parse(value, t, ts) end
     end
     if prior then
       fresh = false
-      local out = {0}
-      for j, line in ipairs(prior) do out[j + 1] = line end
-      applied[ev] = out
+      applied[ev] = answer(0, prior)
     end
   end
   if fresh then
@@ -150,15 +171,15 @@ for a = first_event, #ARGV, 6 do
     end
     if ts > lt then lt = ts end
     local partners = visit(item, ts)
-    local record = {item}
-    for j, other in ipairs(partners) do record[j + 1] = other end
+    local record = {t, ts, item}
+    for j, other in ipairs(partners) do record[j + 3] = other end
     if dk then
       seen_now[dk] = record
       dedupe_keys[#dedupe_keys + 1] = {dk, record}
     end
     if t == 3 then
       if ts > lp then lp = ts end
-      purchases[#purchases + 1] = item
+      purchases[#purchases + 1] = {ts, item}
     end
     if price > 0 then
       ps = ps + price
@@ -166,9 +187,7 @@ for a = first_event, #ARGV, 6 do
     end
     n = n + 1
     recent_adds[#recent_adds + 1] = {ts, item}
-    local out = {1}
-    for j, line in ipairs(record) do out[j + 1] = line end
-    applied[ev] = out
+    applied[ev] = answer(1, record)
   end
 end
 
@@ -194,7 +213,26 @@ if changed then
     redis.call('ZADD', r, 'GT', add[1], add[2])
     redis.call('ZREMRANGEBYRANK', r, 0, -(recent_max + 1))
   end
-  for _, item in ipairs(purchases) do redis.call('SADD', p, item) end
+  if redis.call('TYPE', p)['ok'] == 'set' then
+    -- Written before purchases were capped (an unbounded set, times unknown):
+    -- up to purchased_max of its items stay, as the oldest purchases. UNLINK
+    -- frees a large set in the background.
+    local old = redis.call('SRANDMEMBER', p, purchased_max)
+    redis.call('UNLINK', p)
+    for j = 1, #old, 200 do
+      local args = {}
+      for q = j, math.min(j + 199, #old) do
+        args[#args + 1] = 0
+        args[#args + 1] = old[q]
+      end
+      redis.call('ZADD', p, unpack(args))
+    end
+  end
+  -- Per purchase, in order, as features.state trims after each event.
+  for _, add in ipairs(purchases) do
+    redis.call('ZADD', p, 'GT', add[1], add[2])
+    redis.call('ZREMRANGEBYRANK', p, 0, -(purchased_max + 1))
+  end
   if #visit_adds > 0 then
     for _, add in ipairs(visit_adds) do
       redis.call('ZADD', v, add[1], string.format('%d|', add[1]) .. add[2])
@@ -204,7 +242,9 @@ if changed then
     redis.call('EXPIRE', v, math.ceil(keep_secs + bucket_secs))
   end
   for _, d in ipairs(dedupe_keys) do
-    redis.call('SET', d[1], table.concat(d[2], '\n'), 'EX', dedupe_ttl)
+    local rec = d[2]
+    local value = struct.pack('<Bd', rec[1], rec[2]) .. table.concat(rec, '\n', 3)
+    redis.call('SET', d[1], value, 'EX', dedupe_ttl)
   end
   if user_ttl > 0 then
     redis.call('EXPIRE', h, user_ttl)
