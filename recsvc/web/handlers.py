@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from importlib import resources
 from typing import Any
@@ -16,7 +15,7 @@ from aiohttp import web
 
 from features.candidates import CandidateConfig
 from features.schema import NO_CONTEXT, Context
-from recsvc.errors import InvalidRequest, Overloaded, StoreUnavailable, Unauthorized
+from recsvc.errors import InvalidRequest, Overloaded, StoreUnavailable
 from recsvc.ops import metrics
 from recsvc.ranking.models import LoadedModel
 from recsvc.service.online import feature_values, user_feature_values
@@ -36,6 +35,8 @@ from recsvc.web.api import (
 )
 from recsvc.web.frontdoor import ARRIVED, MISSED, NOT_ADMITTED, TICKET
 from recsvc.web.middleware import DEADLINE, FROM_CALLER, REQUEST_ID, SERVED
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def json_response(
@@ -247,22 +248,6 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response(body, status=503 if status == "not_ready" else 200)
 
 
-def _require_admin(request: web.Request) -> None:
-    """Bearer token, compared in constant time; neither logged nor echoed."""
-    token = request.app[appkeys.SETTINGS].admin_token
-    sent = request.headers.get("Authorization", "")
-    scheme, _, credential = sent.partition(" ")
-    if not (
-        token
-        and scheme.lower() == "bearer"
-        # surrogateescape: aiohttp decodes non-UTF-8 header bytes that way.
-        and hmac.compare_digest(
-            credential.strip().encode("utf-8", "surrogateescape"), token.encode()
-        )
-    ):
-        raise Unauthorized()
-
-
 def _model_entry(model: LoadedModel) -> dict[str, Any]:
     metrics = model.meta.get("metrics", {})
     return {
@@ -275,9 +260,11 @@ def _model_entry(model: LoadedModel) -> dict[str, Any]:
     }
 
 
+# Admin handlers: the admin scope is checked before them (routes.py, middleware.Guard).
+
+
 async def admin_models_get(request: web.Request) -> web.Response:
     """The models loaded now, and the versions refused (with why)."""
-    _require_admin(request)
     registry = request.app[appkeys.MODELS]
     return json_response(
         {
@@ -295,7 +282,6 @@ async def admin_models_reload(request: web.Request) -> web.Response:
     """Load every newer model version now. 200 when each model serves its newest
     version; 409 when a newest version was refused (the previous one keeps serving,
     and the answer says why)."""
-    _require_admin(request)
     outcomes = await request.app[appkeys.MODELS].reload()
     refused = any(o.status == "refused" for o in outcomes)
     return json_response({"models": [o.body() for o in outcomes]}, status=409 if refused else 200)
@@ -304,7 +290,6 @@ async def admin_models_reload(request: web.Request) -> web.Response:
 async def admin_experiments_reload(request: web.Request) -> web.Response:
     """Load the experiments file again: 200 when it serves, 409 with the reason when
     refused (the old experiments keep serving)."""
-    _require_admin(request)
     ok, message = request.app[appkeys.EXPERIMENTS].reload()
     return json_response({"loaded": ok, "message": message}, status=200 if ok else 409)
 
