@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from importlib import resources
 from typing import Any
@@ -35,8 +35,6 @@ from recsvc.web.api import (
 )
 from recsvc.web.frontdoor import ARRIVED, MISSED, NOT_ADMITTED, TICKET
 from recsvc.web.middleware import DEADLINE, FROM_CALLER, REQUEST_ID, SERVED
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def json_response(

@@ -7,13 +7,14 @@ from aiohttp import web
 
 from recsvc.keys import ADMIN, EVENTS, FEATURES, RECOMMEND
 from recsvc.web import appkeys, handlers
+from recsvc.web.middleware import Handler
 
 
 def setup_routes(app: web.Application) -> None:
     access = app[appkeys.ACCESS]
 
     def add(
-        method: str, path: str, handler: handlers.Handler, scope: str | None, always: bool = False
+        method: str, path: str, handler: Handler, scope: str | None, always: bool = False
     ) -> None:
         """``scope`` is needed when API keys are set, or ``always``."""
         add_route = app.router.add_get if method == "GET" else app.router.add_post
