@@ -1,8 +1,14 @@
 # recsvc container image.
 #
 #   docker build -t recsvc .                          # the service (default target: runtime)
-#   docker run --rm -p 8080:8080 recsvc demo          # zero-setup demo, embedded redis-server
-#   docker run --rm -p 8080:8080 -e RECSVC_REDIS_URL=redis://host:6379/0 recsvc   # serve
+#   docker run --rm -p 127.0.0.1:8080:8080 -e RECSVC_INSECURE=1 recsvc demo   # zero-setup
+#       demo, embedded redis-server, no API keys (published on loopback only)
+#   docker run --rm -p 8080:8080 -e RECSVC_REDIS_URL=redis://host:6379/0 \
+#       -e RECSVC_API_KEYS=shop:recommend+events:<key> recsvc                 # serve
+#
+# The container listens on 0.0.0.0 (RECSVC_HOST below), so recsvc refuses to serve
+# without API keys (RECSVC_API_KEYS or RECSVC_API_KEYS_FILE) unless RECSVC_INSECURE=1
+# says that is meant: see "Threat model" in README.md.
 #   docker build --target loadtest -t recsvc-loadtest .   # locust + loadtest/ (see compose)
 #
 # Same Python as CI (3.11) in every stage; the venv is copied between stages at the
@@ -112,6 +118,6 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('RECSVC_PORT', '8080'), timeout=3)"]
 
 ENTRYPOINT ["recsvc"]
-# Needs RECSVC_REDIS_URL (redis://, rediss://, unix://, redis+cluster://host:port,...);
-# without it serve stops with a message. `demo` runs everything in the container instead.
+# Needs RECSVC_REDIS_URL (redis://, rediss://, unix://, redis+cluster://host:port,...)
+# and API keys (or RECSVC_INSECURE=1); without them serve stops with a message. `demo` runs everything in the container instead.
 CMD ["serve"]

@@ -34,11 +34,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
-from urllib.request import urlopen
+from urllib.request import Request, urlopen
 
 import orjson
 
 USERS = 5_000
+# A service with API keys: RECSVC_LOADTEST_KEY, a key with the recommend scope
+# (and admin for /metrics on the main listener).
+KEY = os.environ.get("RECSVC_LOADTEST_KEY", "")
+AUTH_HEADERS = {"Authorization": f"Bearer {KEY}"} if KEY else {}
+AUTH_LINE = f"Authorization: Bearer {KEY}\r\n".encode() if KEY else b""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})? ([0-9.eE+-]+|NaN)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -82,7 +87,7 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of /metrics: (name, sorted labels) -> value."""
-    with urlopen(base + "/metrics", timeout=10) as response:
+    with urlopen(Request(base + "/metrics", headers=AUTH_HEADERS), timeout=10) as response:
         text = response.read().decode()
     out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     for line in text.splitlines():
@@ -118,8 +123,9 @@ def answers(
 def _request(user: str) -> bytes:
     body = orjson.dumps({"user_id": user, "n": 10})
     return (
-        b"POST /v1/recommendations HTTP/1.1\r\nHost: recsvc\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        b"POST /v1/recommendations HTTP/1.1\r\nHost: recsvc\r\n%s"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (AUTH_LINE, len(body), body)
     )
 
 
@@ -170,7 +176,7 @@ WRK_SCRIPT = """
 math.randomseed(os.time())
 request = function()
   local body = '{"user_id":"u' .. math.random(1, %d) .. '","n":10}'
-  return wrk.format("POST", "/v1/recommendations", {["Content-Type"]="application/json"}, body)
+  return wrk.format("POST", "/v1/recommendations", {["Content-Type"]="application/json"%s}, body)
 end
 """
 
@@ -181,7 +187,8 @@ def wrk(base: str, seconds: float, connections: int, users: int = USERS) -> dict
     if exe is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
-        script.write(WRK_SCRIPT % users)
+        auth = f', ["Authorization"]="Bearer {KEY}"' if KEY else ""
+        script.write(WRK_SCRIPT % (users, auth))
         script.flush()
         cmd = [exe, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", script.name]
         text = subprocess.run(

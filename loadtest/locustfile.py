@@ -15,7 +15,10 @@ at most RECSVC_SLO_P99_MS (default 35) and at most RECSVC_SLO_MAX_FAILURE_RATIO
 Settings (environment): RECSVC_LOADTEST_KNOWN_USERS (20000), RECSVC_LOADTEST_ITEMS
 (5000), RECSVC_LOADTEST_CANDIDATES (200), RECSVC_LOADTEST_USERS (the -u count,
 to split the rate), RECSVC_LOADTEST_WEIGHTS ("known=70,unknown=10,candidates=10,
-events=10"), RECSVC_LOADTEST_RESULTS (a directory for summary.json).
+events=10"), RECSVC_LOADTEST_RESULTS (a directory for summary.json),
+RECSVC_LOADTEST_KEY (an API key with the recommend and events scopes, sent as
+`Authorization: Bearer` when the service has keys; loadtest/run makes one when
+it starts the demo).
 
     locust -f loadtest/locustfile.py --headless -u 16 -r 16 --run-time 30s \\
         --host http://127.0.0.1:8080
@@ -62,7 +65,8 @@ MAX_FAILURE_RATIO = float(_env("RECSVC_SLO_MAX_FAILURE_RATIO", "0.001"))
 MIN_MODEL_SHARE = float(_env("RECSVC_SLO_MIN_MODEL_SHARE", "0.99"))
 # Answers to requests for known users, by strategy ("model") or fallback reason.
 ANSWERS: dict[str, int] = {}
-HEADERS = {"content-type": "application/json"}
+KEY = _env("RECSVC_LOADTEST_KEY", "")
+HEADERS = {"content-type": "application/json"} | ({"authorization": f"Bearer {KEY}"} if KEY else {})
 
 
 class Shopper(FastHttpUser):

@@ -35,7 +35,7 @@ import orjson
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
-from loadtest.capacity import cpu_seconds, listening_pids, scrape
+from loadtest.capacity import AUTH_LINE, cpu_seconds, listening_pids, scrape
 
 USERS = 5_000
 CGROUP = Path("/sys/fs/cgroup/cpu")
@@ -46,8 +46,9 @@ Key = tuple[int, str]  # (status, strategy or fallback reason)
 def _request(user: str) -> bytes:
     body = orjson.dumps({"user_id": user, "n": 10})
     return (
-        b"POST /v1/recommendations HTTP/1.1\r\nHost: recsvc\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        b"POST /v1/recommendations HTTP/1.1\r\nHost: recsvc\r\n%s"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (AUTH_LINE, len(body), body)
     )
 
 

@@ -8,6 +8,12 @@ Modes:
   --rate R        only a fixed-rate run at R requests/s, gated
   --closed        only a closed-loop run, gated
 
+When it starts the demo, the demo has an API key (a fresh random one named
+``loadtest``, recommend and events scopes), so the gated run pays for the key
+check as production does; locust sends it (RECSVC_LOADTEST_KEY). ``--no-keys``
+runs the demo open. With ``--host``, set RECSVC_LOADTEST_KEY to a key of that
+service when it has keys.
+
     loadtest/run [--host URL] [--workers N] [--run-time 60] [--users 32] [--rate R]
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -157,6 +164,11 @@ def main() -> int:
     p.add_argument("--slo-p99-ms", help="overrides RECSVC_SLO_P99_MS")
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument(
+        "--no-keys",
+        action="store_true",
+        help="start the demo without API keys (default: with a fresh key for locust)",
+    )
+    p.add_argument(
         "--no-pin",
         action="store_true",
         help="share all cores between the demo and locust (default: half each)",
@@ -172,6 +184,13 @@ def main() -> int:
     if host is None:
         host = f"http://127.0.0.1:{args.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("RECSVC_")}
+        if not args.no_keys:
+            # Made here and handed over in environments only (never in argv, where
+            # any user of the machine could read it).
+            key = secrets.token_urlsafe(32)
+            env["RECSVC_API_KEYS"] = f"loadtest:recommend+events:{key}"
+            os.environ["RECSVC_LOADTEST_KEY"] = key  # for locust, which gets os.environ
+            print("the demo has an API key (loadtest: recommend, events)", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         log = out / "demo.log"
         print(f"starting the demo on {host} (log: {log})", flush=True)

@@ -2,7 +2,8 @@
 
 RecsvcError
 ├── InvalidRequest            bad client input (names the field)
-├── Unauthorized              an admin route without the right bearer token
+├── Unauthorized              no API key, or not a configured one
+├── Forbidden                 a valid key without the route's scope
 ├── Overloaded                this process is saturated (never blamed on Redis)
 ├── BodyTimeout               the body did not arrive in time (slow client)
 ├── StoreUnavailable          Redis error, timeout or open circuit
@@ -35,7 +36,15 @@ class UnknownItem(InvalidRequest):
 
 
 class Unauthorized(RecsvcError):
-    """Missing or wrong bearer token (the message never echoes what was sent)."""
+    """Missing or unknown API key (the message never echoes what was sent)."""
+
+
+class Forbidden(RecsvcError):
+    """A configured API key without the scope the route needs."""
+
+    def __init__(self, scope: str):
+        super().__init__(scope)
+        self.scope = scope
 
 
 class Overloaded(RecsvcError):

@@ -16,6 +16,7 @@ from typing import Any
 
 from features.candidates import CANDIDATE_QUOTAS, CandidateConfig
 from features.events import COVISIT_BUCKET_SECS, COVISIT_KEEP_SECS
+from recsvc import keys
 from recsvc.store.redisurl import cluster_kwargs, is_cluster_url
 
 
@@ -43,8 +44,15 @@ class Settings:
     exposure_stream_max: int = 1_000_000
     # compiled: lleaves machine code once verified (native serves meanwhile).
     scorer: str = "compiled"
-    # Empty: admin routes are off. Never printed (repr) or logged.
+    # The key "admin-token" with the admin scope (recsvc.keys). Empty and no other
+    # key with the admin scope: admin routes are off. Never printed (repr) or logged.
     admin_token: str = dataclasses.field(default="", repr=False)
+    # API keys, "name:scope+scope:key,..." (recsvc.keys). Never printed or logged.
+    api_keys: str = dataclasses.field(default="", repr=False)
+    # A TOML or JSON file of keys (recsvc.keys.read_file); read at start.
+    api_keys_file: Path | None = None
+    # Serve a non-loopback address without API keys (refused otherwise).
+    insecure: bool = False
     candidate_cap: int = 200
     # Per-source overrides of the candidate quotas, "source=count,..." (empty:
     # features.candidates.CandidateConfig's defaults).
@@ -90,8 +98,8 @@ class Settings:
     # Over the limit: "reject" (503 + Retry-After) or "default" (the default
     # strategy at once, reason overloaded).
     overload_response: str = "reject"
-    # Browser origins allowed to call the API (comma-separated; "*" = any, which
-    # is safe here: recsvc uses no cookies, so it never allows credentials).
+    # Browser origins allowed to call the routes a browser may call (the
+    # recommend and events scopes), comma-separated; "*" = any.
     cors_origins: str = ""
     log_level: str = "INFO"
     # Fraction of requests that get a JSON log line; 5xx and slow ones always do.
@@ -99,6 +107,29 @@ class Settings:
     request_log_slow_ms: float = 100.0
     # Empty: <data_dir>/metrics. Only used with several workers.
     metrics_dir: Path | None = None
+    # 0: /metrics is served on the main listener (admin scope when keys are set).
+    metrics_port: int = 0
+
+    def keyring(self) -> keys.KeyRing:
+        """The configured API keys (the key file is read now)."""
+        return keys.keyring(self.api_keys, self.api_keys_file, self.admin_token)
+
+    def check_exposure(self) -> bool:
+        """Refuse to serve a non-loopback address without API keys unless
+        ``insecure``: anyone who can reach it could read users' data and write
+        events. Called before anything listens. True when serving open on a
+        non-loopback address (insecure), for a warning."""
+        if keys.is_loopback(self.host) or self.keyring().enforced:
+            return False
+        if not self.insecure:
+            raise SettingsError(
+                f"RECSVC_HOST={self.host or '(every interface)'} is not a loopback address "
+                "and no API keys are set: anyone who can reach it could read users' "
+                "features and post events as any user. Set RECSVC_API_KEYS or "
+                "RECSVC_API_KEYS_FILE (docs/api.md#access), or RECSVC_INSECURE=1 to "
+                "serve without keys."
+            )
+        return True
 
     @property
     def candidate_config(self) -> CandidateConfig:
@@ -156,7 +187,10 @@ class Settings:
             ("model_keep_versions", self.model_keep_versions >= 1),
             ("exposure_stream_max", self.exposure_stream_max >= 1000),
             ("scorer", self.scorer in {"compiled", "native"}),
-            ("admin_token", not self.admin_token or len(self.admin_token) >= 16),
+            (
+                "admin_token",
+                not self.admin_token or len(self.admin_token) >= keys.MIN_KEY_LENGTH,
+            ),
             # Events as old as the dedupe window must still find their
             # co-visitation bucket, which users keep for COVISIT_KEEP_SECS.
             (
@@ -177,11 +211,17 @@ class Settings:
             ("request_log_sample", 0.0 <= self.request_log_sample <= 1.0),
             ("request_log_slow_ms", self.request_log_slow_ms > 0),
             ("redis_url", _redis_url_ok(self.redis_url)),
+            ("metrics_port", 0 <= self.metrics_port <= 65535),
+            ("metrics_port", not self.metrics_port or self.metrics_port != self.port),
         ]
         for name, ok in checks:
             if not ok:
                 shown = "<hidden>" if name in SECRETS else repr(getattr(self, name))
                 raise SettingsError(f"{env_name(name)}={shown} is not allowed")
+        try:
+            self.keyring()
+        except keys.KeysError as exc:
+            raise SettingsError(str(exc)) from None
 
 
 # An origin as browsers send it: scheme://host[:port], nothing after; or "*".
@@ -254,7 +294,7 @@ def _quota_cores() -> int | None:
 
 
 # Never shown in messages or logs.
-SECRETS = frozenset({"admin_token"})
+SECRETS = frozenset({"admin_token", "api_keys"})
 
 # (field, description) — the table in docs/configuration.md is generated from this and the defaults.
 SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
@@ -287,7 +327,24 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     ),
     (
         "admin_token",
-        "bearer token for /admin routes (at least 16 characters); empty = admin routes off",
+        "a key for /admin routes (at least 16 characters): the key admin-token with the "
+        "admin scope, which alone does not close the other routes; admin routes are off "
+        "without a key with the admin scope",
+    ),
+    (
+        "api_keys",
+        "API keys, name:scope+scope:key,... (scopes: recommend, events, features, admin; "
+        "keys of 16+ characters of A-Z a-z 0-9 . _ ~ + / = -); with any key set, every "
+        "route but /, /docs, /openapi.json, /healthz and /readyz needs one "
+        "(docs/api.md#access)",
+    ),
+    (
+        "api_keys_file",
+        "a TOML ([[keys]] name, key or sha256, scopes) or .json file of more API keys",
+    ),
+    (
+        "insecure",
+        "1 = serve a non-loopback RECSVC_HOST without API keys (otherwise refused at start)",
     ),
     ("candidate_cap", "most candidates scored per request"),
     (
@@ -357,7 +414,7 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     ),
     (
         "cors_origins",
-        "browser origins allowed to call /v1 routes, comma-separated "
+        "browser origins allowed to call the recommend and events routes, comma-separated "
         "(https://shop.example.com); * = any; empty = no CORS headers",
     ),
     ("log_level", "DEBUG, INFO, WARNING or ERROR"),
@@ -370,6 +427,11 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
         "metrics_dir",
         "Prometheus multiprocess files with --workers > 1 (emptied at start); "
         "empty = <data_dir>/metrics",
+    ),
+    (
+        "metrics_port",
+        "serve /metrics (no key) on this port of RECSVC_HOST instead of the main listener, "
+        "where it needs the admin scope when keys are set; 0 = the main listener",
     ),
 )
 
@@ -389,6 +451,10 @@ def _parse(field: dataclasses.Field[Any], raw: str) -> Any:
             return Path(raw)
         if kind == "Path | None":
             return Path(raw) if raw else None
+        if kind == "bool":
+            return {"1": True, "true": True, "0": False, "false": False, "": False}[raw.lower()]
+    except KeyError:
+        raise SettingsError(f"{env_name(field.name)}={raw!r} is not 0 or 1") from None
     except ValueError:
         raise SettingsError(f"{env_name(field.name)}={raw!r} is not a valid {kind}") from None
     return raw
@@ -413,7 +479,10 @@ def markdown_table() -> str:
     lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for name, meaning in SETTINGS_TABLE:
         value = defaults[name]
-        default = '""' if value is None or value == "" else str(value)
+        if isinstance(value, bool):
+            default = str(int(value))
+        else:
+            default = '""' if value is None or value == "" else str(value)
         lines.append(f"| `{env_name(name)}` | `{default}` | {meaning} |")
     return "\n".join(lines)
 

@@ -127,13 +127,22 @@ async def seeded(aredis: Redis, small_data: SyntheticData) -> Redis:
     return aredis
 
 
+# The `client` fixture's server has API keys configured and its client sends
+# this one, which holds every scope (tests/web/test_access_e2e.py tests the rest).
+TEST_KEY_NAME = "test-all"
+TEST_KEY = "test-key-with-every-scope-0123456789"
+TEST_KEYS = f"{TEST_KEY_NAME}:recommend+events+features+admin:{TEST_KEY}"
+TEST_AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
+
+
 @pytest_asyncio.fixture
 async def client(
     seeded: Redis, redis_url: str, model_dir: Path
 ) -> AsyncIterator[TestClient[object, object]]:
-    """HTTP client of a real server on 127.0.0.1 over seeded Redis and the small model.
-    Events create the items they name (the parity tests replay logs with items
-    outside the catalogue); tests/service/test_integrity.py tests the policy."""
-    app = create_app(settings_for(model_dir, unknown_items="create"), redis_url)
-    async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+    """HTTP client of a real server on 127.0.0.1 over seeded Redis and the small
+    model; the server needs API keys, and the client sends TEST_KEY. Events
+    create the items they name (the parity tests replay logs with items outside
+    the catalogue); tests/service/test_integrity.py tests the policy."""
+    app = create_app(settings_for(model_dir, api_keys=TEST_KEYS, unknown_items="create"), redis_url)
+    async with TestClient(TestServer(app, host="127.0.0.1"), headers=TEST_AUTH) as c:
         yield c

@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "features": 0,
     "recsvc.settings": 1,
     "recsvc.errors": 1,
+    "recsvc.keys": 1,
     "recsvc.ops": 1,
     "recsvc.store": 2,
     # URL parsing only (imports nothing of ours): settings validates the URL with it.

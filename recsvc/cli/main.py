@@ -334,6 +334,7 @@ def _announce(url: str) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     settings = _settings(args)
+    settings.check_exposure()  # before minutes of seeding and training
     started = time.perf_counter()
     events, items = seed.ensure_synthetic(settings.data_dir, _synthetic_config(args))
     with _redis(settings, embedded=True) as url:
@@ -353,6 +354,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     settings = _settings(args)
+    settings.check_exposure()  # before Redis, before anything listens
     with _redis(settings, embedded=args.embedded) as url:
         server.run(settings, url, on_ready=_announce, workers=settings.worker_count)
 

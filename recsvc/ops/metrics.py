@@ -156,6 +156,18 @@ LOG_LINES_DROPPED = Counter(
     "Log lines dropped because the log writer fell behind.",
 )
 
+API_REQUESTS = Counter(
+    "recsvc_api_requests_total",
+    "Requests let through by API key, by the key's name (never the key) and the route's scope.",
+    ("key", "scope"),
+)
+AUTH_DENIED = Counter(
+    "recsvc_auth_denied_total",
+    "Requests refused by access control: missing (no bearer key; 401), invalid "
+    "(not a configured key; 401), scope (a key without the route's scope; 403).",
+    ("reason",),
+)
+
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 
@@ -241,6 +253,23 @@ def shed(cause: str) -> None:
 
 for _cause in SHED_CAUSES:  # every cause in /metrics from the start, at 0
     _child(SHED, _cause)
+
+
+DENIAL_REASONS = ("missing", "invalid", "scope")
+
+
+def api_requests(key: str, scope: str) -> Any:
+    """The request counter of one configured key name and scope (bounded: the
+    keys are configured, not sent), to be incremented per request."""
+    return _child(API_REQUESTS, key, scope)
+
+
+def auth_denied(reason: str) -> None:
+    _child(AUTH_DENIED, reason).inc()
+
+
+for _reason in DENIAL_REASONS:
+    _child(AUTH_DENIED, _reason)
 
 
 def observe_http(route: str, method: str, status: int, elapsed: float) -> None:

@@ -23,8 +23,9 @@ from recsvc.settings import Settings
 from recsvc.store.client import REDIS_FAILURES, connect
 from recsvc.store.feature_store import FeatureStore, IncompatibleStore
 from recsvc.web import appkeys, openapi
+from recsvc.web.access import Access
 from recsvc.web.middleware import Guard, cors, observe
-from recsvc.web.routes import setup_routes
+from recsvc.web.routes import setup_metrics_routes, setup_routes
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +159,13 @@ async def _recommender_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, redis_url: str) -> web.Application:
     """The recsvc web application for one Redis URL."""
+    access = Access(settings.keyring())
     guard = Guard(
         settings.max_inflight,
         settings.max_body_bytes,
         settings.body_timeout_ms,
         settings.request_deadline_ms,
+        access,
     )
     app = web.Application(
         client_max_size=settings.max_body_bytes,
@@ -177,6 +180,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
         ],
     )
     app[appkeys.GUARD] = guard
+    app[appkeys.ACCESS] = access
     app[appkeys.SETTINGS] = settings
     app[appkeys.REDIS_URL] = redis_url
     app[appkeys.OPENAPI] = openapi.text().encode()
@@ -193,3 +197,13 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     )
     setup_routes(app)
     return app
+
+
+def create_metrics_app(app: web.Application) -> web.Application:
+    """The metrics listener's application (RECSVC_METRICS_PORT): /metrics of
+    ``app``'s process (every worker's counts in multiprocess mode), no key.
+    Call once ``app`` is set up (its metrics sampler exists)."""
+    metrics_app = web.Application()
+    metrics_app[appkeys.METRICS_SAMPLER] = app[appkeys.METRICS_SAMPLER]
+    setup_metrics_routes(metrics_app)
+    return metrics_app

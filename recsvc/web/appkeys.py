@@ -16,6 +16,7 @@ from recsvc.service.recommend import Recommender
 from recsvc.settings import Settings
 from recsvc.store.client import RedisClient
 from recsvc.store.feature_store import FeatureStore
+from recsvc.web.access import Access
 from recsvc.web.middleware import Guard
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -33,3 +34,4 @@ METRICS_SAMPLER = web.AppKey("metrics_sampler", GaugeSampler)
 ADMISSION = web.AppKey("admission", Admission)
 LOOP_LAG = web.AppKey("loop_lag", LoopLag)
 GUARD = web.AppKey("guard", Guard)
+ACCESS = web.AppKey("access", Access)

@@ -12,8 +12,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from recsvc.keys import RECOMMEND
 from recsvc.ops import metrics
 from recsvc.service.admission import Admission
+from recsvc.web.access import Access
 
 # perf_counter() when aiohttp built the request (see stamp_arrivals).
 ARRIVED = web.RequestKey("arrived", float)
@@ -51,7 +53,11 @@ REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 def install_front_door(
-    server: web.Server, admission: Admission, reject: bool, origins: frozenset[str]
+    server: web.Server,
+    admission: Admission,
+    reject: bool,
+    origins: frozenset[str],
+    access: Access,
 ) -> None:
     """Decide admission for recommendations before routing and middlewares.
 
@@ -65,7 +71,11 @@ def install_front_door(
     An admitted request keeps its place until it is answered, by whatever
     answers it (a 405, a 413, the handler). Other requests (a body still
     arriving, other methods and routes) go the normal way; the handler decides
-    admission for those. Call after ``stamp_arrivals``.
+    admission for those. With API keys (``access``), a recommendation whose
+    key does not hold the recommend scope is never admitted here: it goes the
+    normal way to its 401 or 403 (middleware.Guard, before the handler), so it
+    takes no place in the queue and never gets the default strategy's answer.
+    Call after ``stamp_arrivals``.
     """
     handle = server.request_handler
     body = orjson.dumps(
@@ -91,6 +101,7 @@ def install_front_door(
             request.path != RECOMMEND_PATH
             or request.method not in FRONT_DOOR_METHODS
             or not request.content.is_eof()
+            or (access.enforced and not access.allows(request, RECOMMEND))
         ):
             return await handle(request)
         now = time.perf_counter()

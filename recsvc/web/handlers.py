@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from aiohttp.abc import AbstractStreamWriter
 
 from features.candidates import CandidateConfig
 from features.schema import NO_CONTEXT, Context
-from recsvc.errors import InvalidRequest, Overloaded, StoreUnavailable, Unauthorized, UnknownItem
+from recsvc.errors import InvalidRequest, Overloaded, StoreUnavailable, UnknownItem
 from recsvc.ops import metrics
 from recsvc.ranking.models import LoadedModel
 from recsvc.service.online import feature_values_json, user_feature_values
@@ -278,22 +277,6 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response(body, status=503 if status == "not_ready" else 200)
 
 
-def _require_admin(request: web.Request) -> None:
-    """Bearer token, compared in constant time; neither logged nor echoed."""
-    token = request.app[appkeys.SETTINGS].admin_token
-    sent = request.headers.get("Authorization", "")
-    scheme, _, credential = sent.partition(" ")
-    if not (
-        token
-        and scheme.lower() == "bearer"
-        # surrogateescape: aiohttp decodes non-UTF-8 header bytes that way.
-        and hmac.compare_digest(
-            credential.strip().encode("utf-8", "surrogateescape"), token.encode()
-        )
-    ):
-        raise Unauthorized()
-
-
 def _model_entry(model: LoadedModel) -> dict[str, Any]:
     metrics = model.meta.get("metrics", {})
     return {
@@ -306,9 +289,11 @@ def _model_entry(model: LoadedModel) -> dict[str, Any]:
     }
 
 
+# Admin handlers: the admin scope is checked before them (routes.py, middleware.Guard).
+
+
 async def admin_models_get(request: web.Request) -> web.Response:
     """The models loaded now, and the versions refused (with why)."""
-    _require_admin(request)
     registry = request.app[appkeys.MODELS]
     return json_response(
         {
@@ -326,7 +311,6 @@ async def admin_models_reload(request: web.Request) -> web.Response:
     """Load every newer model version now. 200 when each model serves its newest
     version; 409 when a newest version was refused (the previous one keeps serving,
     and the answer says why)."""
-    _require_admin(request)
     outcomes = await request.app[appkeys.MODELS].reload()
     refused = any(o.status == "refused" for o in outcomes)
     return json_response({"models": [o.body() for o in outcomes]}, status=409 if refused else 200)
@@ -335,7 +319,6 @@ async def admin_models_reload(request: web.Request) -> web.Response:
 async def admin_experiments_reload(request: web.Request) -> web.Response:
     """Load the experiments file again: 200 when it serves, 409 with the reason when
     refused (the old experiments keep serving)."""
-    _require_admin(request)
     ok, message = request.app[appkeys.EXPERIMENTS].reload()
     return json_response({"loaded": ok, "message": message}, status=200 if ok else 409)
 
@@ -344,7 +327,6 @@ async def admin_items_put(request: web.Request) -> web.Response:
     """Create or update catalogue items (category, price). The first upsert marks
     the store as holding a catalogue: with RECSVC_UNKNOWN_ITEMS=auto, events for
     items outside it are refused from then on."""
-    _require_admin(request)
     req = decode_json(await request.read(), CatalogueUpsert)
     await request.app[appkeys.STORE].upsert_items(
         [(i.item_id, i.category or "", i.price) for i in req.items]
@@ -356,7 +338,6 @@ async def admin_items_delete(request: web.Request) -> web.Response:
     """Delete an item: it is never served again (every process reloads the
     item's shard within RECSVC_ITEM_REFRESH_SECS); events naming it are then
     unknown items. 404 when no shard holds it."""
-    _require_admin(request)
     ref = convert_query({"item_id": request.match_info["item_id"]}, ItemRef)
     (deleted,) = await request.app[appkeys.STORE].delete_items([ref.item_id])
     if not deleted:

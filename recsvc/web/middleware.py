@@ -1,5 +1,5 @@
-"""The one place where errors become HTTP statuses; the in-flight cap and the body
-limit; CORS; request ids, metrics and the per-request log line."""
+"""The one place where errors become HTTP statuses; API keys, the in-flight cap and
+the body limit; CORS; request ids, metrics and the per-request log line."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from aiohttp.typedefs import Middleware
 
 from recsvc.errors import (
     BodyTimeout,
+    Forbidden,
     InvalidRequest,
     Overloaded,
     RecsvcError,
@@ -26,6 +27,7 @@ from recsvc.errors import (
     UnknownItem,
 )
 from recsvc.ops import metrics
+from recsvc.web.access import API_KEY, Access, browser_path
 from recsvc.web.frontdoor import ARRIVED, OVERLOADED_MESSAGE
 
 log = logging.getLogger(__name__)
@@ -58,9 +60,11 @@ ERROR_TABLE: dict[type[RecsvcError], tuple[int, str, str, dict[str, str] | None]
     Unauthorized: (
         401,
         "unauthorized",
-        "a valid bearer token is required",
-        {"WWW-Authenticate": 'Bearer realm="recsvc-admin"'},
+        "a valid API key is required (Authorization: Bearer <key>)",
+        {"WWW-Authenticate": 'Bearer realm="recsvc"'},
     ),
+    # The message and WWW-Authenticate name the scope (RFC 6750 insufficient_scope).
+    Forbidden: (403, "insufficient_scope", "", None),
     Overloaded: (503, "overloaded", OVERLOADED_MESSAGE, _RETRY),
     # The connection is closed (after recsvc.web.server.LINGERING_SECS): the rest of
     # the body may still be on its way.
@@ -114,6 +118,14 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         status, code, message, headers = _lookup(exc)
         if isinstance(exc, InvalidRequest):
             return error_response(status, exc.code, exc.message, exc.field)
+        if isinstance(exc, Forbidden):
+            challenge = f'Bearer realm="recsvc", error="insufficient_scope", scope="{exc.scope}"'
+            return error_response(
+                status,
+                code,
+                f"this API key does not have the {exc.scope} scope",
+                headers={"WWW-Authenticate": challenge},
+            )
         if isinstance(exc, StoreUnavailable):  # no traceback: outages come in floods
             log.warning("feature store unavailable: %s", exc.reason)
         elif status >= 500 and headers is None:
@@ -140,7 +152,9 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 class Guard:
     """One middleware for the checks every request goes through (one layer, not
-    three: aiohttp builds the middleware chain per request): the hard in-flight
+    four: aiohttp builds the middleware chain per request): the API key and its
+    scope (401/403 first, so a caller without a key costs no body read, no
+    in-flight place and no admission), the hard in-flight
     cap (503 with Retry-After above ``limit`` requests in this process whose
     body has arrived; probes and scrapes exempt), the body-size limit from
     Content-Length (413 before the handler runs; a chunked body is stopped at
@@ -149,8 +163,14 @@ class Guard:
     ``inflight`` is read by the metrics sampler (recsvc_inflight_requests)."""
 
     def __init__(
-        self, limit: int, max_bytes: int, body_timeout_ms: float, deadline_ms: float
+        self,
+        limit: int,
+        max_bytes: int,
+        body_timeout_ms: float,
+        deadline_ms: float,
+        access: Access,
     ) -> None:
+        self.access = access
         self.limit = limit
         self.max_bytes = max_bytes
         self.body_timeout = body_timeout_ms / 1000.0
@@ -165,6 +185,10 @@ class Guard:
         self.middleware: Middleware = middleware
 
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            self.access.check(request)
+        except RecsvcError as exc:
+            return await _answer(request, _raising(exc))
         length = request.content_length
         if length is not None and length > self.max_bytes:
             return await _answer(request, self._too_large)
@@ -217,22 +241,26 @@ def _raising(exc: BaseException) -> Handler:
     return handler
 
 
-CORS_ALLOW_HEADERS = "Content-Type, X-Request-Id, X-Recsvc-Flags"
+# Authorization: a page may send a key with the recommend and events scopes only
+# (what a page holds is public); the routes of other scopes never answer browsers.
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Request-Id, X-Recsvc-Flags"
 CORS_EXPOSE_HEADERS = "X-Request-Id, Server-Timing, Retry-After"
 
 
 def cors(origins: list[str]) -> Middleware:
     """CORS for the frontend's origins: answers preflights (204, or 403 for an
-    origin not on the list) and marks answers readable by an allowed origin.
-    Credentials are never allowed (recsvc uses no cookies), so ``*`` is safe;
-    admin routes are never opened to browsers."""
+    origin not on the list) and marks answers readable by an allowed origin, on
+    the routes a browser may call (access.browser_path: recommendations, a
+    user's variants, events); features, metrics and admin routes are never
+    opened to browsers. Credentials (cookies) are never allowed; an API key is
+    sent as a header the page sets, and a page's key is public."""
     allowed = frozenset(origins)
     any_origin = "*" in allowed
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
-        if origin is None or request.path.startswith("/admin"):
+        if origin is None or not browser_path(request.path):
             return await handler(request)
         ok = any_origin or origin in allowed
         value = "*" if any_origin else origin
@@ -325,6 +353,7 @@ def observe(sample: float, slow_ms: float, deadline_ms: float) -> Middleware:
                         "route": route,
                         "status": status,
                         "latency_ms": round(elapsed * 1000.0, 3),
+                        "key": request.get(API_KEY),
                         **served,
                     },
                 )

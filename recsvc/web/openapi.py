@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 from features.events import ID_PATTERN, ID_REGEX, MAX_ID_LENGTH
+from recsvc.keys import ADMIN, EVENTS, FEATURES, RECOMMEND
 from recsvc.web import api
 
 REF = "#/components/schemas/{name}"
@@ -32,6 +33,30 @@ _ERRORS = {
         "overloaded: over the admission or in-flight limit (Retry-After)", "ErrorResponse"
     ),
 }
+SCHEME = "apiKey"
+_SECURITY_SCHEMES = {
+    SCHEME: {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key holding the operation's scope (recommend, events, "
+        "features, admin), as `Authorization: Bearer <key>`. Needed once the service "
+        "has API keys configured; without them every operation but /admin is open.",
+    }
+}
+_DENIED = {
+    "401": _answer("no API key, or not a configured one (WWW-Authenticate)", "ErrorResponse"),
+    "403": _answer("the API key does not hold the operation's scope", "ErrorResponse"),
+}
+# The scope each operation needs (recsvc.web.routes holds the same table).
+_SCOPES = {
+    "/v1/recommendations": RECOMMEND,
+    "/v1/experiments/{user_id}": RECOMMEND,
+    "/v1/events": EVENTS,
+    "/v1/users/{user_id}/features": FEATURES,
+    "/v1/features": FEATURES,
+    "/metrics": ADMIN,
+}
+
 _USER = {
     "name": "user_id",
     "in": "path",
@@ -173,7 +198,8 @@ def document() -> dict[str, Any]:
         "/healthz": {"get": {"summary": "Alive", "responses": {"200": _answer("ok", "Health")}}},
         "/metrics": {
             "get": {
-                "summary": "Prometheus metrics (text exposition; all workers' counts)",
+                "summary": "Prometheus metrics (text exposition; all workers' counts); "
+                "not here but on its own port, without a key, with RECSVC_METRICS_PORT",
                 "responses": {
                     "200": {
                         "description": "Prometheus text format 0.0.4",
@@ -193,9 +219,13 @@ def document() -> dict[str, Any]:
         },
     }
     for path, operations in paths.items():
-        if path.startswith("/v1/"):
-            for operation in operations.values():
+        for operation in operations.values():
+            if path.startswith("/v1/"):
                 operation["parameters"] = [*operation.get("parameters", []), _REQUEST_ID]
+            scope = _SCOPES.get(path)
+            operation["security"] = [{SCHEME: [scope]}] if scope else []
+            if scope:
+                operation["responses"] = {**operation["responses"], **_DENIED}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -204,7 +234,7 @@ def document() -> dict[str, Any]:
             "description": "Real-time recommendation serving. Admin routes are not listed.",
         },
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {"schemas": components, "securitySchemes": _SECURITY_SCHEMES},
     }
 
 

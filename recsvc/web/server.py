@@ -23,7 +23,7 @@ from recsvc.ops import logs, metrics
 from recsvc.settings import Settings
 from recsvc.store.feature_store import IncompatibleStore
 from recsvc.web import appkeys
-from recsvc.web.app import create_app
+from recsvc.web.app import create_app, create_metrics_app
 from recsvc.web.frontdoor import install_front_door, stamp_arrivals
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ async def setup_runner(app: web.Application) -> web.AppRunner:
     settings = app[appkeys.SETTINGS]
     reject = settings.overload_response == "reject"
     origins = frozenset(settings.cors_origin_list)
-    install_front_door(runner.server, app[appkeys.ADMISSION], reject, origins)
+    install_front_door(runner.server, app[appkeys.ADMISSION], reject, origins, app[appkeys.ACCESS])
     return runner
 
 
@@ -64,8 +64,10 @@ async def serve_until_stopped(
     on_ready: Callable[[str], None] | None = None,
     reuse_port: bool = False,
 ) -> None:
+    settings.check_exposure()  # before anything listens
     app = create_app(settings, redis_url)
     runner = await setup_runner(app)
+    metrics_runner: web.AppRunner | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -75,6 +77,15 @@ async def serve_until_stopped(
             runner, settings.host, settings.port, backlog=1024, reuse_port=reuse_port or None
         )
         await site.start()
+        if settings.metrics_port:
+            # Every worker binds it too (SO_REUSEPORT): whichever answers a scrape
+            # reads all workers' files (recsvc.ops.metrics).
+            metrics_runner = web.AppRunner(create_metrics_app(app), access_log=None)
+            await metrics_runner.setup()
+            metrics_site = web.TCPSite(
+                metrics_runner, settings.host, settings.metrics_port, reuse_port=reuse_port or None
+            )
+            await metrics_site.start()
         # Everything built at start (item table, models, modules) is long-lived:
         # freezing it keeps the cyclic GC from rescanning it in full collections,
         # which otherwise show up as multi-millisecond pauses in the latency tail.
@@ -89,6 +100,8 @@ async def serve_until_stopped(
                 "model": f"{model.name}/{model.version}" if model else None,
                 "items": app[appkeys.ITEMS].view.table.count,
                 "metrics": "multiprocess" if metrics.MULTIPROCESS else "single process",
+                "metrics_port": settings.metrics_port or settings.port,
+                "api_keys": app[appkeys.ACCESS].enforced,
             },
         )
         if on_ready is not None:
@@ -96,6 +109,8 @@ async def serve_until_stopped(
         await stop.wait()
     finally:
         log.info("stopping", extra={"pid": os.getpid()})
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()
 
 
@@ -186,6 +201,11 @@ def run(
     on_ready: Callable[[str], None] | None = None,
     workers: int = 1,
 ) -> None:
+    if settings.check_exposure():  # refused (SettingsError) before any worker starts
+        log.warning(
+            "serving without API keys on a non-loopback address (RECSVC_INSECURE=1)",
+            extra={"host": settings.host},
+        )
     if workers > 1:
         run_workers(settings, redis_url, workers, on_ready)
     else:

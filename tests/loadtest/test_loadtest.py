@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from recsvc.settings import Settings
 from recsvc.store.codec import ITEM_ROW_BYTES
 from recsvc.web.app import create_app
 from recsvc.web.server import setup_runner
-from tests.conftest import SMALL, DataFiles, settings_for
+from tests.conftest import SMALL, TEST_KEY, TEST_KEYS, DataFiles, settings_for
 
 LOADTEST = Path(__file__).resolve().parents[2] / "loadtest"
 LOCUSTFILE = LOADTEST / "locustfile.py"
@@ -84,6 +85,7 @@ async def _locust(host: str, results: Path, slo_ms: str) -> tuple[int, str, dict
         "RECSVC_LOADTEST_ITEMS": "300",
         "RECSVC_LOADTEST_CANDIDATES": "50",
         "RECSVC_LOADTEST_RESULTS": str(results),
+        "RECSVC_LOADTEST_KEY": TEST_KEY,
         "PATH": "/usr/bin:/bin",
     }
     proc = await asyncio.create_subprocess_exec(
@@ -104,7 +106,8 @@ async def _locust(host: str, results: Path, slo_ms: str) -> tuple[int, str, dict
 async def test_locust_run_passes_a_generous_slo_and_fails_an_impossible_one(
     seeded: Redis, redis_url: str, model_dir: Path, tmp_path: Path
 ) -> None:
-    server = TestServer(create_app(settings_for(model_dir), redis_url), host="127.0.0.1")
+    keyed = settings_for(model_dir, api_keys=TEST_KEYS)  # locust sends TEST_KEY
+    server = TestServer(create_app(keyed, redis_url), host="127.0.0.1")
     await server.start_server()
     try:
         host = str(server.make_url("")).rstrip("/")
@@ -122,7 +125,7 @@ async def test_locust_run_passes_a_generous_slo_and_fails_an_impossible_one(
         await server.close()
     # Redis gone: every answer is a fast 200 from the default strategy, and the
     # gate fails on the model share, not on latency.
-    dead = create_app(settings_for(model_dir), "unix:///nonexistent/recsvc.sock")
+    dead = create_app(keyed, "unix:///nonexistent/recsvc.sock")
     server = TestServer(dead, host="127.0.0.1")
     await server.start_server()
     try:
@@ -167,7 +170,8 @@ async def test_the_capacity_and_overload_tools_run_against_a_real_server(
 ) -> None:
     """loadtest/capacity.py and loadtest/overload.py end to end at a tiny size
     against the server as `recsvc serve` sets it up (front door included)."""
-    runner = await setup_runner(create_app(settings_for(model_dir), redis_url))
+    keyed = settings_for(model_dir, api_keys=TEST_KEYS)
+    runner = await setup_runner(create_app(keyed, redis_url))
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     host = f"http://127.0.0.1:{runner.addresses[0][1]}"
@@ -181,6 +185,7 @@ async def test_the_capacity_and_overload_tools_run_against_a_real_server(
             "--user-ids",
             str(SMALL.n_users - 1),
             stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "RECSVC_LOADTEST_KEY": TEST_KEY},
         )
         out, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
         return proc.returncode or 0, json.loads(out)

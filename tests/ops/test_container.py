@@ -96,6 +96,17 @@ def test_image_runs_the_service_as_expected() -> None:
     assert not user.startswith(("0", "root"))
     assert words["ENTRYPOINT"] == '["recsvc"]' and words["CMD"] == '["serve"]'  # exec form
     assert "/healthz" in words["HEALTHCHECK"] and "CMD [" in words["HEALTHCHECK"]
+    # It listens on every interface, so it must not be made open by default: serve
+    # refuses without API keys unless the operator sets RECSVC_INSECURE=1.
+    env = " ".join(r for w, r in runtime if w == "ENV")
+    assert "RECSVC_HOST=0.0.0.0" in env and "RECSVC_INSECURE" not in env
+
+
+def test_compose_passes_the_keys_and_is_not_open_by_default() -> None:
+    text = COMPOSE.read_text()
+    assert "RECSVC_API_KEYS: ${RECSVC_API_KEYS:-}" in text
+    assert "RECSVC_INSECURE: ${RECSVC_INSECURE:-0}" in text
+    assert "RECSVC_LOADTEST_KEY: ${RECSVC_LOADTEST_KEY:-}" in text
 
 
 def test_dependencies_are_installed_before_the_source_is_copied() -> None:

@@ -45,9 +45,13 @@ def _new_version(root: Path, name: str = "ranker") -> Path:
     return models.save(root, name, booster, {"metrics": meta["metrics"]})
 
 
-async def test_admin_routes_are_off_without_a_token(client: Client) -> None:
-    resp = await client.post("/admin/models/reload", headers=AUTH)
-    assert resp.status == 404
+async def test_admin_routes_are_off_without_a_token(
+    seeded: Redis, redis_url: str, model_dir: Path
+) -> None:
+    app = create_app(settings_for(model_dir), redis_url)  # no key with the admin scope
+    async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+        resp = await c.post("/admin/models/reload", headers=AUTH)
+        assert resp.status == 404
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ from recsvc.store.client import connect
 from recsvc.store.feature_store import FeatureStore
 from recsvc.web import appkeys
 from recsvc.web.app import create_app
+from tests.conftest import TEST_AUTH, TEST_KEY, TEST_KEYS
 
 pytestmark = pytest.mark.asyncio
 Client = TestClient[Any, Any]
@@ -180,8 +181,10 @@ async def seeded_server(server: Server, small_data: SyntheticData) -> Server:
 
 
 def production_settings(model_dir: Path) -> Settings:
-    """The production deadlines and breaker; fast polling so the test is short."""
+    """The production deadlines and breaker, with API keys (the client sends
+    TEST_KEY); fast polling so the test is short."""
     return Settings(
+        api_keys=TEST_KEYS,
         model_dir=model_dir,
         data_dir=model_dir.parent / "data",
         scorer="native",
@@ -194,7 +197,7 @@ def production_settings(model_dir: Path) -> Settings:
 @contextlib.asynccontextmanager
 async def serving(model_dir: Path, url: str) -> AsyncIterator[Client]:
     app = create_app(production_settings(model_dir), url)
-    async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+    async with TestClient(TestServer(app, host="127.0.0.1"), headers=TEST_AUTH) as c:
         yield c
 
 
@@ -384,7 +387,8 @@ async def test_a_thousand_clients_leaving_mid_request(
         body = b'{"user_id": "u3"}'
         request = (
             b"POST /v1/recommendations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (TEST_KEY.encode(), len(body), body)
         )
         for _ in range(1000):
             _, writer = await asyncio.open_connection(client.host, client.port)
@@ -412,7 +416,7 @@ async def test_one_event_id_100_times_while_redis_is_paused_applies_at_most_once
     store = FeatureStore(Redis.from_url(seeded_server.url), Settings())
     event = {"event_id": "paused-1", "user_id": "u5", "item_id": "i1", "type": "click"}
     try:
-        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        async with TestClient(TestServer(app, host="127.0.0.1"), headers=TEST_AUTH) as client:
             before = await store.fetch_user("u5")
             assert before is not None
             with seeded_server.admin() as admin:

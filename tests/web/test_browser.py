@@ -11,12 +11,14 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
 from tests.cli.test_cli_e2e import _free_port
+from tests.conftest import TEST_KEY, TEST_KEYS
 from tests.helpers import serve_command
 
 pytestmark = pytest.mark.e2e
@@ -45,10 +47,10 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 REDRAWN = (StaleElementReferenceException,)
 
 
-@pytest.fixture
-def server(seeded: Redis, redis_url: str, model_dir: Path, tmp_path: Path) -> Iterator[str]:
+@contextmanager
+def _serving(redis_url: str, model_dir: Path, data: Path, **settings: str) -> Iterator[str]:
     port = _free_port()
-    argv, env = serve_command(port, redis_url, model_dir, tmp_path / "data")
+    argv, env = serve_command(port, redis_url, model_dir, data, **settings)
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -64,6 +66,18 @@ def server(seeded: Redis, redis_url: str, model_dir: Path, tmp_path: Path) -> It
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.fixture
+def server(seeded: Redis, redis_url: str, model_dir: Path, tmp_path: Path) -> Iterator[str]:
+    with _serving(redis_url, model_dir, tmp_path / "data") as base:
+        yield base
+
+
+@pytest.fixture
+def keyed_server(seeded: Redis, redis_url: str, model_dir: Path, tmp_path: Path) -> Iterator[str]:
+    with _serving(redis_url, model_dir, tmp_path / "data", api_keys=TEST_KEYS) as base:
+        yield base
 
 
 @pytest.fixture
@@ -155,3 +169,18 @@ def test_purchase_leaves_the_list_and_a_new_user_warms_up(
     assert browser.save_screenshot(str(shot))
     with capsys.disabled():
         print(f"screenshot after clicks on {clicked} ({target}): {shot} ({before} -> {after})")
+
+
+def test_with_api_keys_the_page_asks_once_for_a_key_and_keeps_it_in_the_tab(
+    keyed_server: str, browser: WebDriver
+) -> None:
+    wait = WebDriverWait(browser, 20, ignored_exceptions=REDRAWN)
+    browser.get(f"{keyed_server}/?user=u1")
+    alert = WebDriverWait(browser, 10).until(expected_conditions.alert_is_present())
+    assert "API key" in alert.text
+    alert.send_keys(TEST_KEY)
+    alert.accept()
+    wait.until(lambda d: _text(d, "strategy") == "model" and len(_items(d)) == 10)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#recent li"))  # features scope
+    wait.until(lambda d: _text(d, "rps") != "–")  # admin scope: /metrics
+    assert browser.execute_script("return location.href").endswith("/?user=u1")  # not in the URL

@@ -1,11 +1,14 @@
 """Schemathesis against the served OpenAPI 3.1 contract, on a live server on 127.0.0.1.
 
-The `client` fixture's server (seeded Redis, the small model) answers the schemathesis
-CLI, run as a subprocess so its synchronous HTTP client never blocks the event loop
+The `client` fixture's server (seeded Redis, the small model, API keys configured)
+answers the schemathesis CLI, which sends the fixture's key (every scope), run as a
+subprocess so its synchronous HTTP client never blocks the event loop
 the server runs on. Every check is on: no 5xx, documented status codes, content
 types and response bodies, valid input accepted, invalid input rejected, 405 and
-`Allow` for undocumented methods; coverage, fuzzing and stateful phases. A fixed
-seed and no shrinking keep the run reproducible and bounded (20-35 s).
+`Allow` for undocumented methods, and (ignored_auth) each operation that declares
+the API key refuses a request without it and one with a wrong key; coverage,
+fuzzing and stateful phases. A fixed seed and no shrinking keep the run
+reproducible and bounded (20-35 s).
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+
+from recsvc.web import openapi
+from tests.conftest import TEST_KEY
 
 Client = TestClient[Any, Any]
 
@@ -102,6 +109,7 @@ async def test_schemathesis_finds_no_failure(client: Client, tmp_path: Path) -> 
         sys.executable, "-m", "schemathesis.cli", "--config-file", str(config),
         "run", f"{base}/openapi.json",
         "--checks", "all",
+        "--header", f"Authorization: Bearer {TEST_KEY}",
         "--max-examples", str(MAX_EXAMPLES),
         "--seed", str(SEED),
         "--workers", "1",
@@ -135,3 +143,24 @@ async def test_schemathesis_finds_no_failure(client: Client, tmp_path: Path) -> 
     failures = text[text.rfind("\n", 0, at) + 1 :] if at >= 0 else text
     assert proc.returncode == 0, failures
     assert cases and int(cases.group(1)) > 0, text
+
+
+@pytest.mark.asyncio
+async def test_every_operation_that_declares_the_key_refuses_a_request_without_it(
+    client: Client,
+) -> None:
+    base = str(client.make_url("")).rstrip("/")
+    secured = [
+        (method.upper(), path.replace("{user_id}", "u1"))
+        for path, operations in openapi.document()["paths"].items()
+        for method, operation in operations.items()
+        if operation["security"]
+    ]
+    assert len(secured) == 7
+    async with aiohttp.ClientSession() as anonymous:  # not the fixture's: no key
+        for method, path in secured:
+            async with anonymous.request(method, base + path, json={}) as resp:
+                body = await resp.json()
+                assert resp.status == 401, (method, path, body)
+                assert body["error"]["code"] == "unauthorized"
+                assert resp.headers["WWW-Authenticate"] == 'Bearer realm="recsvc"'

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from features.candidates import GENERATED
 from features.synthetic import SyntheticData
 from recsvc.web.app import create_app
-from tests.conftest import settings_for
+from tests.conftest import TEST_KEY, settings_for
 from tests.helpers import private_seeded_redis
 
 pytestmark = pytest.mark.asyncio
@@ -206,6 +206,7 @@ async def test_64_kib_is_the_body_limit_and_a_larger_one_never_reaches_the_handl
     reader, writer = await asyncio.open_connection(client.host, client.port)
     writer.write(
         b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + TEST_KEY.encode() + b"\r\n"
         b"Content-Length: 10000000\r\n\r\n{"
     )
     await writer.drain()

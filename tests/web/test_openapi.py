@@ -85,7 +85,8 @@ async def test_demo_page_is_served_from_local_files(client: Client) -> None:
     resp = await client.get("/")
     assert resp.status == 200 and resp.content_type == "text/html"
     page = await resp.text()
-    assert 'fetch("/v1/recommendations"' in page and 'fetch("/metrics")' in page
+    assert 'call("/v1/recommendations"' in page and 'call("/metrics")' in page
+    assert "sessionStorage" in page  # a key, when one is needed, stays in the tab
     assert not re.search(r'(src|href)="https?://', page)
     assert "<script src=" not in page
 

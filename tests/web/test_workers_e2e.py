@@ -1,5 +1,6 @@
-"""`recsvc serve --workers 2`: two processes on one port serve, their metrics add up,
-and a stop signal stops them all."""
+"""`recsvc serve --workers 2` with API keys and RECSVC_METRICS_PORT: two processes
+on one port serve, both bind the metrics port too, their metrics add up in
+whichever answers a scrape, and a stop signal stops them all."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from tests.cli.test_cli_e2e import _free_port
+from tests.conftest import TEST_AUTH, TEST_KEYS
 from tests.helpers import serve_command
 
 pytestmark = pytest.mark.e2e
@@ -37,18 +40,27 @@ def _post(port: int, body: dict[str, str]) -> urllib.request.Request:
     return urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/recommendations",
         data=json.dumps(body).encode(),
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **TEST_AUTH},
     )
 
 
 def test_two_workers_share_the_port_and_stop_together(
     seeded: Redis, redis_url: str, model_dir: Path, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     (metrics_dir / "counter_1.db").write_bytes(b"a previous run's counts")
-    argv, env = serve_command(port, redis_url, model_dir, tmp_path, "--workers", "2")
+    argv, env = serve_command(
+        port,
+        redis_url,
+        model_dir,
+        tmp_path,
+        "--workers",
+        "2",
+        api_keys=TEST_KEYS,
+        metrics_port=str(metrics_port),
+    )
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         body = None
@@ -74,8 +86,12 @@ def test_two_workers_share_the_port_and_stop_together(
                 assert json.loads(resp.read())["fallback_reason"] == "unknown_user"
         served_by = {f.stem.rsplit("_", 1)[1] for f in metrics_dir.glob("histogram_*.db")}
         assert len(served_by) == 2, served_by  # both workers answered some
+        # Not on the main port, whatever the key; on the metrics port, without one.
+        scrape = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=TEST_AUTH)
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(scrape, timeout=5)
         for _ in range(6):  # whichever worker answers the scrape, the sums are the same
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
                 samples = {
                     (s.name, tuple(sorted(s.labels.items()))): s.value
                     for family in text_string_to_metric_families(r.read().decode())
@@ -88,6 +104,13 @@ def test_two_workers_share_the_port_and_stop_together(
             assert samples[(count, labels)] == 1
             loaded = [k for k, v in samples.items() if k[0] == "recsvc_model_loaded" and v == 1]
             assert len(loaded) == 1
+            let_in = (("key", "test-all"), ("scope", "recommend"))
+            assert samples[("recsvc_api_requests_total", let_in)] == 61
+        # Each worker holds the metrics port (SO_REUSEPORT), so none is a single point.
+        listening = subprocess.run(
+            ["ss", "-Hltn", f"sport = :{metrics_port}"], capture_output=True, text=True, check=False
+        ).stdout
+        assert len(listening.splitlines()) == 2, listening
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)
