@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -489,6 +490,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
                 SyntheticConfig(),
                 concurrency=args.concurrency,
                 seed=args.seed,
+                # Like the load test's: from the environment, never argv (ps shows it).
+                key=os.environ.get("RECSVC_LOADTEST_KEY", ""),
             )
         )
     except ValueError as exc:

@@ -105,7 +105,10 @@ async def simulate(
     config: SyntheticConfig,
     concurrency: int = 8,
     seed: int = 1,
+    key: str = "",
 ) -> SimSummary:
+    """``key``: an API key with the recommend and events scopes, for a service
+    that needs keys (sent as a bearer token)."""
     check_loopback(host)
     latent = generate(config, end_ts=time.time()).latent
     assert latent is not None
@@ -114,7 +117,8 @@ async def simulate(
     started = time.monotonic()
     budget = [max_requests]
     timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
         await asyncio.gather(
             *(
                 _shopper(
