@@ -59,28 +59,26 @@ def digest(key: str) -> bytes:
 def _key(
     name: str, scopes: Iterable[str], key: str | None, sha256: str | None, where: str
 ) -> ApiKey:
+    # Messages name the entry, never a field's value: fields in the wrong order
+    # put the key where the name or a scope belongs.
     if not NAME_PATTERN.fullmatch(name):
-        raise KeysError(f"{where}: the name {name!r} is not 1-64 of A-Z a-z 0-9 _ . -")
+        raise KeysError(f"{where}: the name is not 1-64 of A-Z a-z 0-9 _ . -")
     listed = list(scopes)
-    unknown = sorted(set(listed) - set(SCOPES))
-    if unknown or not listed:
-        raise KeysError(
-            f"{where} ({name}): scopes {unknown or '(none)'} are not among {', '.join(SCOPES)}"
-        )
+    if not listed or not set(listed) <= set(SCOPES):
+        raise KeysError(f"{where}: every scope must be one of {', '.join(SCOPES)}")
     if (key is None) == (sha256 is None):
-        raise KeysError(f"{where} ({name}): give exactly one of key and sha256")
+        raise KeysError(f"{where}: give exactly one of key and sha256")
     if sha256 is not None:
         if not DIGEST_PATTERN.fullmatch(sha256):
-            raise KeysError(f"{where} ({name}): sha256 is not 64 lowercase hex digits")
+            raise KeysError(f"{where}: sha256 is not 64 lowercase hex digits")
         return ApiKey(name, frozenset(listed), bytes.fromhex(sha256))
     assert key is not None
     if len(key) < MIN_KEY_LENGTH:
         raise KeysError(
-            f"{where} ({name}): the key has {len(key)} characters; "
-            f"at least {MIN_KEY_LENGTH} are required"
+            f"{where}: the key has {len(key)} characters; at least {MIN_KEY_LENGTH} are required"
         )
     if not KEY_PATTERN.fullmatch(key):
-        raise KeysError(f"{where} ({name}): the key may only hold A-Z a-z 0-9 . _ ~ + / = -")
+        raise KeysError(f"{where}: the key may only hold A-Z a-z 0-9 . _ ~ + / = -")
     return ApiKey(name, frozenset(listed), digest(key))
 
 
@@ -101,9 +99,11 @@ def read_file(path: Path) -> list[ApiKey]:
     list of objects (or ``{"keys": [...]}``); each has name, scopes and key or sha256."""
     where = f"RECSVC_API_KEYS_FILE={path}"
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a BOM, as some editors write, is fine
     except OSError as exc:
         raise KeysError(f"{where}: cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise KeysError(f"{where}: not UTF-8 text") from None
     kind = "JSON" if path.suffix == ".json" else "TOML"
     try:
         data: Any = json.loads(text) if kind == "JSON" else tomllib.loads(text)
@@ -112,6 +112,8 @@ def read_file(path: Path) -> list[ApiKey]:
     entries = data.get("keys") if isinstance(data, dict) else data
     if not isinstance(entries, list):
         raise KeysError(f"{where}: expected a list of keys ([[keys]] tables in TOML)")
+    if not entries:  # a file given to hold keys: empty is a mistake, not "no keys"
+        raise KeysError(f"{where}: holds no keys")
     out = []
     for k, entry in enumerate(entries, 1):
         at = f"{where} entry {k}"
@@ -124,7 +126,7 @@ def read_file(path: Path) -> list[ApiKey]:
         if not all(isinstance(v, str | None) for v in (key, sha256)) or not all(
             isinstance(s, str) for s in scopes
         ):
-            raise KeysError(f"{at} ({name}): key, sha256 and scopes must be strings")
+            raise KeysError(f"{at}: key, sha256 and scopes must be strings")
         out.append(_key(name, scopes, key, sha256, at))
     return out
 

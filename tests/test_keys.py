@@ -59,8 +59,12 @@ def test_the_admin_token_is_a_key_that_alone_enforces_nothing() -> None:
         ("web:recommend:short-key", "has 9 characters; at least 16"),
         (f"web:recommend:{KEY},web:events:{OTHER}", "'web' is used twice"),
         (f"web:recommend:{KEY},app:events:{KEY}", "'web' and 'app' are the same key"),
-        (f"web:recommend+reads:{KEY}", "['reads'] are not among recommend"),
-        (f"web::{KEY}", "(none)"),
+        (f"web:recommend+reads:{KEY}", "every scope must be one of recommend"),
+        (f"web::{KEY}", "every scope must be one of"),
+        # Fields in the wrong order (from the outside review): the key is never echoed.
+        (f"web:{KEY}:recommend", "every scope must be one of"),
+        (f"{KEY}:recommend:web", "the key has 3 characters"),
+        (f"{KEY}x{KEY}{KEY}{KEY}:recommend:web", "the name is not 1-64"),
         (f"web:recommend:{KEY}:x", "entry 1 is not name:scope+scope:key"),
         (f"we b:recommend:{KEY}", "is not 1-64 of"),
         ("web:recommend:" + "é" * 20, "may only hold"),
@@ -83,6 +87,16 @@ def test_a_bad_key_file_names_the_file_and_the_entry(tmp_path: Path) -> None:
         from_env({"RECSVC_API_KEYS_FILE": str(path)})
     with pytest.raises(SettingsError, match="cannot be read"):
         from_env({"RECSVC_API_KEYS_FILE": str(tmp_path / "missing.toml")})
+    # From the outside review: a Latin-1 file was a traceback, a BOM "not valid
+    # TOML", an empty file silently "no keys" (every route open on loopback).
+    path.write_bytes(b'[[keys]]\nname = "w\xe9b"\n')
+    with pytest.raises(SettingsError, match="not UTF-8 text"):
+        from_env({"RECSVC_API_KEYS_FILE": str(path)})
+    path.write_text("keys = []\n")
+    with pytest.raises(SettingsError, match="holds no keys"):
+        from_env({"RECSVC_API_KEYS_FILE": str(path)})
+    path.write_text(f'\ufeff[[keys]]\nname = "web"\nkey = "{KEY}"\nscopes = ["recommend"]\n')
+    assert from_env({"RECSVC_API_KEYS_FILE": str(path)}).api_keys_file == path
     path.write_text("[[keys]\n")
     with pytest.raises(SettingsError, match="not valid TOML"):
         from_env({"RECSVC_API_KEYS_FILE": str(path)})

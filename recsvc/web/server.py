@@ -15,8 +15,11 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+import orjson
 import uvloop
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 from recsvc.ab.experiments import ExperimentsError
 from recsvc.ops import logs, metrics
@@ -38,6 +41,40 @@ LINGERING_SECS = 1.0
 WORKER_START_SECS = 120.0
 
 
+MALFORMED = orjson.dumps(
+    {"error": {"code": "bad_request", "message": "malformed HTTP request", "field": None}}
+)
+
+
+class _QuietHandler(RequestHandler):
+    """aiohttp's connection handler, but a request it cannot parse gets a JSON
+    400 and a one-line debug log. aiohttp's own answer and error log quote the
+    parser's message, which quotes the offending bytes: a header line that may
+    hold an API key (a key file saved with a trailing CR, a header past 8 KB)."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError) or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        log.debug("malformed HTTP request: %s", type(exc).__name__)
+        metrics.observe_http("malformed", "other", status, 0.0)
+        response = web.Response(status=status, body=MALFORMED, content_type="application/json")
+        response.force_close()
+        return response
+
+
+class _QuietServer(web.Server):
+    """A web.Server whose connections are _QuietHandlers."""
+
+    def __call__(self) -> RequestHandler:
+        return _QuietHandler(self, loop=self._loop, **self._kwargs)
+
+
 async def setup_runner(app: web.Application) -> web.AppRunner:
     """The app's runner, set up (the app's resources started), with every
     request stamped with its arrival time and recommendations admitted (or
@@ -50,6 +87,7 @@ async def setup_runner(app: web.Application) -> web.AppRunner:
     )
     await runner.setup()
     assert runner.server is not None  # set up above
+    runner.server.__class__ = _QuietServer  # aiohttp builds the Server; no hook for its class
     stamp_arrivals(runner.server)
     settings = app[appkeys.SETTINGS]
     reject = settings.overload_response == "reject"

@@ -50,6 +50,8 @@ ROUTES = [
     ("GET", "/metrics", None, "admin"),
     ("GET", "/admin/models", None, "admin"),
     ("POST", "/admin/models/reload", None, "admin"),
+    ("PUT", "/admin/items", {"items": [{"item_id": "i1", "category": "c1"}]}, "admin"),
+    ("DELETE", "/admin/items/no-such-item", None, "admin"),
 ]
 KEY_OF_SCOPE = {"recommend": "shop-web", "events": "shop-web", "features": "analytics"}
 KEY_OF_SCOPE["admin"] = "ops"
@@ -256,3 +258,39 @@ async def test_metrics_can_move_to_their_own_listener(
     settings = settings_for(model_dir, api_keys=SETTING, metrics_port=1)
     async with TestClient(TestServer(create_app(settings, redis_url), host="127.0.0.1")) as c:
         assert (await c.get("/metrics", headers=auth("ops"))).status == 404
+
+
+async def test_a_malformed_header_never_puts_a_key_in_the_log_or_the_answer(
+    seeded: Redis, redis_url: str, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """From the outside review: a request aiohttp cannot parse (a key file saved
+    with a trailing CR, a NUL, a header past 8 KB) was answered with the
+    parser's message and logged with a traceback, both quoting the header line
+    with the key. Now: a JSON 400, one debug line naming the error class."""
+    key = KEYS["shop-web"][1]
+    runner = await setup_runner(create_app(settings_for(model_dir, api_keys=SETTING), redis_url))
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    answers = []
+    try:
+        with caplog.at_level(logging.DEBUG):
+            for bad in (b"\r", b"\x00", b"x" * 9000):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(
+                    b"GET /v1/experiments/u1 HTTP/1.1\r\nHost: t\r\n"
+                    b"Authorization: Bearer " + key.encode() + bad + b"\r\n\r\n"
+                )
+                await writer.drain()
+                answers.append(await asyncio.wait_for(reader.read(), 5.0))
+                writer.close()
+    finally:
+        await runner.cleanup()
+    for answer in answers:
+        assert answer.split(b" ", 2)[1] == b"400", answer[:200]
+        assert b'"code":"bad_request"' in answer and key.encode() not in answer
+    logged = "\n".join(
+        f"{r.getMessage()} {r.exc_text or ''} {r.exc_info or ''}" for r in caplog.records
+    )
+    assert key not in logged and "malformed HTTP request" in logged
+    assert not any(r.exc_info for r in caplog.records)
