@@ -14,11 +14,42 @@ import orjson
 from features.candidates import ids_to_index
 from features.schema import FEATURE_NAMES, build_matrix, user_features
 from features.state import ItemTable, UserState
-from recsvc.errors import InvalidRequest
+from recsvc.errors import InvalidRequest, Overloaded
+from recsvc.ops import metrics
 from recsvc.service.itemcache import ItemView
 from recsvc.service.recommend import Recommender
 
 T = TypeVar("T")
+
+# POST /v1/features answers per process at a time (built and sent): a build
+# holds the interpreter lock in its thread, so two at once starve the event
+# loop, and an answer is megabytes held until the client has read it. Others
+# wait up to FEATURES_WAIT_SECS (then 503 overloaded); the client gets
+# FEATURES_SEND_SECS to read the answer (then the connection is closed).
+FEATURES_WAIT_SECS = 2.0
+FEATURES_SEND_SECS = 10.0
+
+
+class FeaturesGate:
+    """One features answer at a time per process (see FEATURES_WAIT_SECS)."""
+
+    def __init__(
+        self, wait_secs: float = FEATURES_WAIT_SECS, send_secs: float = FEATURES_SEND_SECS
+    ) -> None:
+        self._lock = asyncio.Lock()
+        self.wait_secs = wait_secs
+        self.send_secs = send_secs
+
+    async def acquire(self) -> None:
+        try:
+            async with asyncio.timeout(self.wait_secs):
+                await self._lock.acquire()
+        except TimeoutError:
+            metrics.shed("features")
+            raise Overloaded("features") from None
+
+    def release(self) -> None:
+        self._lock.release()
 
 
 def _json_number(v: float) -> float | None:
@@ -105,10 +136,14 @@ async def _entries(
     view = rec.items.view
 
     def build() -> list[T]:
-        return [
-            finish(_user_entry(rec, u, s, view, item_ids, now))
-            for u, s in zip(user_ids, users, strict=True)
-        ]
+        out = []
+        for u, s in zip(user_ids, users, strict=True):
+            out.append(finish(_user_entry(rec, u, s, view, item_ids, now)))
+            # This thread holds the interpreter lock while it builds; hand it
+            # to the event loop between users (at most ~100 rows, a few ms),
+            # not only when the 5 ms switch interval forces it.
+            time.sleep(0)
+        return out
 
     unknown = [i for i in dict.fromkeys(item_ids) if i not in view.table.index]
     return await asyncio.to_thread(build), unknown

@@ -18,6 +18,7 @@ from recsvc.ranking.models import ModelRegistry
 from recsvc.service.admission import Admission
 from recsvc.service.ingest import Ingestor
 from recsvc.service.itemcache import ItemCache
+from recsvc.service.online import FeaturesGate
 from recsvc.service.recommend import Recommender
 from recsvc.settings import Settings
 from recsvc.store.client import REDIS_FAILURES, connect
@@ -180,6 +181,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
         ],
     )
     app[appkeys.GUARD] = guard
+    app[appkeys.FEATURES_GATE] = FeaturesGate()
     app[appkeys.ACCESS] = access
     app[appkeys.SETTINGS] = settings
     app[appkeys.REDIS_URL] = redis_url

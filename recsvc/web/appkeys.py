@@ -12,6 +12,7 @@ from recsvc.ranking.models import ModelRegistry
 from recsvc.service.admission import Admission
 from recsvc.service.ingest import Ingestor
 from recsvc.service.itemcache import ItemCache
+from recsvc.service.online import FeaturesGate
 from recsvc.service.recommend import Recommender
 from recsvc.settings import Settings
 from recsvc.store.client import RedisClient
@@ -35,3 +36,4 @@ ADMISSION = web.AppKey("admission", Admission)
 LOOP_LAG = web.AppKey("loop_lag", LoopLag)
 GUARD = web.AppKey("guard", Guard)
 ACCESS = web.AppKey("access", Access)
+FEATURES_GATE = web.AppKey("features_gate", FeaturesGate)

@@ -11,15 +11,18 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from aiohttp import payload, web
-from aiohttp.abc import AbstractStreamWriter
+from aiohttp import web
 
 from features.candidates import CandidateConfig
 from features.schema import NO_CONTEXT, Context
 from recsvc.errors import InvalidRequest, Overloaded, StoreUnavailable, UnknownItem
 from recsvc.ops import metrics
 from recsvc.ranking.models import LoadedModel
-from recsvc.service.online import feature_values_json, user_feature_values
+from recsvc.service.online import (
+    check_cells,
+    feature_values_json,
+    user_feature_values,
+)
 from recsvc.service.recommend import DEADLINE as DEADLINE_REASON
 from recsvc.service.recommend import OVERLOADED, Query
 from recsvc.settings import Settings
@@ -37,7 +40,7 @@ from recsvc.web.api import (
     parse_flags_header,
 )
 from recsvc.web.frontdoor import ARRIVED, MISSED, NOT_ADMITTED, TICKET
-from recsvc.web.middleware import DEADLINE, FROM_CALLER, REQUEST_ID, SERVED
+from recsvc.web.middleware import DEADLINE, FROM_CALLER, REQUEST_ID, REQUEST_ID_HEADER, SERVED
 
 
 def json_response(
@@ -46,22 +49,6 @@ def json_response(
     return web.Response(
         status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
     )
-
-
-class _Pieces(payload.Payload):
-    """A body sent piece by piece (a drain between pieces, Content-Length set):
-    megabytes never become one buffer copied on the event loop."""
-
-    def __init__(self, pieces: list[bytes]) -> None:
-        super().__init__(pieces, content_type="application/json")
-        self._size = sum(len(p) for p in pieces)
-
-    async def write(self, writer: AbstractStreamWriter) -> None:
-        for piece in self._value:
-            await writer.write(piece)
-
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        return b"".join(self._value).decode(encoding, errors)
 
 
 def _flags(request: web.Request, body_flags: dict[str, str] | None) -> dict[str, str]:
@@ -223,15 +210,36 @@ async def user_features_get(request: web.Request) -> web.Response:
     return json_response(body)
 
 
-async def features_post(request: web.Request) -> web.Response:
+async def features_post(request: web.Request) -> web.StreamResponse:
+    """Built and sent while holding the process's features gate (FeaturesGate):
+    the answer's memory is released, and the next one built, only once this
+    client has read it or run out of time."""
     req = decode_json(await request.read(), FeaturesRequest)
-    body = await feature_values_json(
-        request.app[appkeys.RECOMMENDER],
-        req.user_ids,
-        req.item_ids,
-        request.app[appkeys.SETTINGS].features_max_cells,
-    )
-    return web.Response(body=_Pieces(body))
+    max_cells = request.app[appkeys.SETTINGS].features_max_cells
+    check_cells(req.user_ids, req.item_ids, max_cells)  # before waiting for the gate
+    gate = request.app[appkeys.FEATURES_GATE]
+    await gate.acquire()
+    try:
+        pieces = await feature_values_json(
+            request.app[appkeys.RECOMMENDER], req.user_ids, req.item_ids, max_cells
+        )
+        response = web.StreamResponse(headers={REQUEST_ID_HEADER: request[REQUEST_ID]})
+        response.content_type = "application/json"
+        response.content_length = sum(len(p) for p in pieces)
+        await response.prepare(request)
+        try:
+            async with asyncio.timeout(gate.send_secs):
+                for piece in pieces:
+                    await response.write(piece)  # waits while the client is behind
+        except TimeoutError:
+            # Part of the answer went out: nothing else may follow on this connection.
+            if request.transport is not None:
+                request.transport.close()
+            raise ConnectionResetError("the client did not read the answer in time") from None
+        await response.write_eof()
+        return response
+    finally:
+        gate.release()
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -6,17 +6,22 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from features.synthetic import SyntheticData
+from recsvc.service.online import FeaturesGate
 from recsvc.settings import Settings
+from recsvc.web import appkeys
 from recsvc.web.app import create_app
 from tests.conftest import settings_for
 
@@ -90,3 +95,102 @@ async def test_a_large_features_answer_never_holds_the_event_loop(
     longest = max(b - a for a, b in itertools.pairwise(ticks))
     assert len(ticks) > 20
     assert longest < 0.10 * spent, (longest, spent)  # before: ~0.2; now ~0.03-0.05
+
+
+# Four callers at once in another process (so this loop only serves them).
+CALLERS = """
+import asyncio, sys, aiohttp
+async def main():
+    async with aiohttp.ClientSession() as s:
+        async def call():
+            async with s.post(sys.argv[1], data=sys.argv[2],
+                              headers={"Content-Type": "application/json"}) as r:
+                async for _ in r.content.iter_any():
+                    pass
+                return r.status
+        print(*await asyncio.gather(*(call() for _ in range(4))))
+asyncio.run(main())
+"""
+
+
+async def test_concurrent_features_callers_take_turns_and_leave_the_loop_free(
+    seeded: Redis, redis_url: str, model_dir: Path, small_data: SyntheticData, frozen_heap: None
+) -> None:
+    """From the outside review: four callers at the cap at once held the loop
+    for 50-100 ms of wall time (their builds took turns holding the
+    interpreter lock, which thread CPU time does not show). Builds now go one
+    at a time per process and hand the lock to the loop between users: the
+    loop's longest wall-clock gaps stay at a few ms, well inside the 30 ms
+    recommendation deadline; a caller that waits too long for its turn is
+    turned away with 503 overloaded, never left hanging."""
+    app = create_app(settings_for(model_dir), redis_url)
+    loop = asyncio.get_running_loop()
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        await client.post("/v1/features", json=_ids(small_data, 2, 5))  # warm up
+        ticks: list[float] = []
+        running = True
+
+        def tick() -> None:
+            ticks.append(time.perf_counter())
+            if running:
+                loop.call_later(0.001, tick)
+
+        url = str(client.make_url("/v1/features"))
+        body = orjson.dumps(_ids(small_data, 20, 100)).decode()
+        callers = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CALLERS, url, body, stdout=asyncio.subprocess.PIPE
+        )
+        tick()
+        out, _ = await asyncio.wait_for(callers.communicate(), 60)
+        running = False
+    statuses = out.split()
+    assert set(statuses) <= {b"200", b"503"} and b"200" in statuses, out
+    gaps = sorted(b - a for a, b in itertools.pairwise(ticks))
+    assert len(gaps) > 20
+    # Gaps over 6 ms: none here as a rule (the longest ~3-5 ms), one allowed
+    # for a hiccup of the machine; the code before took 4-6 of 6-18 ms.
+    assert sum(g > 0.006 for g in gaps) <= 1, gaps[-5:]
+
+
+async def test_a_client_that_does_not_read_the_answer_is_cut_off_and_holds_no_one_up(
+    seeded: Redis, redis_url: str, model_dir: Path, small_data: SyntheticData
+) -> None:
+    """From the outside review: answers were handed to aiohttp after the handler
+    returned, so callers that never read held ~4 MB each, with no limit and no
+    timeout, counted as 200. Now the answer is sent inside the process's
+    features gate: a caller that does not read is cut off after the gate's
+    send time (counted as 499), and meanwhile another caller waits at most the
+    gate's wait time for a 503 overloaded."""
+    app = create_app(settings_for(model_dir), redis_url)
+    app[appkeys.FEATURES_GATE] = FeaturesGate(wait_secs=0.3, send_secs=1.0)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        body = orjson.dumps(_ids(small_data, 20, 100))
+        # A small receive window (as a slow client over a real network has):
+        # on loopback the kernel would otherwise take the whole answer at once.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", client.port))
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(
+            b"POST /v1/features HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the slow caller holds the gate, reading nothing
+        other = await client.post("/v1/features", json=_ids(small_data, 2, 5))
+        assert other.status == 503
+        assert (await other.json())["error"]["code"] == "overloaded"
+        await asyncio.sleep(1.5)  # past the send time
+        received = b""
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 5.0):  # to the close
+            received += chunk
+        writer.close()
+        head, _, answer = received.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        assert 0 < len(answer) < length  # part of the answer, then the close
+        after = await client.post("/v1/features", json=_ids(small_data, 2, 5))
+        assert after.status == 200  # the gate is free again
+        metrics = await (await client.get("/metrics")).text()
+    cut = '{method="POST",route="/v1/features",status="499"}'
+    assert f"recsvc_http_request_duration_seconds_count{cut} 1.0" in metrics
