@@ -11,7 +11,15 @@ import numpy as np
 from redis.asyncio import Redis
 
 from features.events import COVISIT_NEIGHBOURS
-from features.state import COL_CATEGORY, COL_NBR, COL_NBR_SCORE, COL_PRICE, ItemTable, empty_rows
+from features.state import (
+    COL_CATEGORY,
+    COL_NBR,
+    COL_NBR_SCORE,
+    COL_PRICE,
+    ItemTable,
+    empty_rows,
+    shard_of,
+)
 from features.synthetic import SyntheticData
 from recsvc.cli.seed import seed
 from recsvc.ops.embedded import EmbeddedRedis
@@ -24,6 +32,17 @@ def store_settings(**overrides: object) -> Settings:
     events create the items they name, as the offline replay does (these tests
     compare the two; tests/service/test_integrity.py tests the policy)."""
     return Settings(redis_timeout_ms=2000.0, unknown_items="create").replace(**overrides)
+
+
+def ids_in_shard(shard: int, count: int, prefix: str) -> list[str]:
+    """``count`` item ids (``prefix`` + a number) that land in item shard ``shard``."""
+    out, k = [], 0
+    while len(out) < count:
+        item = f"{prefix}{k}"
+        if shard_of(item) == shard:
+            out.append(item)
+        k += 1
+    return out
 
 
 def dense_table(items: Iterable[tuple[str, str, float]]) -> ItemTable:

@@ -28,23 +28,13 @@ from recsvc.store.feature_store import EventWrite, FeatureStore, ItemWriteFailed
 from recsvc.web import appkeys
 from recsvc.web.app import create_app
 from tests.conftest import settings_for
-from tests.helpers import store_settings
+from tests.helpers import ids_in_shard, store_settings
 
 pytestmark = pytest.mark.asyncio
 Client = TestClient[Any, Any]
 TOKEN = "t" * 24
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 MIB = 1024 * 1024
-
-
-def ids_in_shard(shard: int, count: int, prefix: str) -> list[str]:
-    out, k = [], 0
-    while len(out) < count:
-        item = f"{prefix}{k}"
-        if shard_of(item) == shard:
-            out.append(item)
-        k += 1
-    return out
 
 
 def event(eid: str, user: str, item: str, kind: str = "purchase") -> dict[str, Any]:

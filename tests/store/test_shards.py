@@ -10,27 +10,17 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from features.state import COL_COUNTS, COL_NBR, COL_NBR_REF, N_SHARDS, shard_of
+from features.state import COL_COUNTS, COL_NBR, COL_NBR_REF, N_SHARDS
 from recsvc.ops.embedded import EmbeddedRedis
 from recsvc.service.itemcache import ItemCache
 from recsvc.store import keys
 from recsvc.store.codec import ITEM_ROW_BYTES
 from recsvc.store.feature_store import EventWrite, FeatureStore, ItemWriteFailed
-from tests.helpers import store_settings
+from tests.helpers import ids_in_shard, store_settings
 
 pytestmark = pytest.mark.asyncio
 T = time.time() - 600.0
 MIB = 1024 * 1024
-
-
-def ids_in_shard(shard: int, count: int, prefix: str) -> list[str]:
-    out, k = [], 0
-    while len(out) < count:
-        item = f"{prefix}{k}"
-        if shard_of(item) == shard:
-            out.append(item)
-        k += 1
-    return out
 
 
 async def _counts(store: FeatureStore, item: str) -> float:
