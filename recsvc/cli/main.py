@@ -444,7 +444,7 @@ async def _catalogue(url: str, settings: Settings, args: argparse.Namespace) -> 
             done = f"upserted {len(rows)} items"
             if args.prune:  # every item the file does not list
                 listed = set(catalogue.item_ids)
-                stale = [i for i in (await store.item_table()).index if i not in listed]
+                stale = [i for i in await store.item_ids() if i not in listed]
                 for k in range(0, len(stale), seed.BATCH):
                     await store.delete_items(stale[k : k + seed.BATCH])
                 done += f", deleted {len(stale)} items not in the file"

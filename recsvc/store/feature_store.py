@@ -545,6 +545,15 @@ class FeatureStore:
             self._write_refresh.after(exc)
             raise StoreUnavailable(type(exc).__name__) from exc
 
+    async def item_ids(self) -> list[str]:
+        """Every item id Redis holds, shard by shard (HSCAN of the id indexes:
+        no rows read, no long command)."""
+        out: list[str] = []
+        for shard in range(N_SHARDS):
+            async for item, _ in self.writer.hscan_iter(keys.shard_keys(shard)[0], count=1000):
+                out.append(item.decode() if isinstance(item, bytes) else str(item))
+        return out
+
     async def delete_items(self, item_ids: Sequence[str]) -> list[bool]:
         """Delete items (``lua/item_delete.lua``): per id whether a shard held it.
         Each shard touched gets a new epoch, so every serving process reloads its

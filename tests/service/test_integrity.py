@@ -199,6 +199,7 @@ async def test_the_catalogue_command_upserts_and_deletes(
     assert await asyncio.to_thread(main, [*upsert, "--prune"]) == 0
     assert "deleted 1 items not in the file" in capsys.readouterr().err
     assert set((await store.item_table()).index) == {"k1", "k2"}
+    assert sorted(await store.item_ids()) == ["k1", "k2"]
 
 
 def _write(item: str) -> EventWrite:
