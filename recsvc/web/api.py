@@ -210,6 +210,12 @@ class CatalogueUpsert(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     items: Annotated[list[CatalogueItem], msgspec.Meta(min_length=1, max_length=MAX_EVENTS)]
 
 
+class CatalogueDelete(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST /admin/items/delete``: items deleted in one call (one reload)."""
+
+    item_ids: Annotated[list[Id], msgspec.Meta(min_length=1, max_length=MAX_EVENTS)]
+
+
 # Answer types: the contract of what the service sends (the handlers build the
 # same shapes; tests/web/test_openapi.py checks live answers against them).
 

@@ -29,6 +29,7 @@ from recsvc.settings import Settings
 from recsvc.web import appkeys
 from recsvc.web.api import (
     MAX_GET_IDS,
+    CatalogueDelete,
     CatalogueUpsert,
     FeaturesRequest,
     ItemRef,
@@ -340,6 +341,20 @@ async def admin_items_put(request: web.Request) -> web.Response:
         [(i.item_id, i.category or "", i.price) for i in req.items]
     )
     return json_response({"upserted": len(req.items)})
+
+
+async def admin_items_delete_many(request: web.Request) -> web.Response:
+    """Delete up to 500 items in one call: every process reloads its items once
+    for the lot (DELETE /admin/items/{id} reloads once per item)."""
+    req = decode_json(await request.read(), CatalogueDelete)
+    ids = list(dict.fromkeys(req.item_ids))
+    done = await request.app[appkeys.STORE].delete_items(ids)
+    return json_response(
+        {
+            "deleted": [i for i, d in zip(ids, done, strict=True) if d],
+            "not_found": [i for i, d in zip(ids, done, strict=True) if not d],
+        }
+    )
 
 
 async def admin_items_delete(request: web.Request) -> web.Response:

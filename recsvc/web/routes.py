@@ -53,6 +53,7 @@ def setup_routes(app: web.Application) -> None:
         )
         add("PUT", "/admin/items", handlers.admin_items_put, ADMIN, always=True)
         add("DELETE", "/admin/items/{item_id}", handlers.admin_items_delete, ADMIN, always=True)
+        add("POST", "/admin/items/delete", handlers.admin_items_delete_many, ADMIN, always=True)
 
 
 def setup_metrics_routes(app: web.Application) -> None:

@@ -152,6 +152,11 @@ async def test_a_deleted_item_is_never_served_and_workers_agree_with_redis(
     for item in dict.fromkeys([victim, last]):
         resp = await shop.delete(f"/admin/items/{item}", headers=ADMIN)
         assert resp.status == 200 and (await resp.json())["deleted"] is True
+    # Many in one call (one reload); repeats count once.
+    two = [i for i in ("i3", "i4", "i5", "i6") if i not in (victim, last)][:2]
+    batch = {"item_ids": [*two, "never-was", two[0]]}
+    many = await shop.post("/admin/items/delete", json=batch, headers=ADMIN)
+    assert (await many.json()) == {"deleted": two, "not_found": ["never-was"]}
     again = await shop.delete(f"/admin/items/{victim}", headers=ADMIN)
     assert again.status == 404 and (await again.json())["error"]["code"] == "not_found"
     await refresh(shop)

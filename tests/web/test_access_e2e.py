@@ -52,6 +52,7 @@ ROUTES = [
     ("POST", "/admin/models/reload", None, "admin"),
     ("PUT", "/admin/items", {"items": [{"item_id": "i1", "category": "c1"}]}, "admin"),
     ("DELETE", "/admin/items/no-such-item", None, "admin"),
+    ("POST", "/admin/items/delete", {"item_ids": ["no-such-item"]}, "admin"),
 ]
 KEY_OF_SCOPE = {"recommend": "shop-web", "events": "shop-web", "features": "analytics"}
 KEY_OF_SCOPE["admin"] = "ops"
