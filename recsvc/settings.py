@@ -42,6 +42,11 @@ class Settings:
     # Empty: no experiments (everyone gets the default configuration).
     experiments: Path | None = None
     exposure_stream_max: int = 1_000_000
+    # Roll-outs (recsvc.ab.rollout): how often workers read the records, and
+    # the canary controller's tick and how long it waits for an answer's clicks.
+    rollout_poll_secs: float = 1.0
+    canary_tick_secs: float = 2.0
+    canary_outcome_wait_secs: float = 30.0
     # compiled: lleaves machine code once verified (native serves meanwhile).
     scorer: str = "compiled"
     # The key "admin-token" with the admin scope (recsvc.keys). Empty and no other
@@ -186,6 +191,9 @@ class Settings:
             ("model_poll_secs", self.model_poll_secs > 0),
             ("model_keep_versions", self.model_keep_versions >= 1),
             ("exposure_stream_max", self.exposure_stream_max >= 1000),
+            ("rollout_poll_secs", self.rollout_poll_secs > 0),
+            ("canary_tick_secs", self.canary_tick_secs > 0),
+            ("canary_outcome_wait_secs", self.canary_outcome_wait_secs >= 0),
             ("scorer", self.scorer in {"compiled", "native"}),
             (
                 "admin_token",
@@ -320,6 +328,15 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
         "A/B experiments TOML (reloaded when it changes, or by POST /admin/experiments/reload)",
     ),
     ("exposure_stream_max", "entries kept in each experiment log stream (approximate cap)"),
+    (
+        "rollout_poll_secs",
+        "how often workers read the roll-out records (which version serves whom)",
+    ),
+    ("canary_tick_secs", "how often the canary controller looks at the guardrails"),
+    (
+        "canary_outcome_wait_secs",
+        "an answer's clicks and purchases count for the guardrails once it is this old",
+    ),
     (
         "scorer",
         "compiled (lleaves machine code, verified against native, cached in "

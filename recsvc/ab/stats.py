@@ -96,12 +96,17 @@ def _ratio(num: list[float], den: list[float]) -> tuple[float, float] | None:
 
 
 def ratio_lift(
-    num1: list[float], den1: list[float], num0: list[float], den0: list[float]
+    num1: list[float],
+    den1: list[float],
+    num0: list[float],
+    den0: list[float],
+    z: float = Z95,
 ) -> tuple[float, float, float] | None:
     """Relative lift of Σnum/Σden (e.g. clicks per exposure) of group 1 over group 0,
     with a 95% interval. Users are the unit of randomisation, so the variance is the
     delta method's over users: a user's repeated requests are not independent trials,
-    and treating them as such would make the interval too narrow."""
+    and treating them as such would make the interval too narrow. ``z``: the
+    interval's normal quantile (1.96 for 95%)."""
     a, b = _ratio(num1, den1), _ratio(num0, den0)
     if a is None or b is None:
         return None
@@ -110,6 +115,6 @@ def ratio_lift(
     log_ratio = math.log(r1 / r0)
     return (
         r1 / r0 - 1,
-        math.exp(log_ratio - Z95 * se) - 1,
-        math.exp(log_ratio + Z95 * se) - 1,
+        math.exp(log_ratio - z * se) - 1,
+        math.exp(log_ratio + z * se) - 1,
     )

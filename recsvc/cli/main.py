@@ -21,7 +21,8 @@ from features.synthetic import SyntheticConfig
 from features.trainer import TrainParams
 from recsvc.ab import experiments
 from recsvc.ab import report as abreport
-from recsvc.cli import seed, simulate, training
+from recsvc.ab.rollout import RolloutError, RolloutStore
+from recsvc.cli import rollouts, seed, simulate, training
 from recsvc.errors import ModelRejected, StoreUnavailable
 from recsvc.ops import logs
 from recsvc.ops.embedded import EmbeddedRedis, EmbeddedRedisError
@@ -175,6 +176,34 @@ def parser() -> argparse.ArgumentParser:
     md = sub.add_parser("models", help="the model registry")
     md_sub = md.add_subparsers(dest="models_command", required=True)
     _common(md_sub.add_parser("list", help="every version under the model directory"))
+    pro = md_sub.add_parser(
+        "promote",
+        help="serve a version: to everyone now, or as a canary stepped up by its guardrails",
+    )
+    _common(pro)
+    pro.add_argument("name", help="model name")
+    pro.add_argument("version", help="version directory name (see `recsvc models list`)")
+    pro.add_argument("--canary", help="first share of users, e.g. 5%%; without: everyone now")
+    pro.add_argument("--steps", help="shares after the first, e.g. 25%%,50%% (default 25,50)")
+    pro.add_argument(
+        "--min-exposures",
+        type=int,
+        default=2000,
+        help="canary impressions per step before it may step up (default 2000)",
+    )
+    pro.add_argument("--stable", help="the version the canary is compared with")
+    pro.add_argument("--embedded", action="store_true", help="the data dir's own Redis")
+    for verb, text in (
+        ("status", "roll-outs: what serves whom, the guardrails, the history"),
+        ("abort", "roll a running canary back now"),
+        ("unpin", "forget a model's roll-out record: its newest version serves again"),
+    ):
+        p = md_sub.add_parser(verb, help=text)
+        _common(p)
+        p.add_argument("name", nargs="?" if verb == "status" else None, help="model name")
+        p.add_argument("--embedded", action="store_true", help="the data dir's own Redis")
+        if verb == "status":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
 
     ab = sub.add_parser("ab-report", help="experiment results from the exposure log")
     _common(ab)
@@ -505,6 +534,10 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
 def cmd_models(args: argparse.Namespace) -> None:
     settings = _settings(args)
+    if args.models_command != "list":
+        with _redis(settings, embedded=args.embedded) as url:
+            print(asyncio.run(_rollout_command(url, settings, args)))
+        return
     root = settings.models_path
     rows = [("name", "version", "created (UTC)", "served ndcg@10", "popular", "status")]
     for name in models.names(root):
@@ -531,6 +564,40 @@ def cmd_models(args: argparse.Namespace) -> None:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + r[-1])
+
+
+async def _rollout_command(url: str, settings: Settings, args: argparse.Namespace) -> str:
+    client = connect(url, settings, writes=True)
+    store = RolloutStore(client)
+    try:
+        if args.models_command == "promote":
+            r = await rollouts.promote(
+                store,
+                settings.models_path,
+                args.name,
+                args.version,
+                args.canary,
+                args.steps,
+                args.min_exposures,
+                args.stable,
+            )
+            return rollouts.format_status({r.name: r})
+        if args.models_command == "abort":
+            r = await rollouts.abort(store, args.name)
+            return rollouts.format_status({r.name: r})
+        if args.models_command == "unpin":
+            await rollouts.unpin(store, args.name)
+            return f"{args.name}: no roll-out record; its newest version serves"
+        records = await store.all()
+        if args.name:
+            records = {k: v for k, v in records.items() if k == args.name}
+        if args.json:
+            return json.dumps({k: v.body() for k, v in records.items()}, indent=2)
+        return rollouts.format_status(records)
+    except RolloutError as exc:
+        raise SettingsError(str(exc)) from None
+    finally:
+        await client.aclose()
 
 
 def _fmt(value: object) -> str:

@@ -75,6 +75,19 @@ VARIANT_LATENCY = Histogram(
     ("experiment", "variant", "strategy"),
     buckets=LATENCY_BUCKETS,
 )
+ROLLOUT_LATENCY = Histogram(
+    "recsvc_rollout_recommendation_duration_seconds",
+    "Recommendation latency while a canary runs, by roll-out arm (canary, stable) and "
+    "strategy: the count per arm and strategy is the answers and fallbacks per arm.",
+    ("arm", "strategy"),
+    buckets=LATENCY_BUCKETS,
+)
+ROLLOUT_SHARE = Gauge(
+    "recsvc_rollout_canary_share",
+    "Share of users a running canary serves, by model name (0 when none runs).",
+    ("name",),
+    multiprocess_mode="livemax",
+)
 STAGE_LATENCY = Histogram(
     "recsvc_stage_duration_seconds",
     "Time per stage of a recommendation: queue (arrival to handler), redis, cpu_wait "
@@ -220,9 +233,13 @@ def record_recommendation(
     experiments: dict[str, str],
     stages: dict[str, float],
     elapsed: float,
+    arm: str | None = None,
 ) -> None:
-    """One answered recommendation: its latency, stage times and fallback reason."""
+    """One answered recommendation: its latency, stage times and fallback reason
+    (and its roll-out arm while a canary runs)."""
     _child(RECOMMENDATION_LATENCY, strategy).observe(elapsed)
+    if arm is not None:
+        _child(ROLLOUT_LATENCY, arm, strategy).observe(elapsed)
     for experiment, variant in experiments.items():
         _child(VARIANT_LATENCY, experiment, variant, strategy).observe(elapsed)
     for stage, secs in stages.items():

@@ -16,13 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightgbm as lgb
 import numpy as np
 
 from features.neighbours import Binding, Bound, NeighbourTable
 from features.schema import FEATURE_NAMES, SCHEMA_HASH
+from recsvc.ab.rollout import CANARY, STABLE, Rollout
 from recsvc.errors import ModelRejected
 from recsvc.ranking.scoring import (
     TOLERANCE,
@@ -212,7 +213,7 @@ class ReloadOutcome:
     """What a reload did for one model name."""
 
     name: str
-    status: str  # loaded | unchanged | refused | absent
+    status: str  # loaded | unchanged | refused | absent | pinned
     version: str | None  # the version serving after the reload
     previous: str | None = None
     refused_version: str | None = None
@@ -222,8 +223,18 @@ class ReloadOutcome:
         return {k: getattr(self, k) for k in self.__slots__}
 
 
+class Pick(NamedTuple):
+    """The model that serves one user, and the roll-out that chose it (if any)."""
+
+    model: LoadedModel | None
+    rollout: Rollout | None = None
+    arm: str | None = None  # canary | stable while a canary runs, else None
+
+
 class ModelRegistry:
-    """Every model name under MODEL_DIR, each serving its newest acceptable version.
+    """Every model name under MODEL_DIR, each serving its newest acceptable version,
+    unless a roll-out (recsvc.ab.rollout) pins the name to a version and may
+    serve a canary version to a slice of the users.
 
     A newer version replaces the serving one in a single assignment once it has
     loaded (in a worker thread), so requests never wait and never see half a
@@ -247,6 +258,9 @@ class ModelRegistry:
         self.binder = binder
         self.models: dict[str, LoadedModel] = {}
         self.refused: dict[tuple[str, str], str] = {}
+        # Roll-out records being followed, and the canary versions they serve.
+        self.rollouts: dict[str, Rollout] = {}
+        self.canaries: dict[str, LoadedModel] = {}
         self._lock = asyncio.Lock()
         self._compiles: set[asyncio.Task[None]] = set()
 
@@ -300,8 +314,9 @@ class ModelRegistry:
         return self.models.get(self.default)
 
     def neighbour_tables(self) -> list[tuple[str, NeighbourTable]]:
-        """(key, table) of every loaded model with a neighbour table."""
-        return [(m.key, m.neighbours) for m in self.models.values() if m.neighbours is not None]
+        """(key, table) of every loaded model (canaries too) with a neighbour table."""
+        loaded = [*self.models.values(), *self.canaries.values()]
+        return [(m.key, m.neighbours) for m in loaded if m.neighbours is not None]
 
     def _load(self, path: Path) -> LoadedModel:
         model = load(path)
@@ -311,6 +326,75 @@ class ModelRegistry:
 
     def get(self, name: str) -> LoadedModel | None:
         return self.models.get(name)
+
+    def pick(self, name: str | None, user_id: str) -> Pick:
+        """The version serving ``user_id`` for model ``name`` (None: the default).
+        While a canary runs, users in its slice get the canary version; a user of
+        the slice on a worker that has not loaded it yet gets the stable version
+        with no arm, so no guardrail counts that answer for either side."""
+        name = name or self.default
+        model = self.models.get(name)
+        rollout = self.rollouts.get(name)
+        if rollout is None or not rollout.running:
+            return Pick(model, rollout)
+        if rollout.in_canary(user_id):
+            canary = self.canaries.get(name)
+            if canary is not None and canary.version == rollout.canary:
+                return Pick(canary, rollout, CANARY)
+            return Pick(model, rollout)
+        if model is None or model.version != rollout.stable:
+            return Pick(model, rollout)
+        return Pick(model, rollout, STABLE)
+
+    def _load_version(self, name: str, version: str) -> LoadedModel:
+        path = self.model_dir / name / version
+        if not (path / META_FILE).is_file():
+            raise ModelRejected(f"{path}: no such version")
+        return self._load(path)
+
+    async def follow(self, records: dict[str, Rollout]) -> dict[str, str]:
+        """Serve what the roll-out records say: each recorded name's ``stable``
+        version, and its canary while one runs. Names without a record keep
+        serving their newest version. Loads happen in a thread before the swap,
+        so requests never wait; a version that cannot load keeps the previous
+        one serving. Returns {name: reason} for canary versions that could not
+        load (the caller rolls those back)."""
+        failed: dict[str, str] = {}
+        async with self._lock:
+            for name, r in records.items():
+                current = self.models.get(name)
+                pinned_refused = (name, r.stable) in self.refused
+                if (current is None or current.version != r.stable) and not pinned_refused:
+                    canary = self.canaries.get(name)
+                    try:
+                        if canary is not None and canary.version == r.stable:
+                            model = canary  # a promotion: the canary is the new stable
+                        else:
+                            model = await asyncio.to_thread(self._load_version, name, r.stable)
+                            self._compile_later(model)
+                    except ModelRejected as exc:  # not tried again: the old one serves
+                        log.error("pinned version refused; the old one serves: %s", exc)
+                        self.refused[(name, r.stable)] = str(exc)
+                    else:
+                        self.models[name] = model
+                        log.info("model pinned", extra={"model": name, "version": r.stable})
+                if r.running and r.canary is not None:
+                    canary = self.canaries.get(name)
+                    if canary is None or canary.version != r.canary:
+                        try:
+                            canary = await asyncio.to_thread(self._load_version, name, r.canary)
+                        except ModelRejected as exc:
+                            failed[name] = str(exc)
+                            continue
+                        self._compile_later(canary)
+                        self.canaries[name] = canary
+                        log.info("canary loaded", extra={"model": name, "version": r.canary})
+                else:
+                    self.canaries.pop(name, None)
+            for name in set(self.canaries) - set(records):
+                del self.canaries[name]
+            self.rollouts = dict(records)
+        return failed
 
     def load_now(self) -> None:
         """Blocking first load (at start, before serving)."""
@@ -349,6 +433,8 @@ class ModelRegistry:
         (Only newer than the one serving: an older version never replaces it.)"""
         current = self.models.get(name)
         version = current.version if current else None
+        if name in self.rollouts:  # pinned: a new version waits for `recsvc models promote`
+            return ReloadOutcome(name, "pinned", version, version)
         candidates = [
             p for p in versions(self.model_dir, name) if version is None or p.name > version
         ]

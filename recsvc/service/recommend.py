@@ -22,7 +22,7 @@ from features.schema import NO_CONTEXT, Context, build_matrix
 from features.state import COL_CATEGORY, ItemTable, UserState
 from recsvc.errors import Overloaded, StoreUnavailable
 from recsvc.ops.looplag import LoopLag
-from recsvc.ranking.models import LoadedModel, ModelRegistry
+from recsvc.ranking.models import LoadedModel, ModelRegistry, Pick
 from recsvc.service.admission import Admission
 from recsvc.service.itemcache import ItemCache, ItemView
 from recsvc.service.timing import StageTimer
@@ -85,6 +85,11 @@ class Result:
     timer: StageTimer
     experiments: dict[str, str] = field(default_factory=dict)
     forced: frozenset[str] = frozenset()
+    # The roll-out arm that served the user (canary | stable) while a canary
+    # runs, the roll-out's id and its canary share then (for the impression log).
+    arm: str | None = None
+    rollout: str | None = None
+    canary_share: float | None = None
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -151,8 +156,15 @@ class Recommender:
         return self.exclude_seen == "always"
 
     async def recommend(self, q: Query) -> Result:
-        result = await self._recommend(q)
+        pick = self.models.pick(q.model, q.user_id)
+        result = await self._recommend(q, pick.model)
+        return self._tag(result, q, pick)
+
+    def _tag(self, result: Result, q: Query, pick: Pick) -> Result:
         result.experiments, result.forced = q.experiments, q.forced
+        if pick.rollout is not None and pick.arm is not None:
+            result.arm, result.rollout = pick.arm, pick.rollout.id
+            result.canary_share = pick.rollout.share
         return result
 
     def _crowded(self) -> bool:
@@ -165,8 +177,7 @@ class Recommender:
         answer with overload_response=default): no Redis read, so no per-user
         bans beyond the request's exclusions."""
         result = self._fallback(q, None, OVERLOADED, StageTimer())
-        result.experiments, result.forced = q.experiments, q.forced
-        return result
+        return self._tag(result, q, self.models.pick(q.model, q.user_id))
 
     def _late(self, q: Query, timer: StageTimer) -> str | None:
         """None while the request is in time; else why not (overloaded or deadline)."""
@@ -188,7 +199,7 @@ class Recommender:
             return OVERLOADED
         return DEADLINE
 
-    async def _recommend(self, q: Query) -> Result:
+    async def _recommend(self, q: Query, model: LoadedModel | None) -> Result:
         timer = StageTimer()
         timer.stages["queue"] = q.queued
         if late := self._late(q, timer):  # e.g. a long queue in front of this request
@@ -208,7 +219,6 @@ class Recommender:
             return self._fallback(q, None, UNKNOWN_USER, timer)
         if q.strategy == "popular":  # chosen by an experiment: not a fallback
             return self._fallback(q, user, None, timer, strategy="popular")
-        model = self.models.get(q.model) if q.model else self.models.current
         if model is None:
             return self._fallback(q, user, MODEL_UNAVAILABLE, timer)
         if self.admission is None:

@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from recsvc.ab.canary import CanaryController
 from recsvc.ab.experiments import ExperimentsHolder
 from recsvc.ab.exposures import ExposureLog
+from recsvc.ab.rollout import RolloutStore, refuse_canary
 from recsvc.ops import metrics
 from recsvc.ops.looplag import LoopLag
 from recsvc.ranking import scoring
@@ -110,6 +112,60 @@ async def _models_ctx(app: web.Application) -> AsyncIterator[None]:
     await registry.close()
 
 
+async def _follow_rollouts(registry: ModelRegistry, store: RolloutStore) -> None:
+    """Serve what the roll-out records say (recsvc.ab.rollout); roll back a canary
+    this worker cannot load."""
+    records = await store.all()
+    failed = await registry.follow(records)
+    for name, why in failed.items():
+        version = records[name].canary
+        assert version is not None
+        await refuse_canary(store, name, version, why)
+    for name, r in records.items():
+        metrics.ROLLOUT_SHARE.labels(name).set(r.share if r.running else 0.0)
+
+
+async def _rollouts_poll(registry: ModelRegistry, store: RolloutStore, interval: float) -> None:
+    failing = False
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await _follow_rollouts(registry, store)
+            failing = False
+        except REDIS_FAILURES as exc:  # keep serving what we serve
+            if not failing:
+                log.warning("roll-out records unreadable; serving as before: %r", exc)
+            failing = True
+        except Exception:  # the poller must outlive any record
+            log.exception("following the roll-outs failed; serving as before")
+
+
+async def _rollouts_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Roll-outs: follow the records before serving (when Redis answers), then
+    poll them; and run this worker's canary controller (one acts at a time)."""
+    settings, registry = app[appkeys.SETTINGS], app[appkeys.MODELS]
+    client = app[appkeys.STORE].client
+    store = app[appkeys.ROLLOUTS] = RolloutStore(client)
+    try:
+        async with asyncio.timeout(settings.redis_write_timeout_ms / 1000.0):
+            await _follow_rollouts(registry, store)
+    except REDIS_FAILURES as exc:
+        log.warning("roll-out records unreadable at start (%s); newest versions serve", exc)
+    poller = asyncio.create_task(_rollouts_poll(registry, store, settings.rollout_poll_secs))
+    controller = CanaryController(
+        client,
+        store,
+        tick_secs=settings.canary_tick_secs,
+        outcome_wait_secs=settings.canary_outcome_wait_secs,
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(controller.run(stop))
+    yield
+    stop.set()
+    await _cancel(running)
+    await _cancel(poller)
+
+
 async def _experiments_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
     registry = app[appkeys.MODELS]
@@ -133,7 +189,10 @@ async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     sampler = metrics.GaugeSampler(
         app[appkeys.ITEMS].age,
         lambda: store.breaker.state,
-        lambda: {(m.name, m.version, m.scorer.name) for m in registry.models.values()},
+        lambda: {
+            (m.name, m.version, m.scorer.name)
+            for m in [*registry.models.values(), *registry.canaries.values()]
+        },
         lambda: (admission.limit, admission.estimate),
         lambda: app[appkeys.GUARD].inflight,
     )
@@ -192,6 +251,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
             _redis_ctx,
             _items_ctx,
             _models_ctx,
+            _rollouts_ctx,
             _experiments_ctx,
             _metrics_ctx,
             _recommender_ctx,

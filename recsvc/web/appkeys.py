@@ -6,6 +6,7 @@ from aiohttp import web
 
 from recsvc.ab.experiments import ExperimentsHolder
 from recsvc.ab.exposures import ExposureLog
+from recsvc.ab.rollout import RolloutStore
 from recsvc.ops.looplag import LoopLag
 from recsvc.ops.metrics import GaugeSampler
 from recsvc.ranking.models import ModelRegistry
@@ -26,6 +27,7 @@ REDIS = web.AppKey[RedisClient]("redis")
 STORE = web.AppKey("store", FeatureStore)
 ITEMS = web.AppKey("items", ItemCache)
 MODELS = web.AppKey("models", ModelRegistry)
+ROLLOUTS = web.AppKey("rollouts", RolloutStore)
 RECOMMENDER = web.AppKey("recommender", Recommender)
 INGESTOR = web.AppKey("ingestor", Ingestor)
 EXPERIMENTS = web.AppKey("experiments", ExperimentsHolder)

@@ -150,6 +150,7 @@ async def _serve(
         assignment.variants,
         result.timer.stages,
         time.perf_counter() - start,
+        result.arm,
     )
     request[SERVED] = {
         "recommendation_id": result.request_id,
@@ -158,6 +159,7 @@ async def _serve(
         "fallback_reason": result.fallback_reason,
         "experiments": assignment.variants,
         "model_version": result.model["version"] if result.model else None,
+        "arm": result.arm,
     }
     return response, result.fallback_reason
 
@@ -302,12 +304,15 @@ def _model_entry(model: LoadedModel) -> dict[str, Any]:
 
 
 async def admin_models_get(request: web.Request) -> web.Response:
-    """The models loaded now, and the versions refused (with why)."""
+    """The models loaded now (stable and canary versions), the roll-out records
+    this worker follows, and the versions refused (with why)."""
     registry = request.app[appkeys.MODELS]
     return json_response(
         {
             "default": registry.default,
             "models": [_model_entry(m) for _, m in sorted(registry.models.items())],
+            "canaries": [_model_entry(m) for _, m in sorted(registry.canaries.items())],
+            "rollouts": {name: r.body() for name, r in sorted(registry.rollouts.items())},
             "refused": [
                 {"name": name, "version": version, "reason": reason}
                 for (name, version), reason in sorted(registry.refused.items())

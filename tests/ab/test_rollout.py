@@ -1,0 +1,200 @@
+"""Roll-out records, the canary slice, the registry that follows them, and the
+guardrail statistics (real redis-server, real LightGBM models)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from recsvc.ab.experiments import Experiment, Variant
+from recsvc.ab.guardrails import ArmStats, evaluate
+from recsvc.ab.rollout import (
+    CANARY,
+    PROMOTED,
+    RUNNING,
+    STABLE,
+    RolloutError,
+    RolloutStore,
+    new_rollout,
+    parse_share,
+    plan_steps,
+)
+from recsvc.cli import rollouts
+from recsvc.ranking import models
+from recsvc.ranking.models import ModelRegistry
+
+USERS = [f"u{k}" for k in range(20_000)]
+
+
+def test_the_canary_slice_is_stable_nested_and_its_own() -> None:
+    r5 = new_rollout("ranker", "v1", "v2", 0.05, (0.25, 0.5), 100)
+    in5 = {u for u in USERS if r5.in_canary(u)}
+    assert abs(len(in5) / len(USERS) - 0.05) < 0.006
+    # Stable: the same record read again (another worker) puts the same users in.
+    again = type(r5).from_json(r5.to_json())
+    assert {u for u in USERS if again.in_canary(u)} == in5
+    # Nested: a step up keeps every canary user on the canary.
+    from dataclasses import replace
+
+    in25 = {u for u in USERS if replace(r5, share=0.25).in_canary(u)}
+    assert in5 < in25 and abs(len(in25) / len(USERS) - 0.25) < 0.012
+    # Its own salt: the canary users split like everyone in an experiment on the
+    # same name, and another roll-out picks other users.
+    exp = Experiment("ranker", "ranker", True, 1.0, False, (Variant("a", 1), Variant("b", 1)))
+    share_a = sum(exp.variant_for(u).name == "a" for u in in5) / len(in5)
+    assert abs(share_a - 0.5) < 0.06
+    other = new_rollout("ranker", "v1", "v2", 0.05, (0.25, 0.5), 100)
+    overlap = len(in5 & {u for u in USERS if other.in_canary(u)}) / len(in5)
+    assert overlap < 0.15  # ~5% by chance
+    # Not running: nobody is on the canary.
+    assert not any(replace(r5, status=PROMOTED).in_canary(u) for u in list(in5)[:50])
+
+
+def test_shares_and_steps() -> None:
+    assert parse_share("5%") == 0.05 and parse_share("0.25") == 0.25
+    for bad in ("0", "150%", "x", "-5%"):
+        with pytest.raises(RolloutError):
+            parse_share(bad)
+    assert plan_steps(0.05, (0.25, 0.5, 1.0)) == (0.05, 0.25, 0.5, 1.0)
+    assert plan_steps(0.3, (0.25, 0.5)) == (0.3, 0.5, 1.0)
+
+
+@pytest.mark.asyncio
+async def test_records_are_compare_and_set(aredis: Redis) -> None:
+    await aredis.delete("{rollout}:state")
+    store = RolloutStore(aredis)
+    first = new_rollout("ranker", "v1", "v2", 0.05, (0.25,), 10)
+    stored = await store.put(first, 0)
+    assert stored is not None and stored.rev == 1
+    assert await store.put(first, 0) is None  # someone wrote since: refused
+    from dataclasses import replace
+
+    moved = await store.put(replace(stored, share=0.25), stored.rev)
+    assert moved is not None and moved.rev == 2
+    got = await store.get("ranker")
+    assert got is not None and got.share == 0.25 and got.status == RUNNING
+    assert list(await store.all()) == ["ranker"]
+
+
+@pytest.fixture
+def two_versions(model_dir: Path, tmp_path: Path) -> tuple[Path, str, str]:
+    """A registry with two versions of `ranker`: the trained one and a copy
+    under a newer name (a different version of the same quality)."""
+    root = tmp_path / "models"
+    shutil.copytree(model_dir, root)
+    (old,) = [p.name for p in models.versions(root, "ranker")]
+    new = "29991231T000000000"
+    shutil.copytree(root / "ranker" / old, root / "ranker" / new)
+    return root, old, new
+
+
+@pytest.mark.asyncio
+async def test_the_registry_follows_the_records(
+    aredis: Redis, two_versions: tuple[Path, str, str]
+) -> None:
+    root, old, new = two_versions
+    await aredis.delete("{rollout}:state")
+    store = RolloutStore(aredis)
+    registry = ModelRegistry(root, "ranker")
+    registry.load_now()
+    assert registry.current is not None and registry.current.version == new  # newest
+
+    # Promote the older one for everyone: pinned, and the poller leaves it.
+    r = await rollouts.promote(store, root, "ranker", old, None, None, 100)
+    assert r.status == PROMOTED and r.stable == old
+    assert await registry.follow(await store.all()) == {}
+    assert registry.current is not None and registry.current.version == old
+    (outcome,) = await registry.reload()
+    assert outcome.status == "pinned" and registry.current.version == old
+
+    # A canary of the newer one on 10%: users in the slice get it, tagged.
+    r = await rollouts.promote(store, root, "ranker", new, "10%", "25%,50%", 100)
+    assert r.running and r.stable == old and r.canary == new
+    await registry.follow(await store.all())
+    picks = [registry.pick(None, u) for u in USERS[:2000]]
+    on_canary = [p for p in picks if p.arm == CANARY]
+    assert 0.07 < len(on_canary) / len(picks) < 0.13
+    assert all(p.model is not None and p.model.version == new for p in on_canary)
+    assert all(p.model is not None and p.model.version == old for p in picks if p.arm == STABLE)
+    with pytest.raises(RolloutError, match="running"):
+        await rollouts.promote(store, root, "ranker", new, "5%", None, 100)
+
+    # Aborted: everyone back on the stable version, no arm.
+    await rollouts.abort(store, "ranker")
+    await registry.follow(await store.all())
+    assert {registry.pick(None, u).arm for u in USERS[:500]} == {None}
+    assert not registry.canaries
+
+    # Unpinned: the newest version serves again at the next poll.
+    await rollouts.unpin(store, "ranker")
+    await registry.follow(await store.all())
+    (outcome,) = await registry.reload()
+    assert outcome.status == "loaded" and registry.current.version == new
+
+
+@pytest.mark.asyncio
+async def test_a_canary_that_cannot_load_is_reported(
+    aredis: Redis, two_versions: tuple[Path, str, str]
+) -> None:
+    root, old, new = two_versions
+    await aredis.delete("{rollout}:state")
+    store = RolloutStore(aredis)
+    registry = ModelRegistry(root, "ranker")
+    registry.load_now()
+    await rollouts.promote(store, root, "ranker", new, "5%", None, 100, stable=old)
+    (root / "ranker" / new / models.MODEL_FILE).write_text("not a model\n")
+    failed = await registry.follow(await store.all())
+    assert set(failed) == {"ranker"} and "unreadable" in failed["ranker"]
+    assert {registry.pick(None, u).arm for u in USERS[:500]} <= {STABLE, None}
+    assert all(registry.pick(None, u).model.version == old for u in USERS[:200])  # type: ignore[union-attr]
+
+
+@pytest.mark.asyncio
+async def test_promote_refuses_what_cannot_serve(
+    aredis: Redis, two_versions: tuple[Path, str, str]
+) -> None:
+    root, old, new = two_versions
+    await aredis.delete("{rollout}:state")
+    store = RolloutStore(aredis)
+    with pytest.raises(RolloutError, match="no version 'nope'"):
+        await rollouts.promote(store, root, "ranker", "nope", "5%", None, 100)
+    with pytest.raises(RolloutError, match="older than"):
+        await rollouts.promote(store, root, "ranker", old, "5%", None, 100)
+    with pytest.raises(RolloutError, match="no canary"):
+        await rollouts.abort(store, "ranker")
+    r = await rollouts.promote(store, root, "ranker", new, "5%", None, 100)
+    assert r.stable == old  # the newest older version, without a record or --stable
+
+
+def _arm(users: int, impressions: int, ctr: float, seed: int) -> ArmStats:
+    rng = random.Random(seed)
+    arm = ArmStats()
+    for k in range(impressions):
+        user = f"u{seed}-{k % users}"
+        arm.answer(user, "model", None, 5.0 + rng.random())
+        arm.matured(user, rng.random() < ctr, rng.random() < ctr / 10)
+    return arm
+
+
+def test_guardrails_hold_for_equals_and_stop_a_worse_canary() -> None:
+    control = _arm(380, 7600, 0.30, 1)
+    equal = _arm(20, 400, 0.30, 2)
+    worse = _arm(20, 400, 0.15, 3)
+    held = evaluate(equal, control, 0.05, final=True)
+    assert all(c.ok is not False for c in held), held
+    failed = [c for c in evaluate(worse, control, 0.05, final=False) if c.ok is False]
+    assert [c.name for c in failed] == ["ctr"]
+    assert "lift" in failed[0].detail
+
+
+def test_srm_uses_the_share_served() -> None:
+    control = _arm(900, 9000, 0.3, 4)
+    canary = _arm(100, 1000, 0.3, 5)  # 10% of the users
+    checks = {c.name: c for c in evaluate(canary, control, 0.10, final=True)}
+    assert checks["srm"].ok is True
+    checks = {c.name: c for c in evaluate(canary, control, 0.05, final=True)}
+    assert checks["srm"].ok is False  # twice the users the share allows
