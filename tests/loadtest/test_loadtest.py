@@ -236,3 +236,13 @@ async def test_the_ingestion_benchmark_runs_at_a_tiny_size(redis_url: str) -> No
     event passes the catalogue check (it stops unless all are accepted)."""
     rate, dedupe_bytes = await ingest_bench.ingest_rate(redis_url, 600, 100)
     assert rate > 0 and dedupe_bytes > 0
+
+
+def test_the_guardrail_a_a_check_runs_at_a_tiny_size() -> None:
+    from loadtest import guardrails_aa
+
+    same = guardrails_aa.measure(6, 0.0, users=400, min_exposures=60, look_every=40)
+    assert same["runs"] == 6 and same["outcomes"].get("held", 0) >= 5, same
+    # Half the clicks on the canary: caught every time.
+    worse = guardrails_aa.measure(4, -0.5, users=400, min_exposures=200, look_every=40)
+    assert worse["outcomes"].get("ctr") == 4, worse
