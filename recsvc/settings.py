@@ -42,6 +42,9 @@ class Settings:
     # Empty: no experiments (everyone gets the default configuration).
     experiments: Path | None = None
     exposure_stream_max: int = 1_000_000
+    # Share of answered recommendations written to the impressions stream
+    # (recsvc.ab.impressions), decided per request; 0 = none.
+    impressions_sample: float = 1.0
     # compiled: lleaves machine code once verified (native serves meanwhile).
     scorer: str = "compiled"
     # The key "admin-token" with the admin scope (recsvc.keys). Empty and no other
@@ -186,6 +189,7 @@ class Settings:
             ("model_poll_secs", self.model_poll_secs > 0),
             ("model_keep_versions", self.model_keep_versions >= 1),
             ("exposure_stream_max", self.exposure_stream_max >= 1000),
+            ("impressions_sample", 0.0 <= self.impressions_sample <= 1.0),
             ("scorer", self.scorer in {"compiled", "native"}),
             (
                 "admin_token",
@@ -319,7 +323,18 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
         "experiments",
         "A/B experiments TOML (reloaded when it changes, or by POST /admin/experiments/reload)",
     ),
-    ("exposure_stream_max", "entries kept in each experiment log stream (approximate cap)"),
+    (
+        "exposure_stream_max",
+        "entries kept in each of the impressions and outcomes streams (approximate cap; "
+        "an impression of 10 items takes about 540 bytes of Redis memory, so the default "
+        "holds about 0.5 GB)",
+    ),
+    (
+        "impressions_sample",
+        "share of answered recommendations logged to the impressions stream, every "
+        "strategy and user (0 to 1, drawn per request; 0 = none); experiment reports "
+        "see only the sampled exposures",
+    ),
     (
         "scorer",
         "compiled (lleaves machine code, verified against native, cached in "

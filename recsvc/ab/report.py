@@ -1,4 +1,4 @@
-"""`recsvc ab-report`: experiment results from the exposure and outcome streams.
+"""`recsvc ab-report`: experiment results from the impression and outcome streams.
 
 Per variant: users, exposures, clicks (exposures with a click on a shown item),
 CTR, purchases, conversion (exposures with a purchase of a shown item),
@@ -7,6 +7,10 @@ against control with 95% intervals (delta method over users, the unit of
 randomisation); plus a sample-ratio-mismatch check of the
 users per variant against the configured weights. Forced (flagged) exposures
 are left out.
+
+Exposures are the impressions that carry experiments (``{ab}:impressions``),
+and the entries of ``{ab}:exposures``, where exposures were logged before
+impressions existed.
 """
 
 from __future__ import annotations
@@ -18,25 +22,63 @@ from typing import Any
 import orjson
 
 from recsvc.ab.experiments import Experiments
+from recsvc.ab.impressions import FIELD
 from recsvc.ab.stats import ratio_lift, srm_pvalue
 from recsvc.store import keys
 from recsvc.store.client import RedisClient
 
 SRM_ALARM = 0.001
 READ_CHUNK = 10_000
+# orjson writes an empty object so: an impression outside every experiment is
+# skipped without decoding it (ids cannot hold a quote, so no id can look like it).
+NO_EXPERIMENTS = b'"experiments":{}'
 
 
-async def read_stream(client: RedisClient, key: str, since: float) -> list[dict[str, Any]]:
-    """Every entry of a stream from ``since`` (seconds since epoch), decoded."""
-    out: list[dict[str, Any]] = []
+async def read_entries(
+    client: RedisClient, key: str, since: float
+) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Every entry (id, fields) of a stream from ``since`` (seconds since epoch)."""
+    out: list[tuple[bytes, dict[bytes, bytes]]] = []
     start = f"{int(since * 1000)}-0"
     while True:
         batch: list[Any] = await client.xrange(key, min=start, max="+", count=READ_CHUNK) or []
-        for entry_id, fields in batch:
-            out.append({k.decode(): v.decode() for k, v in fields.items()})
-            start = "(" + entry_id.decode()
+        out.extend(batch)
+        if batch:
+            start = "(" + batch[-1][0].decode()
         if len(batch) < READ_CHUNK:
             return out
+
+
+async def read_stream(client: RedisClient, key: str, since: float) -> list[dict[str, Any]]:
+    """Every entry of a stream from ``since`` (seconds since epoch), its fields decoded."""
+    return [
+        {k.decode(): v.decode() for k, v in fields.items()}
+        for _, fields in await read_entries(client, key, since)
+    ]
+
+
+def exposures_of(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[dict[str, Any]]:
+    """The impressions among ``entries`` that carry experiments, decoded."""
+    out = []
+    for _, fields in entries:
+        raw = fields.get(FIELD.encode())
+        if raw is not None and NO_EXPERIMENTS not in raw:
+            out.append(orjson.loads(raw))
+    return out
+
+
+def legacy_exposure(fields: dict[str, str]) -> dict[str, Any]:
+    """An ``{ab}:exposures`` entry (one field per attribute, JSON in some) in the
+    impression's shape, without weights."""
+    return {
+        "request_id": fields["request_id"],
+        "user_id": fields["user_id"],
+        "ts": float(fields.get("ts", 0.0)),
+        "experiments": orjson.loads(fields["experiments"]),
+        "forced": orjson.loads(fields.get("forced", "[]")),
+        "items": orjson.loads(fields["items"]),
+        "weights": None,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +113,8 @@ def build(
     per_exp: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     forced_excluded: dict[str, int] = defaultdict(int)
     for e in exposures:
-        assigned = orjson.loads(e["experiments"])
-        forced = set(orjson.loads(e.get("forced", "[]")))
-        for name, variant in assigned.items():
+        forced = set(e.get("forced") or ())
+        for name, variant in e["experiments"].items():
             if experiment is not None and name != experiment:
                 continue
             if name in forced:
@@ -93,7 +134,7 @@ def build(
             revenue = 0.0
             users: dict[str, list[int]] = per_user.setdefault(variant, {})
             for e in rows:
-                shown = set(orjson.loads(e["items"]))
+                shown = set(e["items"])
                 got = done.get(e["request_id"], {})
                 clicked = bool(got.get("click", set()) & shown)
                 bought = got.get("purchase", set()) & shown
@@ -198,6 +239,8 @@ async def report(
     since: float,
     prices: dict[str, float] | None,
 ) -> dict[str, Any]:
-    exposures = await read_stream(client, keys.EXPOSURES, since)
+    legacy = [legacy_exposure(f) for f in await read_stream(client, keys.LEGACY_EXPOSURES, since)]
+    exposures = legacy + exposures_of(await read_entries(client, keys.IMPRESSIONS, since))
+    exposures.sort(key=lambda e: e["ts"])  # stable: each stream is in time order already
     outcomes = await read_stream(client, keys.OUTCOMES, since)
     return build(exposures, outcomes, config, experiment, prices)

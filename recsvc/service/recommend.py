@@ -85,6 +85,12 @@ class Result:
     timer: StageTimer
     experiments: dict[str, str] = field(default_factory=dict)
     forced: frozenset[str] = frozenset()
+    # A canary roll-out's decision for this answer (which arm served, the
+    # roll-out's name and the canary's traffic share then); recorded in the
+    # impression, not in the answer.
+    arm: str | None = None
+    rollout: str | None = None
+    canary_share: float | None = None
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
