@@ -404,10 +404,18 @@ def cmd_import(args: argparse.Namespace) -> None:
 async def _ab_report(url: str, settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     config = None
     if settings.experiments is not None:
-        # Weights for the ratio check; models need not be loaded to read a report.
-        config = experiments.parse(
-            settings.experiments.read_text(), str(settings.experiments), None
-        )
+        # The variants' order, and weights for exposures logged without them (the
+        # others carry their own); models need not be loaded to read a report.
+        try:
+            text = settings.experiments.read_text()
+        except OSError as exc:
+            print(
+                f"warning: {settings.experiments}: {exc.strerror}; the ratio check uses the "
+                "weights recorded with the exposures",
+                file=sys.stderr,
+            )
+        else:
+            config = experiments.parse(text, str(settings.experiments), None)
     client = connect(url, settings, writes=True)
     try:
         table = await FeatureStore(client, settings).item_table()
