@@ -20,6 +20,7 @@ reported, never as a click or a purchase.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,24 +41,36 @@ NO_EXPERIMENTS = b'"experiments":{}'
 
 async def read_entries(
     client: RedisClient, key: str, since: float
-) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """Every entry (id, fields) of a stream from ``since`` (seconds since epoch)."""
-    out: list[tuple[bytes, dict[bytes, bytes]]] = []
+) -> AsyncIterator[list[tuple[bytes, dict[bytes, bytes]]]]:
+    """The entries (id, fields) of a stream from ``since`` (seconds since epoch),
+    a chunk at a time."""
     start = f"{int(since * 1000)}-0"
     while True:
         batch: list[Any] = await client.xrange(key, min=start, max="+", count=READ_CHUNK) or []
-        out.extend(batch)
         if batch:
+            yield batch
             start = "(" + batch[-1][0].decode()
         if len(batch) < READ_CHUNK:
-            return out
+            return
 
 
 async def read_stream(client: RedisClient, key: str, since: float) -> list[dict[str, Any]]:
     """Every entry of a stream from ``since`` (seconds since epoch), its fields decoded."""
     return [
         {k.decode(): v.decode() for k, v in fields.items()}
-        for _, fields in await read_entries(client, key, since)
+        async for chunk in read_entries(client, key, since)
+        for _, fields in chunk
+    ]
+
+
+async def read_exposures(client: RedisClient, since: float) -> list[dict[str, Any]]:
+    """The impressions from ``since`` that carry experiments, decoded; the others
+    are dropped chunk by chunk (at full sampling most impressions are outside
+    every experiment, and the stream may hold a million)."""
+    return [
+        e
+        async for chunk in read_entries(client, keys.IMPRESSIONS, since)
+        for e in exposures_of(chunk)
     ]
 
 
@@ -319,7 +332,7 @@ async def report(
     prices: dict[str, float] | None,
 ) -> dict[str, Any]:
     legacy = [legacy_exposure(f) for f in await read_stream(client, keys.LEGACY_EXPOSURES, since)]
-    exposures = legacy + exposures_of(await read_entries(client, keys.IMPRESSIONS, since))
+    exposures = legacy + await read_exposures(client, since)
     exposures.sort(key=lambda e: e["ts"])  # stable: each stream is in time order already
     outcomes = await read_stream(client, keys.OUTCOMES, since)
     return build(exposures, outcomes, config, experiment, prices)

@@ -86,7 +86,7 @@ async def test_a_90_10_split_passes_the_ratio_check_after_the_file_changed(
 
 
 async def exposures(redis: Redis) -> list[dict[str, Any]]:
-    return abreport.exposures_of(await abreport.read_entries(redis, keys.IMPRESSIONS, 0.0))
+    return await abreport.read_exposures(redis, 0.0)
 
 
 @pytest.mark.asyncio
@@ -186,3 +186,18 @@ def test_a_change_of_weights_during_the_window_is_accounted_user_by_user() -> No
     for control in (50, 90):
         fixed = [dict(r, weights={"split": row(0, "", control)["weights"]["split"]}) for r in rows]
         assert abreport.build(fixed, [], None)["experiments"][0]["srm_alarm"]
+
+
+@pytest.mark.asyncio
+async def test_exposures_are_read_chunk_by_chunk_in_order(
+    aredis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only impressions that carry experiments are kept, across chunk boundaries
+    (the chunk made small here; a million impressions in production)."""
+    monkeypatch.setattr(abreport, "READ_CHUNK", 4)
+    for k in range(25):
+        experiments = {"split": "control"} if k % 3 == 0 else {}
+        row = {"request_id": f"r{k}", "experiments": experiments, "items": []}
+        await aredis.xadd(keys.IMPRESSIONS, {"json": orjson.dumps(row)})
+    got = await abreport.read_exposures(aredis, 0.0)
+    assert [e["request_id"] for e in got] == [f"r{k}" for k in range(0, 25, 3)]
