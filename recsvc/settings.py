@@ -47,6 +47,9 @@ class Settings:
     rollout_poll_secs: float = 1.0
     canary_tick_secs: float = 2.0
     canary_outcome_wait_secs: float = 30.0
+    # Share of answered recommendations written to the impressions stream
+    # (recsvc.ab.impressions), decided per request; 0 = none.
+    impressions_sample: float = 1.0
     # compiled: lleaves machine code once verified (native serves meanwhile).
     scorer: str = "compiled"
     # The key "admin-token" with the admin scope (recsvc.keys). Empty and no other
@@ -194,6 +197,7 @@ class Settings:
             ("rollout_poll_secs", self.rollout_poll_secs > 0),
             ("canary_tick_secs", self.canary_tick_secs > 0),
             ("canary_outcome_wait_secs", self.canary_outcome_wait_secs >= 0),
+            ("impressions_sample", 0.0 <= self.impressions_sample <= 1.0),
             ("scorer", self.scorer in {"compiled", "native"}),
             (
                 "admin_token",
@@ -327,7 +331,18 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
         "experiments",
         "A/B experiments TOML (reloaded when it changes, or by POST /admin/experiments/reload)",
     ),
-    ("exposure_stream_max", "entries kept in each experiment log stream (approximate cap)"),
+    (
+        "exposure_stream_max",
+        "entries kept in each of the impressions and outcomes streams (approximate cap; "
+        "an impression of 10 items takes about 540 bytes of Redis memory, so the default "
+        "holds about 0.5 GB)",
+    ),
+    (
+        "impressions_sample",
+        "share of answered recommendations logged to the impressions stream, every "
+        "strategy and user (0 to 1, drawn per request; 0 = none); experiment reports "
+        "see only the sampled exposures",
+    ),
     (
         "rollout_poll_secs",
         "how often workers read the roll-out records (which version serves whom)",

@@ -5,7 +5,7 @@ Every worker runs one; a lease in Redis (``{rollout}:controller``) lets one
 act at a time, and a worker that takes the lease over rebuilds its view from
 the logs, so nothing depends on which worker (or instance) runs it.
 
-Its inputs are the service's own logs (recsvc.ab.exposures): the impression of
+Its inputs are the service's own logs (recsvc.ab.impressions): the impression of
 every sampled answer carries the model version, the arm, the roll-out and the
 share in force when it was served, its strategy, fallback reason and latency;
 an outcome carries the request id of the answer it follows. For the step in
@@ -42,6 +42,7 @@ from typing import Any
 import orjson
 
 from recsvc.ab.guardrails import ArmStats, Check, Thresholds, evaluate
+from recsvc.ab.impressions import FIELD
 from recsvc.ab.rollout import (
     CANARY,
     LEASE_KEY,
@@ -79,22 +80,14 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def decode_impression(fields: dict[Any, Any]) -> dict[str, Any]:
-    """One impression stream entry as a dict (recsvc.ab.exposures writes it)."""
-    d = {_text(k): v for k, v in fields.items()}
-    out: dict[str, Any] = {k: _text(v) for k, v in d.items()}
-    for name in ("items", "experiments", "forced", "weights", "sources"):
-        if name in out:
-            out[name] = orjson.loads(out[name])
-    for name in ("ts", "latency_ms", "canary_share", "sample"):
-        if out.get(name) not in (None, ""):
-            out[name] = float(out[name])
-        else:
-            out[name] = None
-    for name in ("arm", "rollout", "model", "version", "fallback_reason"):
-        if out.get(name) == "":
-            out[name] = None
-    return out
+def decode_impression(fields: dict[Any, Any]) -> dict[str, Any] | None:
+    """One impression stream entry as a dict (recsvc.ab.impressions writes its
+    one field); None when it is not one."""
+    raw = fields.get(FIELD.encode()) or fields.get(FIELD)
+    if raw is None:
+        return None
+    d = orjson.loads(raw)
+    return d if isinstance(d, dict) else None
 
 
 @dataclass(slots=True)
@@ -131,6 +124,10 @@ class StepView:
             r.share,
             r.step_started_at,
         )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _since(ts: float) -> str:
@@ -275,7 +272,7 @@ class CanaryController:
         budget = READ_MAX
         while budget > 0:
             start = view.impressions_cursor
-            entries = await self.client.xrange(keys.EXPOSURES, min=start, max="+", count=SLICE)
+            entries = await self.client.xrange(keys.IMPRESSIONS, min=start, max="+", count=SLICE)
             if not entries:
                 return
             for entry_id, fields in entries:
@@ -286,7 +283,8 @@ class CanaryController:
                     d = decode_impression(fields)
                 except (ValueError, TypeError):
                     continue
-                self._impression(name, r, view, d)
+                if d is not None:
+                    self._impression(name, r, view, d)
             view.read += len(entries)
             budget -= len(entries)
             if len(entries) < SLICE:
@@ -301,9 +299,10 @@ class CanaryController:
             return
         user, request_id = d.get("user_id", ""), d.get("request_id", "")
         strategy, reason = d.get("strategy", ""), d.get("fallback_reason")
-        view.arms[arm].answer(user, strategy, reason, d["latency_ms"])
+        latency = d.get("latency_ms")
+        view.arms[arm].answer(user, strategy, reason, latency if _number(latency) else None)
         if d.get("strategy") == "model" and request_id and request_id not in view.pending:
-            ts = d["ts"] or time.time()
+            ts = d["ts"] if _number(d.get("ts")) else time.time()
             view.pending[request_id] = _Pending(ts, arm, user, frozenset(d.get("items") or ()))
             view.order.append(request_id)
             if len(view.order) > PENDING_MAX:

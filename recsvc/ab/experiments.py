@@ -113,21 +113,33 @@ class Experiment:
     def variant(self, name: str) -> Variant | None:
         return next((v for v in self.variants if v.name == name), None)
 
+    @property
+    def weights(self) -> dict[str, Any]:
+        """Traffic share and variant weights, as an impression records them."""
+        return {"traffic": self.traffic, "variants": {v.name: v.weight for v in self.variants}}
+
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
-    """A user's variants (experiment -> variant), which were forced, and the merged
-    parameters they select."""
+    """A user's variants (experiment -> variant), which were forced, the merged
+    parameters they select, and the weights of each experiment the user is in
+    (Experiment.weights) as they were when assigned."""
 
     variants: dict[str, str] = field(default_factory=dict)
     forced: frozenset[str] = frozenset()
     parameters: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class Experiments:
     experiments: tuple[Experiment, ...] = ()
     source: str = ""
+    # Experiment.weights by name, built once: every assignment records them.
+    weights: dict[str, dict[str, Any]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", {e.name: e.weights for e in self.experiments})
 
     def assign(self, user_id: str, flags: dict[str, str] | None = None) -> Assignment:
         """Variants for a user; ``flags`` (experiment -> variant) are honoured only where
@@ -148,7 +160,10 @@ class Experiments:
                 continue
             variants[exp.name] = chosen.name
             parameters |= chosen.parameters()
-        return Assignment(variants, frozenset(forced), parameters)
+        if not variants:
+            return Assignment()
+        weights = {name: self.weights[name] for name in variants}
+        return Assignment(variants, frozenset(forced), parameters, weights)
 
 
 def _variant(exp: str, raw: dict[str, Any]) -> Variant:

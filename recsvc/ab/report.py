@@ -1,42 +1,101 @@
-"""`recsvc ab-report`: experiment results from the exposure and outcome streams.
+"""`recsvc ab-report`: experiment results from the impression and outcome streams.
 
 Per variant: users, exposures, clicks (exposures with a click on a shown item),
 CTR, purchases, conversion (exposures with a purchase of a shown item),
 revenue when prices are known, and the relative lift of CTR and conversion
 against control with 95% intervals (delta method over users, the unit of
-randomisation); plus a sample-ratio-mismatch check of the
-users per variant against the configured weights. Forced (flagged) exposures
+randomisation); plus a sample-ratio-mismatch check of the users per variant
+against the weights recorded with their exposures. Forced (flagged) exposures
 are left out.
+
+Exposures are the impressions that carry experiments (``{ab}:impressions``),
+and the entries of ``{ab}:exposures``, where exposures were logged before
+impressions existed: those carry no weights, so their users are checked
+against the experiments file's weights, and the report says how many were.
+An outcome counts only for the exposure of its request id and of its user; an
+outcome whose user is not the exposure's is counted as a mismatch and
+reported, never as a click or a purchase.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from recsvc.ab.experiments import Experiments
+from recsvc.ab.impressions import FIELD
 from recsvc.ab.stats import ratio_lift, srm_pvalue
 from recsvc.store import keys
 from recsvc.store.client import RedisClient
 
 SRM_ALARM = 0.001
 READ_CHUNK = 10_000
+# orjson writes an empty object so: an impression outside every experiment is
+# skipped without decoding it (ids cannot hold a quote, so no id can look like it).
+NO_EXPERIMENTS = b'"experiments":{}'
 
 
-async def read_stream(client: RedisClient, key: str, since: float) -> list[dict[str, Any]]:
-    """Every entry of a stream from ``since`` (seconds since epoch), decoded."""
-    out: list[dict[str, Any]] = []
+async def read_entries(
+    client: RedisClient, key: str, since: float
+) -> AsyncIterator[list[tuple[bytes, dict[bytes, bytes]]]]:
+    """The entries (id, fields) of a stream from ``since`` (seconds since epoch),
+    a chunk at a time."""
     start = f"{int(since * 1000)}-0"
     while True:
         batch: list[Any] = await client.xrange(key, min=start, max="+", count=READ_CHUNK) or []
-        for entry_id, fields in batch:
-            out.append({k.decode(): v.decode() for k, v in fields.items()})
-            start = "(" + entry_id.decode()
+        if batch:
+            yield batch
+            start = "(" + batch[-1][0].decode()
         if len(batch) < READ_CHUNK:
-            return out
+            return
+
+
+async def read_stream(client: RedisClient, key: str, since: float) -> list[dict[str, Any]]:
+    """Every entry of a stream from ``since`` (seconds since epoch), its fields decoded."""
+    return [
+        {k.decode(): v.decode() for k, v in fields.items()}
+        async for chunk in read_entries(client, key, since)
+        for _, fields in chunk
+    ]
+
+
+async def read_exposures(client: RedisClient, since: float) -> list[dict[str, Any]]:
+    """The impressions from ``since`` that carry experiments, decoded; the others
+    are dropped chunk by chunk (at full sampling most impressions are outside
+    every experiment, and the stream may hold a million)."""
+    return [
+        e
+        async for chunk in read_entries(client, keys.IMPRESSIONS, since)
+        for e in exposures_of(chunk)
+    ]
+
+
+def exposures_of(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[dict[str, Any]]:
+    """The impressions among ``entries`` that carry experiments, decoded."""
+    out = []
+    for _, fields in entries:
+        raw = fields.get(FIELD.encode())
+        if raw is not None and NO_EXPERIMENTS not in raw:
+            out.append(orjson.loads(raw))
+    return out
+
+
+def legacy_exposure(fields: dict[str, str]) -> dict[str, Any]:
+    """An ``{ab}:exposures`` entry (one field per attribute, JSON in some) in the
+    impression's shape, without weights."""
+    return {
+        "request_id": fields["request_id"],
+        "user_id": fields["user_id"],
+        "ts": float(fields.get("ts", 0.0)),
+        "experiments": orjson.loads(fields["experiments"]),
+        "forced": orjson.loads(fields.get("forced", "[]")),
+        "items": orjson.loads(fields["items"]),
+        "weights": None,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,16 +123,19 @@ def build(
     experiment: str | None = None,
     prices: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The report as a JSON-able dict, one section per experiment."""
-    done: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    """The report as a JSON-able dict, one section per experiment.
+
+    ``exposures``: impressions that carry experiments (decoded, in time order;
+    ``weights`` None for legacy entries); ``config``: the experiments file, for
+    the weights of legacy entries only."""
+    done: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for o in outcomes:
-        done[o["request_id"]][o["type"]].add(o["item_id"])
+        done[o["request_id"]].append(o)
     per_exp: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     forced_excluded: dict[str, int] = defaultdict(int)
     for e in exposures:
-        assigned = orjson.loads(e["experiments"])
-        forced = set(orjson.loads(e.get("forced", "[]")))
-        for name, variant in assigned.items():
+        forced = set(e.get("forced") or ())
+        for name, variant in e["experiments"].items():
             if experiment is not None and name != experiment:
                 continue
             if name in forced:
@@ -87,16 +149,22 @@ def build(
         order += sorted(set(per_exp[name]) - set(order))
         stats = []
         per_user: dict[str, dict[str, list[int]]] = {}
+        mismatched = 0
         for variant in order:
             rows = per_exp[name].get(variant, [])
             clicks = purchases = 0
             revenue = 0.0
             users: dict[str, list[int]] = per_user.setdefault(variant, {})
             for e in rows:
-                shown = set(orjson.loads(e["items"]))
-                got = done.get(e["request_id"], {})
-                clicked = bool(got.get("click", set()) & shown)
-                bought = got.get("purchase", set()) & shown
+                shown = set(e["items"])
+                got: dict[str, set[str]] = defaultdict(set)
+                for o in done.get(e["request_id"], ()):
+                    if o["user_id"] == e["user_id"]:
+                        got[o["type"]].add(o["item_id"])
+                    else:  # another user's event under this answer's id: not its outcome
+                        mismatched += 1
+                clicked = bool(got["click"] & shown)
+                bought = got["purchase"] & shown
                 clicks += clicked
                 purchases += bool(bought)
                 revenue += sum((prices or {}).get(i, 0.0) for i in bought)
@@ -107,7 +175,7 @@ def build(
             stats.append(
                 VariantStats(
                     variant=variant,
-                    users=len({e["user_id"] for e in rows}),
+                    users=len(users),
                     exposures=len(rows),
                     clicks=clicks,
                     purchases=purchases,
@@ -115,11 +183,7 @@ def build(
                 )
             )
         control = next((s for s in stats if s.variant == "control"), stats[0] if stats else None)
-        configured = {v.name: v.weight for v in exp.variants} if exp else {}
-        # A variant no longer in the file (renamed or removed) counts with the mean weight.
-        mean_weight = sum(configured.values()) / len(configured) if configured else 1.0
-        weights = [configured.get(s.variant, mean_weight) for s in stats]
-        p = srm_pvalue([s.users for s in stats], weights)
+        srm = _srm(name, order, per_exp[name], stats, exp)
         variants = []
         for s in stats:
             entry: dict[str, Any] = {
@@ -152,11 +216,60 @@ def build(
                 "control": control.variant if control else None,
                 "variants": variants,
                 "forced_excluded": forced_excluded.get(name, 0),
-                "srm_pvalue": p,
-                "srm_alarm": p < SRM_ALARM,
+                "outcomes_of_another_user": mismatched,
+                **srm,
             }
         )
     return {"experiments": sections}
+
+
+def _srm(
+    name: str,
+    order: list[str],
+    rows: dict[str, list[dict[str, Any]]],
+    stats: list[VariantStats],
+    exp: Any,
+) -> dict[str, Any]:
+    """The sample-ratio check of one experiment: users per variant against the
+    expected split, the sum over (variant, user) of the variant shares recorded
+    with that user's first exposure there (the file's for a legacy exposure; equal
+    shares when neither is known), so a change of weights during the window is
+    accounted for user by user."""
+    configured = {v.name: v.weight for v in exp.variants} if exp else None
+    expected = dict.fromkeys(order, 0.0)
+    sources: dict[str, int] = defaultdict(int)
+    seen_weights: set[tuple[tuple[str, float], ...]] = set()
+    for variant in order:
+        first: dict[str, dict[str, Any]] = {}
+        for e in rows.get(variant, ()):
+            first.setdefault(e["user_id"], e)
+        for e in first.values():
+            recorded = (e.get("weights") or {}).get(name)
+            if recorded is not None:
+                weights, source = recorded["variants"], "recorded"
+                seen_weights.add(tuple(sorted(weights.items())))
+            elif configured is not None:
+                weights, source = configured, "file"
+            else:
+                weights, source = {}, "equal"
+            sources[source] += 1
+            # A variant the weights do not name (renamed or removed since) counts
+            # with their mean weight.
+            mean = sum(weights.values()) / len(weights) if weights else 1.0
+            shares = [weights.get(v, mean) for v in order]
+            total = sum(shares)
+            for v, w in zip(order, shares, strict=True):
+                expected[v] += w / total
+    p = srm_pvalue([s.users for s in stats], [max(expected[s.variant], 1e-12) for s in stats])
+    return {
+        "srm_pvalue": p,
+        "srm_alarm": p < SRM_ALARM,
+        # Users (per variant) whose expected share came from each source:
+        # recorded with the exposure, the experiments file (legacy exposures),
+        # or equal shares (legacy exposures and no file naming the experiment).
+        "srm_weights": dict(sorted(sources.items())),
+        "srm_weights_changed": len(seen_weights) > 1,
+    }
 
 
 def _lift(value: Any) -> str:
@@ -186,9 +299,29 @@ def format_report(report: dict[str, Any]) -> str:
             f"  sample ratio check: p = {sec['srm_pvalue']:.4g}"
             + ("  <-- SAMPLE RATIO MISMATCH: do not trust this result" if sec["srm_alarm"] else "")
         )
+        weights = sec["srm_weights"]
+        if set(weights) - {"recorded"}:
+            lines.append(
+                "  weights for the ratio check: "
+                + ", ".join(f"{n} users' {WEIGHT_SOURCES[k]}" for k, n in weights.items())
+            )
+        if sec["srm_weights_changed"]:
+            lines.append("  the weights changed during the window (each user counts with theirs)")
         if sec["forced_excluded"]:
             lines.append(f"  {sec['forced_excluded']} forced exposures left out")
+        if sec["outcomes_of_another_user"]:
+            lines.append(
+                f"  {sec['outcomes_of_another_user']} outcomes posted by another user than "
+                "the exposure's left out"
+            )
     return "\n".join(lines) if lines else "no exposures"
+
+
+WEIGHT_SOURCES = {
+    "recorded": "recorded with the exposure",
+    "file": "from the experiments file (exposures logged without weights)",
+    "equal": "equal (exposures logged without weights, and no experiments file names it)",
+}
 
 
 async def report(
@@ -198,6 +331,8 @@ async def report(
     since: float,
     prices: dict[str, float] | None,
 ) -> dict[str, Any]:
-    exposures = await read_stream(client, keys.EXPOSURES, since)
+    legacy = [legacy_exposure(f) for f in await read_stream(client, keys.LEGACY_EXPOSURES, since)]
+    exposures = legacy + await read_exposures(client, since)
+    exposures.sort(key=lambda e: e["ts"])  # stable: each stream is in time order already
     outcomes = await read_stream(client, keys.OUTCOMES, since)
     return build(exposures, outcomes, config, experiment, prices)

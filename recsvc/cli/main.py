@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from features.logs import Catalogue, EventLog, LogFormatError, read_catalogue_re
 from features.state import COL_PRICE
 from features.synthetic import SyntheticConfig
 from features.trainer import TrainParams
-from recsvc.ab import experiments
+from recsvc.ab import experiments, export
 from recsvc.ab import report as abreport
 from recsvc.ab.rollout import RolloutError, RolloutStore
 from recsvc.cli import rollouts, seed, simulate, training
@@ -34,6 +35,7 @@ from recsvc.web import server
 
 log = logging.getLogger("recsvc")
 DEMO_TRAIN_GROUPS = 30_000
+MB = 1024 * 1024
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -99,6 +101,20 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _megabytes(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of MB")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
     return value
 
 
@@ -211,6 +227,35 @@ def parser() -> argparse.ArgumentParser:
     ab.add_argument("--since", type=float, default=0.0, help="seconds since epoch")
     ab.add_argument("--json", action="store_true", help="machine-readable output")
     ab.add_argument("--embedded", action="store_true", help="the data dir's own Redis")
+
+    ex = sub.add_parser(
+        "export-impressions",
+        help="the impression and outcome streams into rotating JSON-lines files, durably",
+    )
+    _common(ex)
+    ex.add_argument("--out", type=Path, required=True, help="directory of the files")
+    ex.add_argument("--follow", action="store_true", help="keep exporting until SIGTERM or SIGINT")
+    ex.add_argument(
+        "--rotate-mb", type=_megabytes, default=64.0, help="complete a file at this size"
+    )
+    ex.add_argument(
+        "--rotate-secs",
+        type=_seconds,
+        default=600.0,
+        help="complete a file this old (with --follow; default 600)",
+    )
+    ex.add_argument(
+        "--max-mb",
+        type=_megabytes,
+        default=1024.0,
+        help="delete the oldest complete files above this (at least twice --rotate-mb)",
+    )
+    ex.add_argument(
+        "--trim",
+        action="store_true",
+        help="remove exported entries from Redis (ab-report then sees only what is not exported)",
+    )
+    ex.add_argument("--embedded", action="store_true", help="the data dir's own Redis")
 
     sim = sub.add_parser(
         "simulate", help="synthetic shoppers (known tastes) against a running service"
@@ -433,10 +478,18 @@ def cmd_import(args: argparse.Namespace) -> None:
 async def _ab_report(url: str, settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     config = None
     if settings.experiments is not None:
-        # Weights for the ratio check; models need not be loaded to read a report.
-        config = experiments.parse(
-            settings.experiments.read_text(), str(settings.experiments), None
-        )
+        # The variants' order, and weights for exposures logged without them (the
+        # others carry their own); models need not be loaded to read a report.
+        try:
+            text = settings.experiments.read_text()
+        except OSError as exc:
+            print(
+                f"warning: {settings.experiments}: {exc.strerror}; the ratio check uses the "
+                "weights recorded with the exposures",
+                file=sys.stderr,
+            )
+        else:
+            config = experiments.parse(text, str(settings.experiments), None)
     client = connect(url, settings, writes=True)
     try:
         table = await FeatureStore(client, settings).item_table()
@@ -506,6 +559,38 @@ def cmd_ab_report(args: argparse.Namespace) -> None:
         print(json.dumps(result, indent=2))
     else:
         print(abreport.format_report(result))
+
+
+async def _export(url: str, settings: Settings, args: argparse.Namespace) -> export.Summary:
+    client = connect(url, settings, writes=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if args.follow:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        exporter = export.Exporter(
+            client,
+            args.out,
+            rotate_bytes=int(args.rotate_mb * MB),
+            max_bytes=int(args.max_mb * MB),
+            rotate_secs=args.rotate_secs,
+            trim=args.trim,
+        )
+        return await exporter.run(args.follow, stop)
+    finally:
+        await client.aclose()
+
+
+def cmd_export_impressions(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    if args.max_mb < 2 * args.rotate_mb:  # each stream's open file may reach --rotate-mb
+        raise SettingsError(
+            f"--max-mb {args.max_mb:g} is less than twice --rotate-mb {args.rotate_mb:g}"
+        )
+    with _redis(settings, embedded=args.embedded) as url:
+        summary = asyncio.run(_export(url, settings, args))
+    print(summary.line())
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
@@ -686,6 +771,7 @@ COMMANDS = {
     "catalogue": cmd_catalogue,
     "models": cmd_models,
     "ab-report": cmd_ab_report,
+    "export-impressions": cmd_export_impressions,
     "simulate": cmd_simulate,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
@@ -711,6 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         SplitError,
         ModelRejected,
         StoreUnavailable,
+        export.ExportError,
     ) as exc:
         print(f"recsvc: {exc}", file=sys.stderr)
         return 2

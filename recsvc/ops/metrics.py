@@ -161,7 +161,14 @@ ADMISSION_SERVICE = Gauge(
 )
 EXPOSURES_DROPPED = Counter(
     "recsvc_exposures_dropped_total",
-    "Experiment log entries dropped (queue full or Redis failing).",
+    "Impression and outcome log entries dropped (queue full or Redis failing).",
+)
+IMPRESSION_LOG = Counter(
+    "recsvc_impression_log_total",
+    "Impression and outcome log entries by stream (impressions, outcomes) and result: "
+    "written, queue_full (dropped: the writer was behind), redis_error (dropped: the "
+    "write failed).",
+    ("stream", "result"),
 )
 
 LOG_LINES_DROPPED = Counter(
@@ -270,6 +277,19 @@ def shed(cause: str) -> None:
 
 for _cause in SHED_CAUSES:  # every cause in /metrics from the start, at 0
     _child(SHED, _cause)
+
+
+IMPRESSION_STREAMS = ("impressions", "outcomes")
+IMPRESSION_RESULTS = ("written", "queue_full", "redis_error")
+
+
+def impression_log(stream: str, result: str, count: int = 1) -> None:
+    _child(IMPRESSION_LOG, stream, result).inc(count)
+
+
+for _stream in IMPRESSION_STREAMS:  # every series in /metrics from the start, at 0
+    for _result in IMPRESSION_RESULTS:
+        _child(IMPRESSION_LOG, _stream, _result)
 
 
 DENIAL_REASONS = ("missing", "invalid", "scope")

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from features.events import EVENT_BY_NAME, MAX_FUTURE_SECS
 from features.state import COL_PRICE
-from recsvc.ab.exposures import ExposureLog
+from recsvc.ab.impressions import ImpressionLog
 from recsvc.errors import InvalidRequest, StoreUnavailable
 from recsvc.ops import metrics
 from recsvc.service.itemcache import ItemCache
@@ -68,11 +68,11 @@ class Ingestor:
     """Applies validated events through the store's atomic, deduplicating scripts."""
 
     def __init__(
-        self, store: FeatureStore, items: ItemCache, exposures: ExposureLog | None = None
+        self, store: FeatureStore, items: ItemCache, impressions: ImpressionLog | None = None
     ) -> None:
         self.store = store
         self.items = items
-        self.exposures = exposures
+        self.impressions = impressions
 
     def _write(self, e: EventIn, now: float) -> EventWrite:
         ts = now if e.ts is None else e.ts
@@ -161,12 +161,12 @@ class Ingestor:
             result.duplicates = len(done) - result.accepted
             metrics.EVENTS.labels("accepted").inc(result.accepted)
             metrics.EVENTS.labels("duplicate").inc(result.duplicates)
-            if self.exposures is not None:
+            if self.impressions is not None:
                 # Attribute events to the recommendation they came from, duplicates
                 # included: a retry after a write that timed out half way is a
                 # duplicate whose first attempt logged nothing. The report counts
                 # sets per request, so a repeat never counts twice.
                 for w, e, _ in done:
                     if e.request_id:
-                        self.exposures.outcome(e.request_id, w.user_id, w.item_id, e.type, w.ts)
+                        self.impressions.outcome(e.request_id, w.user_id, w.item_id, e.type, w.ts)
         return result

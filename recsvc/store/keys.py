@@ -66,6 +66,10 @@ def user_keys(user_id: str, event_ids: list[str]) -> list[str]:
     ]
 
 
-# Experiment exposures and the outcomes attributed to them (capped streams).
-EXPOSURES = "{ab}:exposures"
+# Every answered recommendation (sampled; those inside experiments are the
+# exposures) and the outcomes attributed to them (capped streams).
+IMPRESSIONS = "{ab}:impressions"
 OUTCOMES = "{ab}:outcomes"
+# Exposures as written before impressions (one field per attribute, no weights):
+# only read, by the report.
+LEGACY_EXPOSURES = "{ab}:exposures"

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from recsvc.ab.canary import CanaryController
 from recsvc.ab.experiments import ExperimentsHolder
-from recsvc.ab.exposures import ExposureLog
+from recsvc.ab.impressions import ImpressionLog
 from recsvc.ab.rollout import RolloutStore, refuse_canary
 from recsvc.ops import metrics
 from recsvc.ops.looplag import LoopLag
@@ -172,10 +172,12 @@ async def _experiments_ctx(app: web.Application) -> AsyncIterator[None]:
     holder = ExperimentsHolder(settings.experiments, lambda: set(registry.models))
     holder.load_now()  # a bad file at start stops the service, with the reason
     app[appkeys.EXPERIMENTS] = holder
-    exposures = ExposureLog(app[appkeys.STORE].writer, settings.exposure_stream_max)
-    app[appkeys.EXPOSURES] = exposures
+    impressions = ImpressionLog(
+        app[appkeys.STORE].writer, settings.exposure_stream_max, settings.impressions_sample
+    )
+    app[appkeys.IMPRESSIONS] = impressions
     stop = asyncio.Event()
-    writer = asyncio.create_task(exposures.run(stop))
+    writer = asyncio.create_task(impressions.run(stop))
     poller = asyncio.create_task(holder.poll(settings.model_poll_secs))
     yield
     await _cancel(poller)
@@ -204,7 +206,9 @@ async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _recommender_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
-    app[appkeys.INGESTOR] = Ingestor(app[appkeys.STORE], app[appkeys.ITEMS], app[appkeys.EXPOSURES])
+    app[appkeys.INGESTOR] = Ingestor(
+        app[appkeys.STORE], app[appkeys.ITEMS], app[appkeys.IMPRESSIONS]
+    )
     app[appkeys.RECOMMENDER] = Recommender(
         app[appkeys.STORE],
         app[appkeys.ITEMS],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from recsvc.ab.experiments import ExperimentsHolder
-from recsvc.ab.exposures import ExposureLog
+from recsvc.ab.impressions import ImpressionLog
 from recsvc.ab.rollout import RolloutStore
 from recsvc.ops.looplag import LoopLag
 from recsvc.ops.metrics import GaugeSampler
@@ -31,7 +31,7 @@ ROLLOUTS = web.AppKey("rollouts", RolloutStore)
 RECOMMENDER = web.AppKey("recommender", Recommender)
 INGESTOR = web.AppKey("ingestor", Ingestor)
 EXPERIMENTS = web.AppKey("experiments", ExperimentsHolder)
-EXPOSURES = web.AppKey("exposures", ExposureLog)
+IMPRESSIONS = web.AppKey("impressions", ImpressionLog)
 OPENAPI = web.AppKey("openapi", bytes)
 METRICS_SAMPLER = web.AppKey("metrics_sampler", GaugeSampler)
 ADMISSION = web.AppKey("admission", Admission)

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from features.candidates import CandidateConfig
 from features.schema import NO_CONTEXT, Context
+from recsvc.ab.impressions import entry
 from recsvc.errors import InvalidRequest, Overloaded, StoreUnavailable, UnknownItem
 from recsvc.ops import metrics
 from recsvc.ranking.models import LoadedModel
@@ -134,22 +135,36 @@ async def _serve(
     else:
         result = recommender.overloaded(query)
     result.timer.mark("serialise")
-    if assignment.variants:
-        request.app[appkeys.EXPOSURES].exposure(
-            result.request_id,
-            result.user_id,
-            assignment.variants,
-            assignment.forced,
-            [i["item_id"] for i in result.items],
-            result.strategy,
-        )
     response = json_response(result.body(), headers={"Server-Timing": result.timer.header()})
+    done = time.perf_counter()
+    impressions = request.app[appkeys.IMPRESSIONS]
+    if impressions.sampled():
+        impressions.impression(
+            entry(
+                request_id=result.request_id,
+                user_id=result.user_id,
+                ts=time.time(),
+                strategy=result.strategy,
+                fallback_reason=result.fallback_reason,
+                model=result.model,
+                arm=result.arm,
+                rollout=result.rollout,
+                canary_share=result.canary_share,
+                experiments=assignment.variants,
+                weights=assignment.weights,
+                forced=assignment.forced,
+                items=[i["item_id"] for i in result.items],
+                sources=[i["source"] for i in result.items],
+                latency_ms=(done - arrived) * 1000.0,
+                sample=impressions.sample,
+            )
+        )
     metrics.record_recommendation(
         result.strategy,
         result.fallback_reason,
         assignment.variants,
         result.timer.stages,
-        time.perf_counter() - start,
+        done - start,
         result.arm,
     )
     request[SERVED] = {

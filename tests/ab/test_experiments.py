@@ -4,7 +4,6 @@ and the report's statistics."""
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -151,9 +150,10 @@ def test_report_counts_clicks_on_shown_items_and_leaves_forced_out() -> None:
         return {
             "request_id": rid,
             "user_id": f"user-{rid}",
-            "experiments": json.dumps({"ranker-v2": variant}),
-            "forced": json.dumps(["ranker-v2"] if forced else []),
-            "items": json.dumps(items),
+            "experiments": {"ranker-v2": variant},
+            "forced": ["ranker-v2"] if forced else [],
+            "items": items,
+            "weights": None,
         }
 
     exposures = [
@@ -163,11 +163,14 @@ def test_report_counts_clicks_on_shown_items_and_leaves_forced_out() -> None:
         exp("r4", "treatment", ["d"], forced=True),
     ]
     outcomes = [
-        {"request_id": "r1", "item_id": "z", "type": "click"},  # not shown: not counted
-        {"request_id": "r2", "item_id": "a", "type": "click"},
-        {"request_id": "r3", "item_id": "c", "type": "click"},
-        {"request_id": "r3", "item_id": "c", "type": "purchase"},
-        {"request_id": "r4", "item_id": "d", "type": "click"},
+        {"request_id": rid, "user_id": f"user-{rid}", "item_id": item, "type": kind}
+        for rid, item, kind in [
+            ("r1", "z", "click"),  # not shown: not counted
+            ("r2", "a", "click"),
+            ("r3", "c", "click"),
+            ("r3", "c", "purchase"),
+            ("r4", "d", "click"),
+        ]
     ]
     result = abreport.build(exposures, outcomes, parse(AB, "ab", {"ranker"}), None, {"c": 9.5})
     [section] = result["experiments"]
@@ -233,7 +236,7 @@ async def test_experiments_through_the_service(
             if await seeded.xlen(keys.OUTCOMES) >= 1:
                 break
             await asyncio.sleep(0.05)
-        assert await seeded.xlen(keys.EXPOSURES) == 3
+        assert await seeded.xlen(keys.IMPRESSIONS) == 3
         report = await abreport.report(seeded, None, "ranker-v2", 0.0, None)
         [section] = report["experiments"]
         assert section["forced_excluded"] == 2

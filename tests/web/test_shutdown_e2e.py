@@ -74,7 +74,7 @@ async def test_sigterm_drains_in_flight_requests_and_flushes_exposures(
             ]
             in_flight = [asyncio.ensure_future(e) for e in events]
             await asyncio.sleep(0.3)
-            assert await seeded.xlen(keys.EXPOSURES) == 0  # all still queued in the service
+            assert await seeded.xlen(keys.IMPRESSIONS) == 0  # all still queued in the service
             proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)
             assert not await asyncio.to_thread(_accepts, port)  # none accepted once stopping
@@ -83,7 +83,7 @@ async def test_sigterm_drains_in_flight_requests_and_flushes_exposures(
             assert sum([(await a.json())["accepted"] for a in answers]) == 5
         code = await asyncio.wait_for(proc.wait(), 30)
         assert code == 0
-        assert await seeded.xlen(keys.EXPOSURES) == 30  # the queue was flushed
+        assert await seeded.xlen(keys.IMPRESSIONS) == 30  # the queue was flushed
     finally:
         if proc.returncode is None:
             proc.kill()
