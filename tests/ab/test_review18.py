@@ -241,11 +241,6 @@ async def test_a_much_slower_canary_is_not_promoted(aredis: Redis) -> None:
 # -- 6. a record without a rev can never be changed --------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_CAS compares tostring(nil) with '0' for a record without 'rev' (edited by "
-    "hand, or written by a tool): abort and the controller can never write it",
-)
 async def test_abort_works_on_a_record_without_rev(aredis: Redis) -> None:
     r = new_rollout("ranker", "v1", "v2", 0.05, (), 200)
     body = json.loads(r.to_json())
