@@ -106,11 +106,6 @@ async def test_a_pinned_version_survives_training_and_a_restart(aredis: Redis, r
 # -- 2. a corrupt roll-out record stops the service from starting ---------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_rollouts_ctx catches only Redis failures: one unparseable record in "
-    "{rollout}:state (any model name) stops every worker from starting",
-)
 async def test_the_service_starts_with_a_corrupt_rollout_record(
     seeded: Redis, redis_url: str, root: Path
 ) -> None:
