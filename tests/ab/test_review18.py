@@ -128,12 +128,6 @@ async def test_the_service_starts_with_a_corrupt_rollout_record(
 # -- 3. export: a failed write (disk full) in --follow mode -----------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="in --follow mode an OSError from the file (ENOSPC/EFBIG) is taken for a Redis "
-    "failure and retried without cutting the open file back: the partial write stays, "
-    "the batch is appended again, and the checkpointed size no longer matches the file",
-)
 async def test_export_follow_survives_a_full_disk(aredis: Redis, tmp_path: Path) -> None:
     count = 3000
     log = ImpressionLog(aredis, 1_000_000)
