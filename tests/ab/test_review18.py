@@ -301,12 +301,6 @@ async def test_the_default_stream_cap_bounds_redis_memory(aredis: Redis) -> None
 # -- 9. a takeover matures impressions before their outcomes were read -------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="each tick reads at most READ_MAX entries of each stream, then matures every "
-    "impression older than outcome_wait: on a backlog with more outcomes than impressions "
-    "the impressions mature before their clicks are read, and count as not clicked",
-)
 async def test_a_takeover_counts_the_clicks_of_a_backlog(aredis: Redis) -> None:
     r = new_rollout("ranker", "v1", "v2", 0.5, (), 10**9)
     r = Rollout.from_json(r.to_json())
