@@ -20,7 +20,8 @@ with a turn of the event loop between them:
   mismatched;
 - click and purchase rates count an impression once it is ``outcome_wait``
   seconds old, so both arms' recent answers are not read as "no click" before
-  the shopper had time to click.
+  the shopper had time to click; and not while the outcomes log is read only
+  part of the way (a backlog after a takeover), whose rest may hold its clicks.
 
 Each tick the guardrails (recsvc.ab.guardrails) are evaluated; a failure rolls
 the canary back at once; when the canary has ``min_exposures`` matured
@@ -117,6 +118,8 @@ class StepView:
     mismatched_users: int = 0
     other_items: int = 0
     read: int = 0
+    # The last read of outcomes stopped at its budget, not at the stream's end.
+    outcomes_behind: bool = False
 
     def matches(self, r: Rollout) -> bool:
         return (self.rollout_id, self.share, self.started_at) == (
@@ -200,7 +203,8 @@ class CanaryController:
             view = self.views[name] = StepView(r.id, r.share, r.step_started_at, since, since)
         await self._read_impressions(name, r, view)
         await self._read_outcomes(view)
-        self._mature(view, time.time() - self.outcome_wait)
+        if not view.outcomes_behind:  # else an answer's clicks may not have been read yet
+            self._mature(view, time.time() - self.outcome_wait)
         canary, other = view.arms[CANARY], view.arms[STABLE]
         final = canary.impressions >= r.min_exposures
         checks = evaluate(canary, other, r.share, final, self.thresholds)
@@ -310,11 +314,13 @@ class CanaryController:
 
     async def _read_outcomes(self, view: StepView) -> None:
         budget = READ_MAX
+        view.outcomes_behind = True
         while budget > 0:
             entries = await self.client.xrange(
                 keys.OUTCOMES, min=view.outcomes_cursor, max="+", count=SLICE
             )
             if not entries:
+                view.outcomes_behind = False
                 return
             for entry_id, fields in entries:
                 view.outcomes_cursor = "(" + _text(entry_id)
@@ -337,6 +343,7 @@ class CanaryController:
                     p.bought = True
             budget -= len(entries)
             if len(entries) < SLICE:
+                view.outcomes_behind = False
                 return
             await asyncio.sleep(0)
 

@@ -238,10 +238,18 @@ class Exporter:
             s.open, s.size, s.opened = f"{s.name}-{stamp}-{self.seq:06d}.jsonl.open", 0, time.time()
             (self.out / s.open).touch(exist_ok=False)
             _fsync_dir(self.out)
-        with (self.out / s.open).open("ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with (self.out / s.open).open("ab") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            # Disk full, say: drop the part written, so a retry (--follow) appends
+            # whole lines after the checkpointed ones, never after half of one.
+            with contextlib.suppress(OSError), (self.out / s.open).open("r+b") as f:
+                f.truncate(s.size)
+                os.fsync(f.fileno())
+            raise
         s.size += len(data)
         self.summary.bytes += len(data)
 

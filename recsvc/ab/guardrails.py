@@ -175,8 +175,8 @@ def _rate(name: str, k: int, canary: ArmStats, other: ArmStats, z: float, th: Th
     n1, n0 = sum(r[0] for r in mine), sum(r[0] for r in base)
     k1, k0 = sum(r[k] for r in mine), sum(r[k] for r in base)
     r1, r0 = k1 / n1, k0 / n0
-    if k0 == 0:
-        return Check(name, True, f"no {name} in the other arm yet")
+    if k0 == 0:  # no outcome to compare with (yet, or none logged): not evidence
+        return Check(name, None, f"no {name} in the other arm yet")
     if k1 == 0:
         # No interval on a zero rate: how unlikely is none at the other arm's rate?
         expected = n1 * r0

@@ -46,9 +46,13 @@ CANARY = "canary"
 # Compare-and-set of one record: ARGV[1] the rev the writer read (0: none),
 # ARGV[2] the new record. Returns 1 when written, 0 when the rev moved.
 _CAS = """
+-- A record without a numeric rev (written by hand) reads as rev 0, as in Python.
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 local rev = 0
-if cur then rev = cjson.decode(cur)['rev'] end
+if cur then
+  local stored = cjson.decode(cur)['rev']
+  if type(stored) == 'number' then rev = stored end
+end
 if tostring(rev) ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1

@@ -151,6 +151,8 @@ async def _rollouts_ctx(app: web.Application) -> AsyncIterator[None]:
             await _follow_rollouts(registry, store)
     except REDIS_FAILURES as exc:
         log.warning("roll-out records unreadable at start (%s); newest versions serve", exc)
+    except Exception:  # a record that does not parse must not stop every worker
+        log.exception("roll-out records unusable at start; newest versions serve")
     poller = asyncio.create_task(_rollouts_poll(registry, store, settings.rollout_poll_secs))
     controller = CanaryController(
         client,
