@@ -13,6 +13,14 @@ walks the whole log through the pure state:
 - at sampled held-out events of users with history, everything needed to build
   the lists the service would serve then, and the baselines' lists
   (``features.evaluation`` scores them once the model exists).
+
+Given logged impressions (``features.impressions``), the same replay takes them
+in time order between the events: a training impression (before the split)
+with a labelled outcome becomes a group of its shown items, with their
+features just before it and their served positions; a sampled training event
+that is one of its outcomes makes no sampled group of its own. Sampled held-out
+impressions with a labelled outcome get what the next-event protocol gets,
+plus the shown items (``features.impression_eval``).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from features import evaluation
+from features import evaluation, impression_eval
 from features.candidates import (
     SOURCE_POPULAR,
     SOURCES,
@@ -34,6 +42,14 @@ from features.candidates import (
     quota,
     retrieve,
 )
+from features.impressions import (
+    GRADES,
+    LABEL_WINDOW_SECS,
+    Impression,
+    ImpressionLog,
+    Labels,
+    label,
+)
 from features.item2item import LearnConfig, learn
 from features.logs import Catalogue, EventLog
 from features.neighbours import Binding, Bound, NeighbourTable
@@ -42,8 +58,6 @@ from features.replay import Replay
 from features.schema import FEATURE_NAMES, build_matrix
 from features.state import ItemTable, UserState
 
-# Relevance grade of the labelled item by event type (negatives are 0).
-GRADES = (1, 2, 3, 4)
 # The offline popularity index is rebuilt at most this often (log seconds) for
 # training groups, and for evaluation groups as often as the serving cache.
 TRAIN_POPULARITY_SECS = 300.0
@@ -51,6 +65,8 @@ EVAL_POPULARITY_SECS = 2.0
 # Below this share of repeated (user, item) events, a catalogue is one of things
 # used once (films, books): recommending what the user already touched is waste.
 REPEAT_SHARE_ALLOWS_SEEN = 0.05
+# The position id of a sampled-negative group's rows: not shown to anyone.
+NOT_SHOWN = 0
 
 
 class NoTrainingGroups(ValueError):
@@ -76,18 +92,25 @@ class DatasetConfig:
     learn: LearnConfig = field(default_factory=LearnConfig)
     # None: decide from the training log's share of repeated (user, item) events.
     exclude_seen: bool | None = None
+    # Outcomes label an impression this long after it (seconds).
+    label_window: float = LABEL_WINDOW_SECS
 
 
 @dataclass(slots=True)
 class Groups:
-    """Stacked training examples: features, labels and group sizes."""
+    """Stacked training examples: features, labels, group sizes, and each row's
+    served position (1, 2, ... in an impression group; NOT_SHOWN otherwise)."""
 
     features: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
+    positions: list[np.ndarray] = field(default_factory=list)
     sampled: int = 0
     skipped_unknown_user: int = 0
     skipped_not_retrieved: int = 0
+    # Sampled events that are an outcome of a logged impression (its group has them).
+    skipped_impression_outcome: int = 0
+    from_impressions: int = 0
 
     def matrix(self) -> np.ndarray:
         if not self.features:
@@ -96,6 +119,47 @@ class Groups:
 
     def label_vector(self) -> np.ndarray:
         return np.concatenate(self.labels) if self.labels else np.zeros(0)
+
+    def position_vector(self) -> np.ndarray | None:
+        """Positions for LightGBM's position-debiased lambdarank; None without an
+        impression group (nothing to debias)."""
+        if not self.from_impressions:
+            return None
+        return np.concatenate(self.positions).astype(np.int32)
+
+    @property
+    def from_sampled(self) -> int:
+        return len(self.sizes) - self.from_impressions
+
+
+@dataclass(slots=True)
+class ImpressionStats:
+    """What became of the logged impressions."""
+
+    read: int = 0
+    train: int = 0
+    held_out: int = 0
+    groups: int = 0
+    dropped_no_positive: int = 0
+    # Every shown item got the same grade: no pair to order.
+    dropped_one_grade: int = 0
+    dropped_unknown_user: int = 0
+    # Shown items the replay did not know yet (left out of their group).
+    shown_items_unknown: int = 0
+    labels: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "impressions": self.read,
+            "train_impressions": self.train,
+            "held_out_impressions": self.held_out,
+            "train_groups": self.groups,
+            "dropped_no_positive": self.dropped_no_positive,
+            "dropped_one_grade": self.dropped_one_grade,
+            "dropped_unknown_user": self.dropped_unknown_user,
+            "shown_items_unknown": self.shown_items_unknown,
+            "labels": self.labels,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +186,9 @@ class Dataset:
     n_users: int
     n_items: int
     repeat_share: float
+    # Given impressions: the held-out ones' evaluation groups, and the counts.
+    impression_test: impression_eval.ImpressionEvalSet | None = None
+    impressions: ImpressionStats | None = None
 
     @property
     def split_ts(self) -> float:
@@ -176,12 +243,16 @@ def build(
     neighbours: NeighbourTable | None = None,
     stage: Callable[[str], None] | None = None,
     learn_neighbours: bool = True,
+    impressions: ImpressionLog | None = None,
+    train_impressions: bool = True,
 ) -> Dataset:
     """Replay the log once and collect training groups and held-out evaluation groups.
 
     ``neighbours``: the table to serve with (``recsvc evaluate`` passes the
     model's own); when None and ``learn_neighbours``, it is learned from the
-    training events.
+    training events. ``impressions``: logged answers and their outcomes (training
+    groups from those before the split unless not ``train_impressions``, and the
+    impression protocol's groups from those after it).
     """
     split = split_log(log, config.holdout, config.split_at)
     repeats = repeat_share(log, split.n_train)
@@ -206,7 +277,11 @@ def build(
     test = evaluation.EvalSet(sampled=len(test_pick), top_n=config.top_n)
     # The items each evaluated user touched so far (exact, for "new to the user").
     touched: dict[str, set[str]] = {}
-    state: dict[str, object] = {"pop": None, "binding": None}
+    # Impressions keep their own popularity index: when it is rebuilt must not
+    # move the next-event groups' features (with or without impressions, those
+    # stay the same).
+    state: dict[str, object] = {"pop": None, "pop_logged": None, "binding": None}
+    logged = _Logged.of(impressions, split, config, train_impressions)
     if stage is not None:
         stage("replay")
 
@@ -219,15 +294,24 @@ def build(
             state["binding"] = previous = neighbours.bind(replay.items, previous)
         return Bound(neighbours, previous)
 
-    def popularity(ts: float, every: float) -> PopularityIndex:
-        index = state["pop"]
+    def popularity(ts: float, every: float, key: str = "pop") -> PopularityIndex:
+        index = state[key]
         if not isinstance(index, PopularityIndex) or ts - index.built_at > every:
-            index = state["pop"] = PopularityIndex.build(replay.items, ts)
+            index = state[key] = PopularityIndex.build(replay.items, ts)
         return index
 
     def before(k: int, ts: float, user_id: str, item_id: str, event_type: int) -> None:
+        if logged is not None:
+            take_impressions(ts)
         is_test = wanted.get(k)
         if is_test is None:
+            return
+        if (
+            logged is not None
+            and not is_test
+            and logged.labels.is_outcome(user_id, item_id, event_type, ts)
+        ):
+            train.skipped_impression_outcome += 1
             return
         user = replay.users.get(user_id)
         if user is None:
@@ -259,6 +343,99 @@ def build(
         train.features.append(build_matrix(user, table, idx, ts, retrieval=found))
         train.labels.append(labels)
         train.sizes.append(len(idx))
+        train.positions.append(np.full(len(idx), NOT_SHOWN, dtype=np.int32))
+
+    def take_impressions(until: float) -> None:
+        """The impressions up to ``until`` (before an event of the same time: an
+        answer's outcomes follow it)."""
+        assert logged is not None
+        while logged.next < len(logged.queue) and logged.queue[logged.next][0].ts <= until:
+            imp, held_out = logged.queue[logged.next]
+            logged.next += 1
+            user = replay.users.get(imp.user_id)
+            if user is None:
+                if held_out:
+                    logged.test.skipped_unknown_user += 1
+                else:
+                    logged.stats.dropped_unknown_user += 1
+                continue
+            every = EVAL_POPULARITY_SECS if held_out else TRAIN_POPULARITY_SECS
+            if held_out:
+                impression_eval_group(imp, user, every)
+            else:
+                impression_group(imp, user, every)
+
+    def impression_group(imp: Impression, user: UserState, every: float) -> None:
+        """The shown items the replay knows, graded, with their served positions."""
+        assert logged is not None
+        table, grades = replay.items, logged.labels.grades[imp.request_id]
+        rows, positions, labels = [], [], []
+        for position, item_id in enumerate(imp.items, start=1):
+            i = table.index.get(item_id)
+            if i is None:
+                logged.stats.shown_items_unknown += 1
+            elif i not in rows:
+                rows.append(i)
+                positions.append(position)
+                labels.append(grades.get(item_id, 0))
+        if not any(labels):
+            logged.stats.dropped_no_positive += 1
+            return
+        if min(labels) == max(labels):
+            logged.stats.dropped_one_grade += 1
+            return
+        idx = np.asarray(rows, dtype=np.int64)
+        found = retrieve(
+            user,
+            table,
+            popularity(imp.ts, every, "pop_logged"),
+            cand_config,
+            np.zeros(0, np.int64),
+            imp.ts,
+            bound(),
+        )
+        train.features.append(build_matrix(user, table, idx, imp.ts, retrieval=found))
+        train.labels.append(np.asarray(labels, dtype=np.float64))
+        train.sizes.append(len(idx))
+        train.positions.append(np.asarray(positions, dtype=np.int32))
+        train.from_impressions += 1
+        logged.stats.groups += 1
+
+    def impression_eval_group(imp: Impression, user: UserState, every: float) -> None:
+        """What the next-event protocol keeps, plus the shown items and grades."""
+        assert logged is not None
+        table = replay.items
+        grades = {
+            table.index[i]: g
+            for i, g in logged.labels.grades[imp.request_id].items()
+            if i in table.index
+        }
+        if not grades:
+            logged.test.skipped_no_known_label += 1
+            return
+        shown = [i for i in dict.fromkeys(map(table.index.get, imp.items)) if i is not None]
+        found = retrieve(
+            user,
+            table,
+            popularity(imp.ts, every, "pop_logged"),
+            cand_config,
+            np.zeros(0, np.int64),
+            imp.ts,
+            bound(),
+        )
+        cand = assemble(found, cand_config)
+        idx = np.asarray(shown, dtype=np.int64)
+        logged.test.groups.append(
+            impression_eval.ImpressionEvalGroup(
+                candidates=cand.index,
+                matrix=build_matrix(user, table, cand.index, imp.ts, retrieval=found),
+                baselines=_baselines(found, config.top_n),
+                shown=idx,
+                shown_matrix=build_matrix(user, table, idx, imp.ts, retrieval=found),
+                grades=grades,
+                user=logged.user_code(imp.user_id),
+            )
+        )
 
     users = log.user_ids
 
@@ -268,6 +445,8 @@ def build(
             touched.setdefault(users[u], set()).add(log.item_ids[int(log.item[k])])
 
     replay.run(log, before=before, progress=progress, after=after)
+    if logged is not None:
+        take_impressions(np.inf)
     return Dataset(
         train=train,
         test=test,
@@ -277,6 +456,8 @@ def build(
         n_users=len(replay.users),
         n_items=replay.items.count,
         repeat_share=repeats,
+        impression_test=logged.test if logged is not None else None,
+        impressions=logged.stats if logged is not None else None,
     )
 
 
@@ -290,46 +471,103 @@ def _eval_group(
     config: DatasetConfig,
     touched_before: bool,
 ) -> evaluation.EvalGroup:
-    n = config.top_n
-    banned = found.banned
-
-    def served(ranked: Ranked | None, size: int = n) -> np.ndarray:
-        """A list as the service would use it: banned items out, the first ``size``."""
-        items = ranked.items if ranked is not None else np.zeros(0, np.int64)
-        if len(banned) and len(items):
-            items = items[~np.isin(items, banned)]
-        return items[:size]
-
     matrix = build_matrix(user, table, cand.index, ts, retrieval=found)
     # The in-set figure needs the true item's row even when retrieval missed it.
     true_row = None
     if not np.any(cand.index == positive):
         true_row = build_matrix(user, table, np.asarray([positive]), ts, retrieval=found)[0]
-    recent = found.recent[found.recent >= 0]
     return evaluation.EvalGroup(
         candidates=cand.index,
         sources=cand.source,
         matrix=matrix,
         positive=positive,
         true_row=true_row,
-        baselines={
-            # The default strategy as served to a known user, and two simple
-            # recommenders: the user's own recent items, and the items most
-            # related (co-occurring in sessions) to their last five.
-            "popular": served(found.lists.get(SOURCE_POPULAR)),
-            "recent": served(Ranked.of(recent)),
-            "cooccurrence": served(
-                Ranked.of(found.affinity.ranked("related", 5))
-                if found.affinity is not None
-                else None
-            ),
-        },
+        baselines=_baselines(found, config.top_n),
         found_by={
-            SOURCES[s]: bool(np.any(served(r, quota(config.candidates, s)) == positive))
+            SOURCES[s]: bool(np.any(_served(found, r, quota(config.candidates, s)) == positive))
             for s, r in found.lists.items()
         },
         touched_before=touched_before,
     )
+
+
+def _served(found: Retrieval, ranked: Ranked | None, size: int) -> np.ndarray:
+    """A list as the service would use it: banned items out, the first ``size``."""
+    banned = found.banned
+    items = ranked.items if ranked is not None else np.zeros(0, np.int64)
+    if len(banned) and len(items):
+        items = items[~np.isin(items, banned)]
+    return items[:size]
+
+
+def _baselines(found: Retrieval, n: int) -> dict[str, np.ndarray]:
+    """The default strategy as served to a known user, and two simple recommenders:
+    the user's own recent items, and the items most related (co-occurring in
+    sessions) to their last five."""
+    recent = found.recent[found.recent >= 0]
+    return {
+        "popular": _served(found, found.lists.get(SOURCE_POPULAR), n),
+        "recent": _served(found, Ranked.of(recent), n),
+        "cooccurrence": _served(
+            found,
+            Ranked.of(found.affinity.ranked("related", 5)) if found.affinity is not None else None,
+            n,
+        ),
+    }
+
+
+@dataclass(slots=True)
+class _Logged:
+    """The impressions a replay takes, in time order (each with whether it is a
+    held-out one to evaluate on), their labels, and what became of them."""
+
+    queue: list[tuple[Impression, bool]]
+    labels: Labels
+    stats: ImpressionStats
+    test: impression_eval.ImpressionEvalSet
+    next: int = 0
+    users: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls, log: ImpressionLog | None, split: Split, config: DatasetConfig, train: bool
+    ) -> _Logged | None:
+        if log is None:
+            return None
+        split_ts = split.split_ts
+        labels = label(log, config.label_window, split_ts)
+        held = [imp for imp in log.impressions if imp.ts >= split_ts]
+        stats = ImpressionStats(
+            read=len(log.impressions),
+            train=len(log.impressions) - len(held),
+            held_out=len(held),
+            labels=labels.stats.summary(),
+        )
+        labelled = [imp for imp in held if imp.request_id in labels.grades]
+        # Their own stream: the evaluated impressions do not depend on the others.
+        pick = _sample(
+            np.random.default_rng([config.seed, 2]), 0, len(labelled), config.eval_groups
+        )
+        chosen = {labelled[k].request_id for k in pick.tolist()}
+        queue = []
+        for imp in log.impressions:
+            if imp.ts >= split_ts:
+                if imp.request_id in chosen:
+                    queue.append((imp, True))
+            elif not train:
+                continue
+            elif imp.request_id in labels.grades:
+                queue.append((imp, False))
+            else:
+                stats.dropped_no_positive += 1
+        test = impression_eval.ImpressionEvalSet(
+            top_n=config.top_n, held_out=len(held), labelled=len(labelled), sampled=len(chosen)
+        )
+        return cls(queue, labels, stats, test)
+
+    def user_code(self, user_id: str) -> int:
+        """A number per user (the evaluation's standard errors cluster by it)."""
+        return self.users.setdefault(user_id, len(self.users))
 
 
 def _sample(rng: np.random.Generator, lo: int, hi: int, k: int) -> np.ndarray:

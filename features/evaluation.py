@@ -76,11 +76,11 @@ def list_metrics(
         f"hit_at_{n}": float(hit.mean()),
         f"mrr_at_{n}": float(np.where(hit, 1.0 / (np.where(hit, rank, 0.0) + 1.0), 0.0).mean()),
         "ndcg_stderr": float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0,
-        "ndcg_stderr_by_user": _clustered_stderr(gain, users),
+        "ndcg_stderr_by_user": clustered_stderr(gain, users),
     }
 
 
-def _clustered_stderr(values: np.ndarray, clusters: np.ndarray | None) -> float:
+def clustered_stderr(values: np.ndarray, clusters: np.ndarray | None) -> float:
     """Standard error of a mean whose terms are correlated within clusters (the
     sandwich estimator: the residuals summed per cluster)."""
     if clusters is None or len(values) < 2:
