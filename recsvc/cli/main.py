@@ -217,6 +217,23 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--requests", type=int, default=20_000, help="recommendations at most")
     sim.add_argument("--concurrency", type=int, default=8)
     sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument(
+        "--events-log",
+        type=Path,
+        metavar="FILE",
+        help="append every applied event (ts,user_id,item_id,type, the time the service "
+        "recorded) to this event log CSV, e.g. a copy of the demo's events.csv",
+    )
+    sim.add_argument(
+        "--impressions-out",
+        type=Path,
+        metavar="DIR",
+        help="write what was shown and what came of it as impressions-*.jsonl and "
+        "outcomes-*.jsonl (what `recsvc train --impressions` reads)",
+    )
+    sim.add_argument(
+        "--json", action="store_true", help="the per-version figures as one JSON object on stdout"
+    )
 
     tr = sub.add_parser("train", help="train a ranker from an event log")
     _common(tr)
@@ -530,6 +547,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
                 seed=args.seed,
                 # Like the load test's: from the environment, never argv (ps shows it).
                 key=os.environ.get("RECSVC_LOADTEST_KEY", ""),
+                events_log=args.events_log,
+                impressions_out=args.impressions_out,
             )
         )
     except ValueError as exc:
@@ -539,6 +558,10 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         f"{done.purchases} purchases in {done.seconds:.1f}s ({done.errors} errors)",
         file=sys.stderr,
     )
+    if args.json:
+        print(json.dumps(done.report(), indent=2))
+    else:
+        print(simulate.served_table(done), file=sys.stderr)
 
 
 def cmd_models(args: argparse.Namespace) -> None:
