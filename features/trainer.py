@@ -23,6 +23,8 @@ from features import evaluation, impression_eval
 from features.dataset import Dataset, NoTrainingGroups
 from features.schema import CATEGORICAL_FEATURES, FEATURE_NAMES
 
+# LightGBM logs the position bias factors only at this verbosity (debug).
+DEBUG = 2
 # LightGBM's debug lines of the position bias table: "position  bias_factor".
 _BIAS_HEADER = "bias_factor"
 _BIAS_ROW = re.compile(r"\[Debug\]\s+(-?\d+)\s+(\S+)\s*$")
@@ -118,12 +120,16 @@ def train(
     else:
         with _debug_log() as lines:
             booster = lgb.train(
-                {**lgb_params, "verbosity": 2},
+                {**lgb_params, "verbosity": DEBUG},
                 train_set,
                 num_boost_round=params.num_trees,
                 callbacks=callbacks,
             )
         bias = position_bias(lines)
+        # The model file keeps the verbosity it was trained with; the usual one.
+        text = booster.model_to_string()
+        quiet = f"[verbosity: {lgb_params['verbosity']}]"
+        booster = lgb.Booster(model_str=text.replace(f"[verbosity: {DEBUG}]", quiet))
 
     def score(m: np.ndarray) -> np.ndarray:
         return np.asarray(booster.predict(m, num_threads=1))
@@ -176,6 +182,9 @@ def _debug_log() -> Iterator[list[str]]:
     try:
         yield lines
     finally:
+        # LightGBM's log level is one per process, set by the last parameters it
+        # read: back to quiet, or every later model load logs at debug level.
+        lgb.Dataset(np.zeros((2, 1)), params={"verbosity": -1}).construct()
         lgb.register_logger(*previous)
 
 

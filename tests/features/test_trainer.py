@@ -4,7 +4,9 @@ shuffled labels (a deliberately useless model for guardrail tests)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
+import lightgbm as lgb
 import numpy as np
 import pytest
 
@@ -41,7 +43,7 @@ def test_a_model_trained_on_shuffled_labels_learns_nothing_real(
 
 
 def test_impression_groups_teach_position_bias_factors_and_both_protocols_report(
-    small_data: SyntheticData,
+    small_data: SyntheticData, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     log = small_data.events
     config = DatasetConfig(train_groups=500, eval_groups=200)
@@ -55,3 +57,11 @@ def test_impression_groups_teach_position_bias_factors_and_both_protocols_report
     assert bias[0] == pytest.approx(0.0, abs=1e-6)  # sampled groups: one position, no pair
     assert "impressions" in result.report  # no held-out impressions: an empty protocol
     assert result.report["impressions"]["groups"] == 0
+    # Reading the factors needed LightGBM's debug log: the model and the process
+    # are quiet again (a later model load logs nothing).
+    text = result.booster.model_to_string()
+    assert "[verbosity: -1]" in text
+    (tmp_path / "model.txt").write_text(text)
+    capsys.readouterr()
+    lgb.Booster(model_file=tmp_path / "model.txt")
+    assert "LightGBM" not in capsys.readouterr().out
