@@ -173,9 +173,12 @@ def _brief(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def one_seed(plan: Plan, seed: int, work: Path) -> dict[str, Any]:
-    """The whole loop for one seed under ``work``; its figures."""
+    """The whole loop for one seed under ``work``; its figures. The seed picks the
+    shop, the training samples, the shoppers' draws and the experiment's salt."""
     started = time.monotonic()
-    shop = generate(replace(plan.shop), end_ts=time.time())
+    # Seed 1 is the demo's own shop; each further seed a different one.
+    plan = replace(plan, shop=replace(plan.shop, seed=plan.shop.seed + seed - 1))
+    shop = generate(plan.shop, end_ts=time.time())
     events, items = work / "events.csv", work / "items.csv"
     write_events(events, shop.events)
     write_catalogue(items, shop.catalogue)
@@ -186,7 +189,7 @@ def one_seed(plan: Plan, seed: int, work: Path) -> dict[str, Any]:
     extended = work / "events-extended.csv"
     shutil.copy(events, extended)
     impressions = work / "impressions"
-    out: dict[str, Any] = {"seed": seed}
+    out: dict[str, Any] = {"seed": seed, "shop_seed": plan.shop.seed}
     with EmbeddedRedis(work / "redis") as server:
 
         async def load() -> None:
@@ -245,12 +248,35 @@ def one_seed(plan: Plan, seed: int, work: Path) -> dict[str, Any]:
                 seed * 1000 + 2,
             )
         )
-    served = second.report()
-    out["second_period"] = {"summary": _counts(second), "served": served}
-    by_arm = {arm: served.get(f"{arm}/{trained[arm]['version']}") for arm in ARMS}
-    if all(m is not None for m in by_arm.values()):
-        out["difference"] = _difference(by_arm["impress"], by_arm["sampled"])  # type: ignore[arg-type]
+    out["second_period"] = {"summary": _counts(second), "served": second.report()}
+    arms = {arm: second.served.get(f"{arm}/{trained[arm]['version']}") for arm in ARMS}
+    now = {arm: a.report() for arm, a in arms.items() if a is not None}
+    if len(now) == len(ARMS):
+        out["difference"] = _difference(now["impress"], now["sampled"])
+        # The arms are different shoppers: the first period's answers (one model
+        # for all) to each arm's shoppers show how far apart they started.
+        [base] = first.served.values()
+        before = {
+            arm: _same_users(base, set(a.users)).report()
+            for arm, a in arms.items()
+            if a is not None
+        }
+        out["first_period_same_users"] = before
+        out["difference_in_differences"] = _difference(
+            now["impress"], now["sampled"], before["impress"], before["sampled"]
+        )
     out["seconds"] = round(time.monotonic() - started, 1)
+    return out
+
+
+def _same_users(served: simulate.Served, users: set[int]) -> simulate.Served:
+    """The answers of ``served`` to ``users`` only."""
+    out = simulate.Served()
+    for k, u in enumerate(served.users):
+        if u in users:
+            out.add(
+                u, served.click_ndcg[k], served.oracle_ndcg[k], served.clicked[k], served.bought[k]
+            )
     return out
 
 
@@ -264,13 +290,22 @@ def _counts(s: simulate.SimSummary) -> dict[str, float]:
     }
 
 
-def _difference(a: dict[str, float], b: dict[str, float]) -> dict[str, dict[str, float]]:
+def _difference(
+    a: dict[str, float],
+    b: dict[str, float],
+    a0: dict[str, float] | None = None,
+    b0: dict[str, float] | None = None,
+) -> dict[str, dict[str, float]]:
     """a - b per figure, with a 95% interval (the arms' users are disjoint: the
-    variances add)."""
+    variances add); given a0 and b0, (a - a0) - (b - b0) with the four variances
+    added (wider than need be: a shopper's two periods move together)."""
     out = {}
     for name in FIGURES:
+        terms = [m for m in (a, b, a0, b0) if m is not None]
         d = a[name] - b[name]
-        se = float(np.hypot(a[f"{name}_stderr"], b[f"{name}_stderr"]))
+        if a0 is not None and b0 is not None:
+            d -= a0[name] - b0[name]
+        se = float(np.sqrt(sum(m[f"{name}_stderr"] ** 2 for m in terms)))
         out[name] = {
             "diff": round(d, 4),
             "low": round(d - 1.96 * se, 4),
@@ -286,8 +321,10 @@ def run(plan: Plan, seeds: list[int], work: Path) -> dict[str, Any]:
         target.mkdir(parents=True, exist_ok=True)
         results.append(one_seed(plan, s, target))
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    diffs = [r["difference"] for r in results if "difference" in r]
-    summary = {name: [d[name]["diff"] for d in diffs] for name in FIGURES}
+    summary = {
+        kind: {name: [r[kind][name]["diff"] for r in results if kind in r] for name in FIGURES}
+        for kind in ("difference", "difference_in_differences")
+    }
     return {"plan": _plan(plan), "seeds": results, "impress_minus_sampled": summary}
 
 

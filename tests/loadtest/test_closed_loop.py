@@ -39,6 +39,17 @@ def test_the_closed_loop_compares_both_models_on_later_traffic(
     for name in closed_loop.FIGURES:
         d = run["difference"][name]
         assert d["low"] <= d["diff"] <= d["high"]
-    assert result["impress_minus_sampled"]["oracle_ndcg_at_10"] == [
+    # The same shoppers in the first period (one model for all): where each arm started.
+    before = run["first_period_same_users"]
+    assert sum(before[arm]["users"] for arm in closed_loop.ARMS) <= first["served"][base]["users"]
+    for name in closed_loop.FIGURES:
+        change = {
+            arm: served[f"{arm}/{run['models'][arm]['version']}"][name] - before[arm][name]
+            for arm in closed_loop.ARMS
+        }
+        did = run["difference_in_differences"][name]
+        assert did["diff"] == pytest.approx(change["impress"] - change["sampled"], abs=1e-4)
+    summary = result["impress_minus_sampled"]
+    assert summary["difference"]["oracle_ndcg_at_10"] == [
         run["difference"]["oracle_ndcg_at_10"]["diff"]
     ]
