@@ -20,7 +20,8 @@ with a labelled outcome becomes a group of its shown items, with their
 features just before it and their served positions; a sampled training event
 that is one of its outcomes makes no sampled group of its own. Sampled held-out
 impressions with a labelled outcome get what the next-event protocol gets,
-plus the shown items (``features.impression_eval``).
+plus the shown items (``features.impression_groups`` decides what goes in,
+``features.impression_eval`` scores them).
 """
 
 from __future__ import annotations
@@ -32,24 +33,16 @@ import numpy as np
 
 from features import evaluation, impression_eval
 from features.candidates import (
-    SOURCE_POPULAR,
     SOURCES,
     CandidateConfig,
     Candidates,
-    Ranked,
     Retrieval,
     assemble,
     quota,
     retrieve,
 )
-from features.impressions import (
-    GRADES,
-    LABEL_WINDOW_SECS,
-    Impression,
-    ImpressionLog,
-    Labels,
-    label,
-)
+from features.impression_groups import ImpressionStats, Logged
+from features.impressions import GRADES, LABEL_WINDOW_SECS, ImpressionLog
 from features.item2item import LearnConfig, learn
 from features.logs import Catalogue, EventLog
 from features.neighbours import Binding, Bound, NeighbourTable
@@ -130,36 +123,6 @@ class Groups:
     @property
     def from_sampled(self) -> int:
         return len(self.sizes) - self.from_impressions
-
-
-@dataclass(slots=True)
-class ImpressionStats:
-    """What became of the logged impressions."""
-
-    read: int = 0
-    train: int = 0
-    held_out: int = 0
-    groups: int = 0
-    dropped_no_positive: int = 0
-    # Every shown item got the same grade: no pair to order.
-    dropped_one_grade: int = 0
-    dropped_unknown_user: int = 0
-    # Shown items the replay did not know yet (left out of their group).
-    shown_items_unknown: int = 0
-    labels: dict[str, int] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, object]:
-        return {
-            "impressions": self.read,
-            "train_impressions": self.train,
-            "held_out_impressions": self.held_out,
-            "train_groups": self.groups,
-            "dropped_no_positive": self.dropped_no_positive,
-            "dropped_one_grade": self.dropped_one_grade,
-            "dropped_unknown_user": self.dropped_unknown_user,
-            "shown_items_unknown": self.shown_items_unknown,
-            "labels": self.labels,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +244,17 @@ def build(
     # move the next-event groups' features (with or without impressions, those
     # stay the same).
     state: dict[str, object] = {"pop": None, "pop_logged": None, "binding": None}
-    logged = _Logged.of(impressions, split, config, train_impressions)
+    logged = None
+    if impressions is not None:
+        logged = Logged.of(
+            impressions,
+            split.split_ts,
+            config.label_window,
+            config.eval_groups,
+            config.seed,
+            config.top_n,
+            train_impressions,
+        )
     if stage is not None:
         stage("replay")
 
@@ -347,95 +320,38 @@ def build(
 
     def take_impressions(until: float) -> None:
         """The impressions up to ``until`` (before an event of the same time: an
-        answer's outcomes follow it)."""
-        assert logged is not None
-        while logged.next < len(logged.queue) and logged.queue[logged.next][0].ts <= until:
-            imp, held_out = logged.queue[logged.next]
-            logged.next += 1
-            user = replay.users.get(imp.user_id)
-            if user is None:
-                if held_out:
-                    logged.test.skipped_unknown_user += 1
-                else:
-                    logged.stats.dropped_unknown_user += 1
-                continue
-            every = EVAL_POPULARITY_SECS if held_out else TRAIN_POPULARITY_SECS
-            if held_out:
-                impression_eval_group(imp, user, every)
-            else:
-                impression_group(imp, user, every)
-
-    def impression_group(imp: Impression, user: UserState, every: float) -> None:
-        """The shown items the replay knows, graded, with their served positions."""
-        assert logged is not None
-        table, grades = replay.items, logged.labels.grades[imp.request_id]
-        rows, positions, labels = [], [], []
-        for position, item_id in enumerate(imp.items, start=1):
-            i = table.index.get(item_id)
-            if i is None:
-                logged.stats.shown_items_unknown += 1
-            elif i not in rows:
-                rows.append(i)
-                positions.append(position)
-                labels.append(grades.get(item_id, 0))
-        if not any(labels):
-            logged.stats.dropped_no_positive += 1
-            return
-        if min(labels) == max(labels):
-            logged.stats.dropped_one_grade += 1
-            return
-        idx = np.asarray(rows, dtype=np.int64)
-        found = retrieve(
-            user,
-            table,
-            popularity(imp.ts, every, "pop_logged"),
-            cand_config,
-            np.zeros(0, np.int64),
-            imp.ts,
-            bound(),
-        )
-        train.features.append(build_matrix(user, table, idx, imp.ts, retrieval=found))
-        train.labels.append(np.asarray(labels, dtype=np.float64))
-        train.sizes.append(len(idx))
-        train.positions.append(np.asarray(positions, dtype=np.int32))
-        train.from_impressions += 1
-        logged.stats.groups += 1
-
-    def impression_eval_group(imp: Impression, user: UserState, every: float) -> None:
-        """What the next-event protocol keeps, plus the shown items and grades."""
+        answer's outcomes follow it), with the state just before them."""
         assert logged is not None
         table = replay.items
-        grades = {
-            table.index[i]: g
-            for i, g in logged.labels.grades[imp.request_id].items()
-            if i in table.index
-        }
-        if not grades:
-            logged.test.skipped_no_known_label += 1
-            return
-        shown = [i for i in dict.fromkeys(map(table.index.get, imp.items)) if i is not None]
-        found = retrieve(
-            user,
-            table,
-            popularity(imp.ts, every, "pop_logged"),
-            cand_config,
-            np.zeros(0, np.int64),
-            imp.ts,
-            bound(),
-        )
-        cand = assemble(found, cand_config)
-        idx = np.asarray(shown, dtype=np.int64)
-        logged.test.groups.append(
-            impression_eval.ImpressionEvalGroup(
-                candidates=cand.index,
-                matrix=build_matrix(user, table, cand.index, imp.ts, retrieval=found),
-                baselines=_baselines(found, config.top_n),
-                shown=idx,
-                shown_matrix=build_matrix(user, table, idx, imp.ts, retrieval=found),
-                grades=grades,
-                user=logged.user_code(imp.user_id),
+        for imp, held_out in logged.due(until):
+            user = replay.users.get(imp.user_id)
+            if user is None:
+                logged.unknown_user(held_out)
+                continue
+            shown = None if held_out else logged.shown_group(imp, table)
+            grades = logged.known_grades(imp, table) if held_out else None
+            if shown is None and grades is None:
+                continue
+            every = EVAL_POPULARITY_SECS if held_out else TRAIN_POPULARITY_SECS
+            found = retrieve(
+                user,
+                table,
+                popularity(imp.ts, every, "pop_logged"),
+                cand_config,
+                np.zeros(0, np.int64),
+                imp.ts,
+                bound(),
             )
-        )
+            if grades is not None:
+                logged.add_eval_group(imp, grades, user, table, found, cand_config)
+            elif shown is not None:
+                train.features.append(
+                    build_matrix(user, table, shown.rows, imp.ts, retrieval=found)
+                )
+                train.labels.append(shown.labels)
+                train.sizes.append(len(shown.rows))
+                train.positions.append(shown.positions)
+                train.from_impressions += 1
 
     users = log.user_ids
 
@@ -482,92 +398,15 @@ def _eval_group(
         matrix=matrix,
         positive=positive,
         true_row=true_row,
-        baselines=_baselines(found, config.top_n),
+        baselines=evaluation.baselines(found, config.top_n),
         found_by={
-            SOURCES[s]: bool(np.any(_served(found, r, quota(config.candidates, s)) == positive))
+            SOURCES[s]: bool(
+                np.any(evaluation.served_list(found, r, quota(config.candidates, s)) == positive)
+            )
             for s, r in found.lists.items()
         },
         touched_before=touched_before,
     )
-
-
-def _served(found: Retrieval, ranked: Ranked | None, size: int) -> np.ndarray:
-    """A list as the service would use it: banned items out, the first ``size``."""
-    banned = found.banned
-    items = ranked.items if ranked is not None else np.zeros(0, np.int64)
-    if len(banned) and len(items):
-        items = items[~np.isin(items, banned)]
-    return items[:size]
-
-
-def _baselines(found: Retrieval, n: int) -> dict[str, np.ndarray]:
-    """The default strategy as served to a known user, and two simple recommenders:
-    the user's own recent items, and the items most related (co-occurring in
-    sessions) to their last five."""
-    recent = found.recent[found.recent >= 0]
-    return {
-        "popular": _served(found, found.lists.get(SOURCE_POPULAR), n),
-        "recent": _served(found, Ranked.of(recent), n),
-        "cooccurrence": _served(
-            found,
-            Ranked.of(found.affinity.ranked("related", 5)) if found.affinity is not None else None,
-            n,
-        ),
-    }
-
-
-@dataclass(slots=True)
-class _Logged:
-    """The impressions a replay takes, in time order (each with whether it is a
-    held-out one to evaluate on), their labels, and what became of them."""
-
-    queue: list[tuple[Impression, bool]]
-    labels: Labels
-    stats: ImpressionStats
-    test: impression_eval.ImpressionEvalSet
-    next: int = 0
-    users: dict[str, int] = field(default_factory=dict)
-
-    @classmethod
-    def of(
-        cls, log: ImpressionLog | None, split: Split, config: DatasetConfig, train: bool
-    ) -> _Logged | None:
-        if log is None:
-            return None
-        split_ts = split.split_ts
-        labels = label(log, config.label_window, split_ts)
-        held = [imp for imp in log.impressions if imp.ts >= split_ts]
-        stats = ImpressionStats(
-            read=len(log.impressions),
-            train=len(log.impressions) - len(held),
-            held_out=len(held),
-            labels=labels.stats.summary(),
-        )
-        labelled = [imp for imp in held if imp.request_id in labels.grades]
-        # Their own stream: the evaluated impressions do not depend on the others.
-        pick = _sample(
-            np.random.default_rng([config.seed, 2]), 0, len(labelled), config.eval_groups
-        )
-        chosen = {labelled[k].request_id for k in pick.tolist()}
-        queue = []
-        for imp in log.impressions:
-            if imp.ts >= split_ts:
-                if imp.request_id in chosen:
-                    queue.append((imp, True))
-            elif not train:
-                continue
-            elif imp.request_id in labels.grades:
-                queue.append((imp, False))
-            else:
-                stats.dropped_no_positive += 1
-        test = impression_eval.ImpressionEvalSet(
-            top_n=config.top_n, held_out=len(held), labelled=len(labelled), sampled=len(chosen)
-        )
-        return cls(queue, labels, stats, test)
-
-    def user_code(self, user_id: str) -> int:
-        """A number per user (the evaluation's standard errors cluster by it)."""
-        return self.users.setdefault(user_id, len(self.users))
 
 
 def _sample(rng: np.random.Generator, lo: int, hi: int, k: int) -> np.ndarray:

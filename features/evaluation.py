@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from features.candidates import SOURCES
+from features.candidates import SOURCE_POPULAR, SOURCES, Ranked, Retrieval
 from features.metrics import rank_of, summarize, top_n
 
 BASELINES: tuple[str, ...] = ("popular", "recent", "cooccurrence")
@@ -48,6 +48,28 @@ class EvalSet:
 
     def add(self, group: EvalGroup) -> None:
         self.groups.append(group)
+
+
+def served_list(found: Retrieval, ranked: Ranked | None, size: int) -> np.ndarray:
+    """A list as the service would use it: banned items out, the first ``size``."""
+    banned = found.banned
+    items = ranked.items if ranked is not None else np.zeros(0, np.int64)
+    if len(banned) and len(items):
+        items = items[~np.isin(items, banned)]
+    return items[:size]
+
+
+def baselines(found: Retrieval, n: int) -> dict[str, np.ndarray]:
+    """The default strategy as served to a known user, and two simple recommenders:
+    the user's own recent items, and the items most related (co-occurring in
+    sessions) to their last five; each as served (bans applied, top ``n``)."""
+    recent = found.recent[found.recent >= 0]
+    related = found.affinity.ranked("related", 5) if found.affinity is not None else None
+    return {
+        "popular": served_list(found, found.lists.get(SOURCE_POPULAR), n),
+        "recent": served_list(found, Ranked.of(recent), n),
+        "cooccurrence": served_list(found, Ranked.of(related) if related is not None else None, n),
+    }
 
 
 def list_metrics(
