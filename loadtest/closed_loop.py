@@ -56,6 +56,11 @@ from recsvc.web.app import create_app
 HELD_OUT_SHARE = 0.25
 FIGURES = ("click_ndcg_at_10", "oracle_ndcg_at_10", "ctr", "conversion")
 ARMS = ("sampled", "impress")
+# --ablate-positions: a third arm trained from the impressions too, but with the
+# position bias factors held at 0 (an L2 penalty LightGBM cannot move them
+# against): what the position debiasing itself is worth.
+NOPOS = "impress_nopos"
+NO_DEBIAS = {"lambdarank_position_bias_regularization": 1e9}
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +75,11 @@ class Plan:
     eval_groups: int = 3000
     trees: int = 100
     label_window: float = 1800.0
+    ablate_positions: bool = False
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        return (*ARMS, NOPOS) if self.ablate_positions else ARMS
 
 
 TINY = Plan(
@@ -135,10 +145,10 @@ async def _period(
         await runner.cleanup()
 
 
-def _experiment(path: Path, salt: str) -> Path:
+def _experiment(path: Path, salt: str, arms: tuple[str, ...]) -> Path:
     variants = "".join(
         f'  [[experiment.variant]]\n  name = "{arm}"\n  weight = 50\n  model = "{arm}"\n'
-        for arm in ARMS
+        for arm in arms
     )
     path.write_text(
         f'[[experiment]]\nname = "closed-loop"\nsalt = "{salt}"\nenabled = true\n'
@@ -215,16 +225,16 @@ def one_seed(plan: Plan, seed: int, work: Path) -> dict[str, Any]:
         split_at = _split_at(impressions)
         config = replace(data, split_at=split_at, label_window=plan.label_window)
         trained: dict[str, Any] = {}
-        for arm in ARMS:
+        for arm in plan.arms:
             path = training.train_files(
                 extended,
                 items,
                 model_dir,
                 arm,
                 config,
-                params,
+                replace(params, extra=NO_DEBIAS) if arm == NOPOS else params,
                 progress=False,
-                impressions_path=impressions if arm == "impress" else None,
+                impressions_path=impressions if arm != "sampled" else None,
             ).path
             meta = models.read_meta(path)
             report, _ = training.evaluate_files(
@@ -238,7 +248,7 @@ def one_seed(plan: Plan, seed: int, work: Path) -> dict[str, Any]:
             }
         out["split_at"] = split_at
         out["models"] = trained
-        experiments = _experiment(work / "experiments.toml", f"closed-loop-{seed}")
+        experiments = _experiment(work / "experiments.toml", f"closed-loop-{seed}", plan.arms)
         second = asyncio.run(
             _period(
                 server.url,
@@ -249,9 +259,9 @@ def one_seed(plan: Plan, seed: int, work: Path) -> dict[str, Any]:
             )
         )
     out["second_period"] = {"summary": _counts(second), "served": second.report()}
-    arms = {arm: second.served.get(f"{arm}/{trained[arm]['version']}") for arm in ARMS}
+    arms = {arm: second.served.get(f"{arm}/{trained[arm]['version']}") for arm in plan.arms}
     now = {arm: a.report() for arm, a in arms.items() if a is not None}
-    if len(now) == len(ARMS):
+    if len(now) == len(plan.arms):
         out["difference"] = _difference(now["impress"], now["sampled"])
         # The arms are different shoppers: the first period's answers (one model
         # for all) to each arm's shoppers show how far apart they started.
@@ -265,6 +275,15 @@ def one_seed(plan: Plan, seed: int, work: Path) -> dict[str, Any]:
         out["difference_in_differences"] = _difference(
             now["impress"], now["sampled"], before["impress"], before["sampled"]
         )
+        if NOPOS in now:
+            out["ablation"] = {
+                "impress_minus_nopos": _difference(
+                    now["impress"], now[NOPOS], before["impress"], before[NOPOS]
+                ),
+                "nopos_minus_sampled": _difference(
+                    now[NOPOS], now["sampled"], before[NOPOS], before["sampled"]
+                ),
+            }
     out["seconds"] = round(time.monotonic() - started, 1)
     return out
 
@@ -340,6 +359,7 @@ def _plan(plan: Plan) -> dict[str, Any]:
         "train_groups": plan.train_groups,
         "trees": plan.trees,
         "label_window": plan.label_window,
+        "arms": list(plan.arms),
     }
 
 
@@ -358,10 +378,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-groups", type=int, default=d.train_groups)
     p.add_argument("--trees", type=int, default=d.trees)
     p.add_argument("--label-window", type=float, default=d.label_window)
+    p.add_argument(
+        "--ablate-positions",
+        action="store_true",
+        help=f"a third arm, {NOPOS}: from impressions without position debiasing",
+    )
     p.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
     args = p.parse_args(argv)
     if args.tiny:
-        plan = TINY
+        plan = replace(TINY, ablate_positions=args.ablate_positions)
     else:
         shop = replace(demo, n_users=args.users, n_items=args.items, n_events=args.events)
         plan = Plan(
@@ -373,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
             train_groups=args.train_groups,
             trees=args.trees,
             label_window=args.label_window,
+            ablate_positions=args.ablate_positions,
         )
     if args.work is not None:
         result = run(plan, args.seeds, args.work)
