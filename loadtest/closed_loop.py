@@ -15,9 +15,13 @@ generator and sizes unless told otherwise):
 4. serve both to a second simulated period, 50/50 by an A/B experiment, and
    score each version's answers (`recsvc simulate`'s per-version figures).
 
-Prints one JSON object (per seed, and the differences impress - sampled);
-``--tiny`` is a size the test suite affords. Bounded: each period stops at its
-request count or ``--duration`` seconds; the sizes bound the training.
+Prints one JSON object: per seed, each version's figures and the difference
+impress - sampled with a 95% interval, raw and net of where each arm's shoppers
+started (their first-period figures, when one model served everyone);
+``--ablate-positions`` adds a third arm trained from the impressions without
+position debiasing. ``--tiny`` is a size the test suite affords. Bounded: each
+period stops at its request count or ``--duration`` seconds; the sizes bound
+the training (a seed at the demo's size takes about 11 minutes on one core).
 
     taskset -c 0 .venv/bin/python loadtest/closed_loop.py [--seeds 1 2 3] [--tiny]
 """
