@@ -13,6 +13,15 @@ walks the whole log through the pure state:
 - at sampled held-out events of users with history, everything needed to build
   the lists the service would serve then, and the baselines' lists
   (``features.evaluation`` scores them once the model exists).
+
+Given logged impressions (``features.impressions``), the same replay takes them
+in time order between the events: a training impression (before the split)
+with a labelled outcome becomes a group of its shown items, with their
+features just before it and their served positions; a sampled training event
+that is one of its outcomes makes no sampled group of its own. Sampled held-out
+impressions with a labelled outcome get what the next-event protocol gets,
+plus the shown items (``features.impression_groups`` decides what goes in,
+``features.impression_eval`` scores them).
 """
 
 from __future__ import annotations
@@ -22,18 +31,18 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from features import evaluation
+from features import evaluation, impression_eval
 from features.candidates import (
-    SOURCE_POPULAR,
     SOURCES,
     CandidateConfig,
     Candidates,
-    Ranked,
     Retrieval,
     assemble,
     quota,
     retrieve,
 )
+from features.impression_groups import ImpressionStats, Logged
+from features.impressions import GRADES, LABEL_WINDOW_SECS, ImpressionLog
 from features.item2item import LearnConfig, learn
 from features.logs import Catalogue, EventLog
 from features.neighbours import Binding, Bound, NeighbourTable
@@ -42,8 +51,6 @@ from features.replay import Replay
 from features.schema import FEATURE_NAMES, build_matrix
 from features.state import ItemTable, UserState
 
-# Relevance grade of the labelled item by event type (negatives are 0).
-GRADES = (1, 2, 3, 4)
 # The offline popularity index is rebuilt at most this often (log seconds) for
 # training groups, and for evaluation groups as often as the serving cache.
 TRAIN_POPULARITY_SECS = 300.0
@@ -51,6 +58,8 @@ EVAL_POPULARITY_SECS = 2.0
 # Below this share of repeated (user, item) events, a catalogue is one of things
 # used once (films, books): recommending what the user already touched is waste.
 REPEAT_SHARE_ALLOWS_SEEN = 0.05
+# The position id of a sampled-negative group's rows: not shown to anyone.
+NOT_SHOWN = 0
 
 
 class NoTrainingGroups(ValueError):
@@ -76,18 +85,25 @@ class DatasetConfig:
     learn: LearnConfig = field(default_factory=LearnConfig)
     # None: decide from the training log's share of repeated (user, item) events.
     exclude_seen: bool | None = None
+    # Outcomes label an impression this long after it (seconds).
+    label_window: float = LABEL_WINDOW_SECS
 
 
 @dataclass(slots=True)
 class Groups:
-    """Stacked training examples: features, labels and group sizes."""
+    """Stacked training examples: features, labels, group sizes, and each row's
+    served position (1, 2, ... in an impression group; NOT_SHOWN otherwise)."""
 
     features: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
+    positions: list[np.ndarray] = field(default_factory=list)
     sampled: int = 0
     skipped_unknown_user: int = 0
     skipped_not_retrieved: int = 0
+    # Sampled events that are an outcome of a logged impression (its group has them).
+    skipped_impression_outcome: int = 0
+    from_impressions: int = 0
 
     def matrix(self) -> np.ndarray:
         if not self.features:
@@ -96,6 +112,17 @@ class Groups:
 
     def label_vector(self) -> np.ndarray:
         return np.concatenate(self.labels) if self.labels else np.zeros(0)
+
+    def position_vector(self) -> np.ndarray | None:
+        """Positions for LightGBM's position-debiased lambdarank; None without an
+        impression group (nothing to debias)."""
+        if not self.from_impressions:
+            return None
+        return np.concatenate(self.positions).astype(np.int32)
+
+    @property
+    def from_sampled(self) -> int:
+        return len(self.sizes) - self.from_impressions
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +149,9 @@ class Dataset:
     n_users: int
     n_items: int
     repeat_share: float
+    # Given impressions: the held-out ones' evaluation groups, and the counts.
+    impression_test: impression_eval.ImpressionEvalSet | None = None
+    impressions: ImpressionStats | None = None
 
     @property
     def split_ts(self) -> float:
@@ -176,12 +206,16 @@ def build(
     neighbours: NeighbourTable | None = None,
     stage: Callable[[str], None] | None = None,
     learn_neighbours: bool = True,
+    impressions: ImpressionLog | None = None,
+    train_impressions: bool = True,
 ) -> Dataset:
     """Replay the log once and collect training groups and held-out evaluation groups.
 
     ``neighbours``: the table to serve with (``recsvc evaluate`` passes the
     model's own); when None and ``learn_neighbours``, it is learned from the
-    training events.
+    training events. ``impressions``: logged answers and their outcomes (training
+    groups from those before the split unless not ``train_impressions``, and the
+    impression protocol's groups from those after it).
     """
     split = split_log(log, config.holdout, config.split_at)
     repeats = repeat_share(log, split.n_train)
@@ -206,7 +240,21 @@ def build(
     test = evaluation.EvalSet(sampled=len(test_pick), top_n=config.top_n)
     # The items each evaluated user touched so far (exact, for "new to the user").
     touched: dict[str, set[str]] = {}
-    state: dict[str, object] = {"pop": None, "binding": None}
+    # Impressions keep their own popularity index: when it is rebuilt must not
+    # move the next-event groups' features (with or without impressions, those
+    # stay the same).
+    state: dict[str, object] = {"pop": None, "pop_logged": None, "binding": None}
+    logged = None
+    if impressions is not None:
+        logged = Logged.of(
+            impressions,
+            split.split_ts,
+            config.label_window,
+            config.eval_groups,
+            config.seed,
+            config.top_n,
+            train_impressions,
+        )
     if stage is not None:
         stage("replay")
 
@@ -219,15 +267,24 @@ def build(
             state["binding"] = previous = neighbours.bind(replay.items, previous)
         return Bound(neighbours, previous)
 
-    def popularity(ts: float, every: float) -> PopularityIndex:
-        index = state["pop"]
+    def popularity(ts: float, every: float, key: str = "pop") -> PopularityIndex:
+        index = state[key]
         if not isinstance(index, PopularityIndex) or ts - index.built_at > every:
-            index = state["pop"] = PopularityIndex.build(replay.items, ts)
+            index = state[key] = PopularityIndex.build(replay.items, ts)
         return index
 
     def before(k: int, ts: float, user_id: str, item_id: str, event_type: int) -> None:
+        if logged is not None:
+            take_impressions(ts)
         is_test = wanted.get(k)
         if is_test is None:
+            return
+        if (
+            logged is not None
+            and not is_test
+            and logged.labels.is_outcome(user_id, item_id, event_type, ts)
+        ):
+            train.skipped_impression_outcome += 1
             return
         user = replay.users.get(user_id)
         if user is None:
@@ -259,6 +316,42 @@ def build(
         train.features.append(build_matrix(user, table, idx, ts, retrieval=found))
         train.labels.append(labels)
         train.sizes.append(len(idx))
+        train.positions.append(np.full(len(idx), NOT_SHOWN, dtype=np.int32))
+
+    def take_impressions(until: float) -> None:
+        """The impressions up to ``until`` (before an event of the same time: an
+        answer's outcomes follow it), with the state just before them."""
+        assert logged is not None
+        table = replay.items
+        for imp, held_out in logged.due(until):
+            user = replay.users.get(imp.user_id)
+            if user is None:
+                logged.unknown_user(held_out)
+                continue
+            shown = None if held_out else logged.shown_group(imp, table)
+            grades = logged.known_grades(imp, table) if held_out else None
+            if shown is None and grades is None:
+                continue
+            every = EVAL_POPULARITY_SECS if held_out else TRAIN_POPULARITY_SECS
+            found = retrieve(
+                user,
+                table,
+                popularity(imp.ts, every, "pop_logged"),
+                cand_config,
+                np.zeros(0, np.int64),
+                imp.ts,
+                bound(),
+            )
+            if grades is not None:
+                logged.add_eval_group(imp, grades, user, table, found, cand_config)
+            elif shown is not None:
+                train.features.append(
+                    build_matrix(user, table, shown.rows, imp.ts, retrieval=found)
+                )
+                train.labels.append(shown.labels)
+                train.sizes.append(len(shown.rows))
+                train.positions.append(shown.positions)
+                train.from_impressions += 1
 
     users = log.user_ids
 
@@ -268,6 +361,8 @@ def build(
             touched.setdefault(users[u], set()).add(log.item_ids[int(log.item[k])])
 
     replay.run(log, before=before, progress=progress, after=after)
+    if logged is not None:
+        take_impressions(np.inf)
     return Dataset(
         train=train,
         test=test,
@@ -277,6 +372,8 @@ def build(
         n_users=len(replay.users),
         n_items=replay.items.count,
         repeat_share=repeats,
+        impression_test=logged.test if logged is not None else None,
+        impressions=logged.stats if logged is not None else None,
     )
 
 
@@ -290,42 +387,22 @@ def _eval_group(
     config: DatasetConfig,
     touched_before: bool,
 ) -> evaluation.EvalGroup:
-    n = config.top_n
-    banned = found.banned
-
-    def served(ranked: Ranked | None, size: int = n) -> np.ndarray:
-        """A list as the service would use it: banned items out, the first ``size``."""
-        items = ranked.items if ranked is not None else np.zeros(0, np.int64)
-        if len(banned) and len(items):
-            items = items[~np.isin(items, banned)]
-        return items[:size]
-
     matrix = build_matrix(user, table, cand.index, ts, retrieval=found)
     # The in-set figure needs the true item's row even when retrieval missed it.
     true_row = None
     if not np.any(cand.index == positive):
         true_row = build_matrix(user, table, np.asarray([positive]), ts, retrieval=found)[0]
-    recent = found.recent[found.recent >= 0]
     return evaluation.EvalGroup(
         candidates=cand.index,
         sources=cand.source,
         matrix=matrix,
         positive=positive,
         true_row=true_row,
-        baselines={
-            # The default strategy as served to a known user, and two simple
-            # recommenders: the user's own recent items, and the items most
-            # related (co-occurring in sessions) to their last five.
-            "popular": served(found.lists.get(SOURCE_POPULAR)),
-            "recent": served(Ranked.of(recent)),
-            "cooccurrence": served(
-                Ranked.of(found.affinity.ranked("related", 5))
-                if found.affinity is not None
-                else None
-            ),
-        },
+        baselines=evaluation.baselines(found, config.top_n),
         found_by={
-            SOURCES[s]: bool(np.any(served(r, quota(config.candidates, s)) == positive))
+            SOURCES[s]: bool(
+                np.any(evaluation.served_list(found, r, quota(config.candidates, s)) == positive)
+            )
             for s, r in found.lists.items()
         },
         touched_before=touched_before,

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from features.candidates import SOURCES
+from features.candidates import SOURCE_POPULAR, SOURCES, Ranked, Retrieval
 from features.metrics import rank_of, summarize, top_n
 
 BASELINES: tuple[str, ...] = ("popular", "recent", "cooccurrence")
@@ -50,6 +50,28 @@ class EvalSet:
         self.groups.append(group)
 
 
+def served_list(found: Retrieval, ranked: Ranked | None, size: int) -> np.ndarray:
+    """A list as the service would use it: banned items out, the first ``size``."""
+    banned = found.banned
+    items = ranked.items if ranked is not None else np.zeros(0, np.int64)
+    if len(banned) and len(items):
+        items = items[~np.isin(items, banned)]
+    return items[:size]
+
+
+def baselines(found: Retrieval, n: int) -> dict[str, np.ndarray]:
+    """The default strategy as served to a known user, and two simple recommenders:
+    the user's own recent items, and the items most related (co-occurring in
+    sessions) to their last five; each as served (bans applied, top ``n``)."""
+    recent = found.recent[found.recent >= 0]
+    related = found.affinity.ranked("related", 5) if found.affinity is not None else None
+    return {
+        "popular": served_list(found, found.lists.get(SOURCE_POPULAR), n),
+        "recent": served_list(found, Ranked.of(recent), n),
+        "cooccurrence": served_list(found, Ranked.of(related) if related is not None else None, n),
+    }
+
+
 def list_metrics(
     lists: list[np.ndarray], positives: np.ndarray, n: int, users: np.ndarray | None = None
 ) -> dict[str, float]:
@@ -76,11 +98,11 @@ def list_metrics(
         f"hit_at_{n}": float(hit.mean()),
         f"mrr_at_{n}": float(np.where(hit, 1.0 / (np.where(hit, rank, 0.0) + 1.0), 0.0).mean()),
         "ndcg_stderr": float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0,
-        "ndcg_stderr_by_user": _clustered_stderr(gain, users),
+        "ndcg_stderr_by_user": clustered_stderr(gain, users),
     }
 
 
-def _clustered_stderr(values: np.ndarray, clusters: np.ndarray | None) -> float:
+def clustered_stderr(values: np.ndarray, clusters: np.ndarray | None) -> float:
     """Standard error of a mean whose terms are correlated within clusters (the
     sandwich estimator: the residuals summed per cluster)."""
     if clusters is None or len(values) < 2:

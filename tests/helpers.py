@@ -10,7 +10,16 @@ from pathlib import Path
 import numpy as np
 from redis.asyncio import Redis
 
-from features.events import COVISIT_NEIGHBOURS
+from features.events import COVISIT_NEIGHBOURS, EventType
+from features.impressions import (
+    Impression,
+    ImpressionLog,
+    ImpressionWriter,
+    Outcome,
+    impression_record,
+    outcome_record,
+)
+from features.logs import EventLog
 from features.state import (
     COL_CATEGORY,
     COL_NBR,
@@ -137,3 +146,48 @@ def serve_command(
         *("--model-dir", str(model_dir), "--data-dir", str(data_dir), *extra),
     ]
     return argv, env
+
+
+def impressions_for(
+    log: EventLog,
+    events: Iterable[int],
+    seed: int = 0,
+    shown: int = 10,
+    lead_secs: float = 3.0,
+    prefix: str = "r",
+) -> ImpressionLog:
+    """Logged answers that the log's events ``events`` (indices) are outcomes of:
+    each event's user was shown, ``lead_secs`` before it, ``shown`` items with the
+    event's item among them, at a position drawn with a strong lean to the top (as
+    a user clicks what is shown first); the event is the outcome."""
+    rng = np.random.default_rng(seed)
+    impressions, outcomes = [], []
+    n_items = len(log.item_ids)
+    for k in events:
+        ts, u, i, kind = float(log.ts[k]), int(log.user[k]), int(log.item[k]), int(log.type[k])
+        others = [int(x) for x in rng.permutation(n_items)[: shown + 1] if int(x) != i][: shown - 1]
+        position = min(int(rng.geometric(0.35)), shown)
+        items = [log.item_ids[x] for x in others]
+        items.insert(position - 1, log.item_ids[i])
+        rid = f"{prefix}{k}"
+        user = log.user_ids[u]
+        impressions.append(Impression(rid, user, ts - lead_secs, tuple(items)))
+        outcomes.append(Outcome(rid, user, log.item_ids[i], kind, ts))
+    impressions.sort(key=lambda imp: imp.ts)
+    return ImpressionLog(impressions, outcomes)
+
+
+def write_impressions(directory: Path, logged: ImpressionLog, stamp: str = "1") -> None:
+    """``logged`` as the complete JSONL files the export writes."""
+    with ImpressionWriter(directory, stamp) as out:
+        for imp in logged.impressions:
+            out.impression(impression_record(imp.request_id, imp.user_id, imp.ts, list(imp.items)))
+        for o in logged.outcomes:
+            out.outcome(outcome_record(o.request_id, o.user_id, o.item_id, o.type, o.ts))
+
+
+def click_events(log: EventLog, lo: int, hi: int, count: int, seed: int = 0) -> list[int]:
+    """``count`` indices of click events among events ``lo``..``hi`` (drawn, sorted)."""
+    clicks = lo + np.flatnonzero(log.type[lo:hi] == EventType.CLICK)
+    rng = np.random.default_rng(seed)
+    return sorted(int(k) for k in rng.choice(clicks, size=min(count, len(clicks)), replace=False))

@@ -97,6 +97,30 @@ def _split(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _impressions(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--impressions",
+        type=Path,
+        metavar="DIR",
+        help=f"logged impressions and outcomes (impressions-*.jsonl, outcomes-*.jsonl): {what}",
+    )
+    p.add_argument(
+        "--label-window",
+        type=_seconds,
+        default=DatasetConfig().label_window,
+        metavar="SECS",
+        help="outcomes label an impression this long after it "
+        f"(default {DatasetConfig().label_window:.0f})",
+    )
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -267,6 +291,23 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--requests", type=int, default=20_000, help="recommendations at most")
     sim.add_argument("--concurrency", type=int, default=8)
     sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument(
+        "--events-log",
+        type=Path,
+        metavar="FILE",
+        help="append every applied event (ts,user_id,item_id,type, the time the service "
+        "recorded) to this event log CSV, e.g. a copy of the demo's events.csv",
+    )
+    sim.add_argument(
+        "--impressions-out",
+        type=Path,
+        metavar="DIR",
+        help="write what was shown and what came of it as impressions-*.jsonl and "
+        "outcomes-*.jsonl (what `recsvc train --impressions` reads)",
+    )
+    sim.add_argument(
+        "--json", action="store_true", help="the per-version figures as one JSON object on stdout"
+    )
 
     tr = sub.add_parser("train", help="train a ranker from an event log")
     _common(tr)
@@ -277,6 +318,17 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--name", help="model name (default RECSVC_MODEL_NAME)")
     _training(tr)
     _split(tr)
+    _impressions(
+        tr,
+        "train on what was shown (groups of shown items, graded by outcomes, position "
+        "debiased) beside sampled negatives, and report the impression protocol",
+    )
+    tr.add_argument(
+        "--shuffle-labels",
+        action="store_true",
+        help="for testing guardrails only: permute labels within each group, so the "
+        "model learns nothing real",
+    )
     tr.add_argument("--seed", type=int, default=TrainParams().seed)
 
     ev = sub.add_parser(
@@ -289,6 +341,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--name", help="model name (default RECSVC_MODEL_NAME)")
     ev.add_argument("--version", help="model version (default: the newest usable one)")
     _split(ev)
+    _impressions(ev, "also report the impression protocol on the held-out ones")
     ev.add_argument("--seed", type=int, default=DatasetConfig().seed)
     ev.add_argument("--json", action="store_true", help="one JSON object on stdout")
     ev.add_argument(
@@ -379,6 +432,7 @@ def _train(
     name: str,
     data: DatasetConfig,
     params: TrainParams,
+    impressions: Path | None = None,
 ) -> None:
     outcome = training.train_files(
         events,
@@ -389,6 +443,7 @@ def _train(
         params,
         progress=sys.stderr.isatty(),
         keep=settings.model_keep_versions,
+        impressions_path=impressions,
     )
     for report in outcome.reports:
         print(report.summary(), file=sys.stderr)
@@ -606,6 +661,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
                 seed=args.seed,
                 # Like the load test's: from the environment, never argv (ps shows it).
                 key=os.environ.get("RECSVC_LOADTEST_KEY", ""),
+                events_log=args.events_log,
+                impressions_out=args.impressions_out,
             )
         )
     except ValueError as exc:
@@ -615,6 +672,10 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         f"{done.purchases} purchases in {done.seconds:.1f}s ({done.errors} errors)",
         file=sys.stderr,
     )
+    if args.json:
+        print(json.dumps(done.report(), indent=2))
+    else:
+        print(simulate.served_table(done), file=sys.stderr)
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -697,7 +758,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         events, items = seed.synthetic_paths(settings.data_dir)
         if not events.is_file():
             raise SettingsError(f"no event log at {events}: run `recsvc generate` or pass --events")
-    params = TrainParams(num_trees=args.trees, seed=args.seed)
+    params = TrainParams(num_trees=args.trees, seed=args.seed, shuffle_labels=args.shuffle_labels)
     data = DatasetConfig(
         train_groups=args.train_groups,
         eval_groups=args.groups,
@@ -706,8 +767,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         seed=args.seed,
         candidates=settings.candidate_config,
         exclude_seen=_seen(args.exclude_seen),
+        label_window=args.label_window,
     )
-    _train(settings, events, items, args.name or settings.model_name, data, params)
+    name = args.name or settings.model_name
+    _train(settings, events, items, name, data, params, args.impressions)
 
 
 def _seen(choice: str) -> bool | None:
@@ -731,6 +794,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         split_at=args.split_at,
         seed=args.seed,
         candidates=settings.candidate_config,
+        label_window=args.label_window,
     )
     report, files = training.evaluate_files(
         args.events,
@@ -739,6 +803,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         data,
         progress=sys.stderr.isatty(),
         exclude_seen=_seen(args.exclude_seen),
+        impressions_path=args.impressions,
     )
     for f in files:
         print(f.summary(), file=sys.stderr)

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from features import evaluation
+from features import evaluation, impression_eval
 from features.dataset import Dataset, DatasetConfig, build
+from features.impressions import ImpressionLog, read_impressions
 from features.logs import Catalogue, EventLog, ReadReport, read_catalogue_report, read_log
 from features.trainer import TrainParams, summary, train
 from recsvc.ranking import models
@@ -70,6 +71,28 @@ def _split_info(data: Dataset) -> dict[str, Any]:
     }
 
 
+def _impressions(path: Path | None, reports: list[ReadReport]) -> ImpressionLog | None:
+    if path is None:
+        return None
+    logged = read_impressions(path)
+    reports.extend(logged.reports)
+    return logged
+
+
+def _impression_info(data: Dataset) -> dict[str, Any] | None:
+    """Where the training groups came from, and what became of the impressions."""
+    if data.impressions is None:
+        return None
+    t = data.train
+    return {
+        "train_groups_from_impressions": t.from_impressions,
+        "train_groups_sampled_negatives": t.from_sampled,
+        "sampled_skipped_as_impression_outcome": t.skipped_impression_outcome,
+        "label_window_secs": data.config.label_window,
+        **data.impressions.summary(),
+    }
+
+
 def train_files(
     events_path: Path,
     items_path: Path | None,
@@ -79,18 +102,32 @@ def train_files(
     params: TrainParams,
     progress: bool = True,
     keep: int = models.KEEP_VERSIONS,
+    impressions_path: Path | None = None,
 ) -> TrainOutcome:
+    """``impressions_path``: a directory of logged impressions and outcomes to train
+    on (and evaluate the impression protocol with) beside the sampled groups."""
     started = time.perf_counter()
     log, catalogue, reports = read_files(events_path, items_path)
+    logged = _impressions(impressions_path, reports)
     with _stages(progress, len(log)) as (stage, tick):
-        data = build(log, catalogue, data_config, progress=tick, stage=stage)
+        data = build(log, catalogue, data_config, progress=tick, stage=stage, impressions=logged)
     with tqdm(
         total=params.num_trees, unit="tree", desc="train", disable=not progress, mininterval=0.5
     ) as bar:
         result = train(data, params, progress=bar.update)
     report = {**_split_info(data), **result.report}
+    info = _impression_info(data)
+    if info is not None:
+        info["position_bias"] = (
+            {str(k): v for k, v in result.position_bias.items()}
+            if result.position_bias is not None
+            else None
+        )
+        report["training_impressions"] = info
+    if params.shuffle_labels:
+        report["labels_shuffled"] = True
     table = data.neighbours
-    meta = {
+    meta: dict[str, Any] = {
         "metrics": result.metrics,
         "evaluation": report,
         "exclude_seen": data.config.exclude_seen,
@@ -117,6 +154,12 @@ def train_files(
             **data.split.summary(),
         },
     }
+    if info is not None:
+        meta["data"]["impressions_dir"] = str(impressions_path)
+        meta["data"]["impressions"] = info
+    if params.shuffle_labels:
+        # Never a model to serve for real: say so where every reader looks.
+        meta["data"]["labels_shuffled"] = True
     # Real held-out rows (a compiled scorer must reproduce the native scores on them).
     held_out = [g.matrix for g in data.test.groups[:8] if len(g.matrix)]
     sample = np.concatenate(held_out) if held_out else data.train.matrix()
@@ -133,11 +176,14 @@ def evaluate_files(
     data_config: DatasetConfig,
     progress: bool = True,
     exclude_seen: bool | None = None,
+    impressions_path: Path | None = None,
 ) -> tuple[dict[str, Any], list[ReadReport]]:
     """The served-list report of a saved model version on a log (trains nothing).
-    ``exclude_seen`` None: as the model's training decided."""
+    ``exclude_seen`` None: as the model's training decided. ``impressions_path``:
+    also the impression protocol on the held-out impressions there."""
     model = models.load(model_path)
     log, catalogue, reports = read_files(events_path, items_path)
+    logged = _impressions(impressions_path, reports)
     seen = model.exclude_seen if exclude_seen is None else exclude_seen
     config = replace(data_config, train_groups=0, exclude_seen=seen)
     with _stages(progress, len(log)) as (stage, tick):
@@ -149,9 +195,13 @@ def evaluate_files(
             stage=stage,
             neighbours=model.neighbours,
             learn_neighbours=False,
+            impressions=logged,
+            train_impressions=False,
         )
         stage("scoring")
         report = evaluation.evaluate(data.test, model.predict, data.n_items)
+        if data.impression_test is not None:
+            report["impressions"] = impression_eval.evaluate(data.impression_test, model.predict)
     out: dict[str, Any] = {
         "model": {"name": model.name, "version": model.version},
         **_split_info(data),
@@ -189,5 +239,45 @@ def metrics_table(report: dict[str, Any]) -> str:
         lines.append(
             f"in-set ranking (true item put into the candidates; not served): "
             f"ndcg@10 {report['in_set_ranking']['ndcg_at_10']:.4f}"
+        )
+    if "training_impressions" in report:
+        lines.append(_training_impressions(report["training_impressions"]))
+    if "impressions" in report:
+        lines.append(impressions_table(report["impressions"]))
+    return "\n".join(lines)
+
+
+def _training_impressions(info: dict[str, Any]) -> str:
+    bias = info.get("position_bias")
+    factors = " ".join(f"{k}:{v:+.3f}" for k, v in bias.items()) if bias else "-"
+    return (
+        f"training groups: {info['train_groups_from_impressions']} from impressions, "
+        f"{info['train_groups_sampled_negatives']} sampled negatives "
+        f"({info['sampled_skipped_as_impression_outcome']} sampled events left to their "
+        f"impression); impressions {info['train_impressions']} before the split, dropped: "
+        f"{info['dropped_no_positive']} no positive, {info['dropped_one_grade']} one grade, "
+        f"{info['dropped_unknown_user']} unknown user; {info['shown_items_unknown']} shown "
+        f"items unknown; outcomes: {info['labels']['used_as_labels']} used as labels, "
+        f"{info['labels']['ignored_user_mismatch']} of another user ignored\n"
+        f"position bias factors (position: factor, 0 = not shown): {factors}"
+    )
+
+
+def impressions_table(report: dict[str, Any]) -> str:
+    """The impression protocol: served lists and re-ranked shown lists, one row each."""
+    n = report["top_n"]
+    lines = [
+        f"impression protocol at {n} on {report['groups']} held-out impressions with an "
+        f"outcome (of {report['held_out_impressions']}; candidate recall of labelled items "
+        f"{report['candidate_recall']:.3f})",
+        f"  note: {impression_eval.NOTE}",
+        f"{'list':<30}{'ndcg':>9}{'± user':>8}{'hit':>9}",
+    ]
+    rows = [(f"served {k}", m) for k, m in report["served"].items()]
+    rows += [(f"re-ranked shown {k}", m) for k, m in report["reranked_shown"].items()]
+    for name, m in rows:
+        lines.append(
+            f"{name:<30}{m[f'ndcg_at_{n}']:>9.4f}{m['ndcg_stderr_by_user']:>8.4f}"
+            f"{m[f'hit_at_{n}']:>9.4f}"
         )
     return "\n".join(lines)
