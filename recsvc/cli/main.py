@@ -135,13 +135,6 @@ def _megabytes(text: str) -> float:
     return value
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1e9:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
-    return value
-
-
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 < value < 1.0:
@@ -732,7 +725,7 @@ async def _rollout_command(url: str, settings: Settings, args: argparse.Namespac
             r = await rollouts.abort(store, args.name)
             return rollouts.format_status({r.name: r})
         if args.models_command == "unpin":
-            await rollouts.unpin(store, args.name)
+            await rollouts.unpin(store, args.name, settings.models_path)
             return f"{args.name}: no roll-out record; its newest version serves"
         records = await store.all()
         if args.name:
