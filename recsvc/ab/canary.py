@@ -58,7 +58,12 @@ from recsvc.store.client import REDIS_FAILURES, RedisClient
 
 log = logging.getLogger(__name__)
 SLICE = 500  # stream entries per read
-READ_MAX = 50_000  # per stream per tick: a backlog is worked off over ticks
+READ_MAX = 20_000  # per stream per tick: a backlog is worked off over ticks
+MATURE_SLICE = 2_000  # impressions counted between turns of the event loop
+# Outcomes are read up to this long before the newest impression read: an
+# impression reaches its stream up to a flush interval (recsvc.ab.impressions)
+# after the answer, possibly from another worker than its click's outcome.
+OUTCOME_LAG_MS = 1000
 PENDING_MAX = 500_000  # impressions waiting to mature; beyond, the oldest mature early
 SNAPSHOT_SECS = 2.0
 
@@ -91,14 +96,13 @@ def decode_impression(fields: dict[Any, Any]) -> dict[str, Any] | None:
     return d if isinstance(d, dict) else None
 
 
-@dataclass(slots=True)
-class _Pending:
-    ts: float
-    arm: str
-    user_id: str
-    items: frozenset[str]
-    clicked: bool = False
-    bought: bool = False
+# An impression waiting for its clicks: (stream time s, arm, user, its items as
+# one string "\x1fa\x1fb\x1f"). Tuples of strings and numbers only, which the
+# garbage collector stops tracking: a backlog of 100k of them must not make
+# every collection walk a million objects on a serving worker's loop.
+Pending = tuple[float, str, str, str]
+SEP = "\x1f"
+CLICKED, BOUGHT = 1, 2
 
 
 @dataclass(slots=True)
@@ -113,13 +117,15 @@ class StepView:
     arms: dict[str, ArmStats] = field(
         default_factory=lambda: {CANARY: ArmStats(), STABLE: ArmStats()}
     )
-    pending: dict[str, _Pending] = field(default_factory=dict)
+    pending: dict[str, Pending] = field(default_factory=dict)
+    flags: dict[str, int] = field(default_factory=dict)  # request id -> CLICKED | BOUGHT
     order: deque[str] = field(default_factory=deque)
     mismatched_users: int = 0
     other_items: int = 0
     read: int = 0
-    # The last read of outcomes stopped at its budget, not at the stream's end.
-    outcomes_behind: bool = False
+    # Stream times (ms, Redis clock) up to which each stream has been read whole.
+    impressions_until: int = 0
+    outcomes_until: int = 0
 
     def matches(self, r: Rollout) -> bool:
         return (self.rollout_id, self.share, self.started_at) == (
@@ -131,6 +137,11 @@ class StepView:
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _ms(entry_id: Any) -> int:
+    """A stream entry id's time part (ms)."""
+    return int(_text(entry_id).split("-", 1)[0])
 
 
 def _since(ts: float) -> str:
@@ -201,17 +212,20 @@ class CanaryController:
         if view is None or not view.matches(r):
             since = _since(r.step_started_at)
             view = self.views[name] = StepView(r.id, r.share, r.step_started_at, since, since)
-        await self._read_impressions(name, r, view)
+        now_ms = await self._redis_ms()
+        await self._read_impressions(name, r, view, now_ms)
         await self._read_outcomes(view)
-        if not view.outcomes_behind:  # else an answer's clicks may not have been read yet
-            self._mature(view, time.time() - self.outcome_wait)
+        # An impression counts once its clicks would have been read: outcome_wait
+        # after it reached its stream, by the outcomes read so far (all times
+        # are stream times, the Redis clock: no worker's clock matters).
+        await self._mature(view, view.outcomes_until / 1000.0 - self.outcome_wait)
         canary, other = view.arms[CANARY], view.arms[STABLE]
         final = canary.impressions >= r.min_exposures
         checks = evaluate(canary, other, r.share, final, self.thresholds)
         failed = [c for c in checks if c.ok is False]
         if failed:
             return await self._decide(r, view, checks, rollback=failed[0])
-        needed = {"srm", "model_faults", "ctr"}
+        needed = {"srm", "model_faults", "ctr", "latency_p99"}
         if final and all(c.ok for c in checks if c.name in needed):
             return await self._decide(r, view, checks, rollback=None)
         now = time.monotonic()
@@ -272,15 +286,22 @@ class CanaryController:
             self.views.pop(old.name, None)
         return stored
 
-    async def _read_impressions(self, name: str, r: Rollout, view: StepView) -> None:
+    async def _redis_ms(self) -> int:
+        seconds, micros = await self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def _read_impressions(self, name: str, r: Rollout, view: StepView, now_ms: int) -> None:
         budget = READ_MAX
         while budget > 0:
-            start = view.impressions_cursor
-            entries = await self.client.xrange(keys.IMPRESSIONS, min=start, max="+", count=SLICE)
-            if not entries:
-                return
+            entries = (
+                await self.client.xrange(
+                    keys.IMPRESSIONS, min=view.impressions_cursor, max="+", count=SLICE
+                )
+                or []
+            )
             for entry_id, fields in entries:
                 view.impressions_cursor = "(" + _text(entry_id)
+                view.impressions_until = _ms(entry_id)
                 if not fields:
                     continue
                 try:
@@ -288,14 +309,17 @@ class CanaryController:
                 except (ValueError, TypeError):
                     continue
                 if d is not None:
-                    self._impression(name, r, view, d)
+                    self._impression(name, r, view, d, view.impressions_until)
             view.read += len(entries)
             budget -= len(entries)
-            if len(entries) < SLICE:
+            if len(entries) < SLICE:  # the stream's end: everything before now is read
+                view.impressions_until = max(view.impressions_until, now_ms - 1)
                 return
             await asyncio.sleep(0)
 
-    def _impression(self, name: str, r: Rollout, view: StepView, d: dict[str, Any]) -> None:
+    def _impression(
+        self, name: str, r: Rollout, view: StepView, d: dict[str, Any], stream_ms: int
+    ) -> None:
         arm = d.get("arm")
         if d.get("rollout") != r.id or arm not in (CANARY, STABLE):
             return
@@ -306,55 +330,71 @@ class CanaryController:
         latency = d.get("latency_ms")
         view.arms[arm].answer(user, strategy, reason, latency if _number(latency) else None)
         if d.get("strategy") == "model" and request_id and request_id not in view.pending:
-            ts = d["ts"] if _number(d.get("ts")) else time.time()
-            view.pending[request_id] = _Pending(ts, arm, user, frozenset(d.get("items") or ()))
+            items = d.get("items") or []
+            shown = SEP + SEP.join(i for i in items if isinstance(i, str)) + SEP
+            view.pending[request_id] = (stream_ms / 1000.0, arm, user, shown)
             view.order.append(request_id)
-            if len(view.order) > PENDING_MAX:
-                self._mature(view, float("inf"), limit=len(view.order) - PENDING_MAX)
+            if len(view.order) > PENDING_MAX:  # bounded memory: count the oldest now
+                self._mature_now(view, float("inf"), len(view.order) - PENDING_MAX)
 
     async def _read_outcomes(self, view: StepView) -> None:
+        """Outcomes up to OUTCOME_LAG_MS before the impressions read, so that an
+        outcome is never read before its impression (it would find no answer)."""
+        cap = view.impressions_until - OUTCOME_LAG_MS
         budget = READ_MAX
-        view.outcomes_behind = True
-        while budget > 0:
-            entries = await self.client.xrange(
-                keys.OUTCOMES, min=view.outcomes_cursor, max="+", count=SLICE
+        while budget > 0 and cap > 0:
+            entries = (
+                await self.client.xrange(
+                    keys.OUTCOMES, min=view.outcomes_cursor, max=str(cap), count=SLICE
+                )
+                or []
             )
-            if not entries:
-                view.outcomes_behind = False
-                return
             for entry_id, fields in entries:
                 view.outcomes_cursor = "(" + _text(entry_id)
-                if not fields:
-                    continue
-                o = {_text(k): _text(v) for k, v in fields.items()}
-                p = view.pending.get(o.get("request_id", ""))
-                if p is None:
-                    continue
-                if o.get("user_id") != p.user_id:
-                    view.mismatched_users += 1
-                    continue
-                if o.get("item_id") not in p.items:
-                    view.other_items += 1
-                    continue
-                kind = o.get("type")
-                if kind == "click":
-                    p.clicked = True
-                elif kind == "purchase":
-                    p.bought = True
+                view.outcomes_until = _ms(entry_id)
+                if fields:
+                    self._outcome(view, {_text(k): _text(v) for k, v in fields.items()})
             budget -= len(entries)
             if len(entries) < SLICE:
-                view.outcomes_behind = False
+                view.outcomes_until = max(view.outcomes_until, cap)
                 return
             await asyncio.sleep(0)
 
-    def _mature(self, view: StepView, before: float, limit: int | None = None) -> None:
+    def _outcome(self, view: StepView, o: dict[str, str]) -> None:
+        request_id = o.get("request_id", "")
+        p = view.pending.get(request_id)
+        if p is None:
+            return
+        if o.get("user_id") != p[2]:
+            view.mismatched_users += 1
+            return
+        item = o.get("item_id", "")
+        if not item or SEP in item or f"{SEP}{item}{SEP}" not in p[3]:
+            view.other_items += 1
+            return
+        kind = o.get("type")
+        if kind == "click":
+            view.flags[request_id] = view.flags.get(request_id, 0) | CLICKED
+        elif kind == "purchase":
+            view.flags[request_id] = view.flags.get(request_id, 0) | BOUGHT
+
+    async def _mature(self, view: StepView, before: float) -> None:
+        """Count the impressions served before ``before``, a slice at a time."""
+        for _ in range(len(view.order) // MATURE_SLICE + 1):
+            if self._mature_now(view, before, MATURE_SLICE) < MATURE_SLICE:
+                return
+            await asyncio.sleep(0)  # a turn for the requests this worker serves
+
+    def _mature_now(self, view: StepView, before: float, limit: int) -> int:
         done = 0
-        while view.order and (limit is None or done < limit):
+        while view.order and done < limit:
             p = view.pending.get(view.order[0])
-            if p is not None and p.ts > before:
+            if p is not None and p[0] > before:
                 break
             request_id = view.order.popleft()
             p = view.pending.pop(request_id, None)
             if p is not None:
-                view.arms[p.arm].matured(p.user_id, p.clicked, p.bought)
+                got = view.flags.pop(request_id, 0)
+                view.arms[p[1]].matured(p[2], bool(got & CLICKED), bool(got & BOUGHT))
             done += 1
+        return done

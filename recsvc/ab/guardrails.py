@@ -34,13 +34,61 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from recsvc.ab.stats import ratio_lift, srm_pvalue
+from recsvc.ab.stats import srm_pvalue
 
 # Fallback reasons the serving model can cause (recsvc.service.recommend).
 MODEL_FAULTS = frozenset({"model_error", "model_unavailable", "deadline", "no_candidates"})
 # Fallbacks that are not a model's doing at all.
 NOT_FALLBACKS = frozenset({"unknown_user"})
 LATENCY_KEEP = 20_000
+
+
+@dataclass(slots=True)
+class Moments:
+    """Sums over users of x (impressions), y (clicks or purchases) and their
+    squares and product: the delta method's inputs, kept current in O(1) per
+    impression, so a look costs the same with 100 users or 1,000,000."""
+
+    n: int = 0
+    sx: float = 0.0
+    sy: float = 0.0
+    sxx: float = 0.0
+    syy: float = 0.0
+    sxy: float = 0.0
+
+    def move(self, x: int, y: int, dx: int, dy: int, new_user: bool) -> None:
+        """A user's (x, y) became (x + dx, y + dy)."""
+        self.n += new_user
+        x1, y1 = x + dx, y + dy
+        self.sx += dx
+        self.sy += dy
+        self.sxx += x1 * x1 - x * x
+        self.syy += y1 * y1 - y * y
+        self.sxy += x1 * y1 - x * y
+
+    def ratio(self) -> tuple[float, float] | None:
+        """Σy/Σx and the delta-method variance of that ratio (users the unit)."""
+        n = self.n
+        if n < 2 or self.sx <= 0 or self.sy <= 0:
+            return None
+        mx, my = self.sx / n, self.sy / n
+        r = my / mx
+        vx = (self.sxx - n * mx * mx) / (n - 1)
+        vy = (self.syy - n * my * my) / (n - 1)
+        cxy = (self.sxy - n * mx * my) / (n - 1)
+        return r, max(vy - 2 * r * cxy + r * r * vx, 0.0) / (n * mx * mx)
+
+
+def ratio_lift(a: Moments, b: Moments, z: float) -> tuple[float, float, float] | None:
+    """Relative lift of a's ratio over b's with a normal interval on the log ratio
+    (as recsvc.ab.stats.ratio_lift, from moments)."""
+    ra, rb = a.ratio(), b.ratio()
+    if ra is None or rb is None:
+        return None
+    (r1, v1), (r0, v0) = ra, rb
+    se = math.sqrt(v1 / (r1 * r1) + v0 / (r0 * r0))
+    log_ratio = math.log(r1 / r0)
+    return r1 / r0 - 1, math.exp(log_ratio - z * se) - 1, math.exp(log_ratio + z * se) - 1
 
 
 @dataclass(slots=True)
@@ -54,7 +102,9 @@ class ArmStats:
     latency_seen: int = 0
     latencies: list[float] = field(default_factory=list)  # a uniform sample
     # user -> [matured impressions, clicked ones, bought ones]
-    users: dict[str, list[int]] = field(default_factory=dict)
+    users: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    clicks: Moments = field(default_factory=Moments)
+    purchases: Moments = field(default_factory=Moments)
     rng: random.Random = field(default_factory=lambda: random.Random(7))
 
     def answer(
@@ -75,31 +125,35 @@ class ArmStats:
                     self.latencies[k] = latency_ms
 
     def matured(self, user_id: str, clicked: bool, bought: bool) -> None:
-        row = self.users.setdefault(user_id, [0, 0, 0])
-        row[0] += 1
-        row[1] += clicked
-        row[2] += bought
+        row = self.users.get(user_id)
+        x, y, z = row if row is not None else (0, 0, 0)
+        self.clicks.move(x, y, 1, int(clicked), row is None)
+        self.purchases.move(x, z, 1, int(bought), row is None)
+        # A new tuple, not a list updated in place: tuples of ints leave the
+        # garbage collector's care, so a million users cost no collection time.
+        self.users[user_id] = (x + 1, y + clicked, z + bought)
 
     @property
     def impressions(self) -> int:
-        return sum(r[0] for r in self.users.values())
+        return int(self.clicks.sx)
 
-    def p99(self) -> float | None:
+    def quantile(self, q: float) -> float | None:
         if not self.latencies:
             return None
         ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+        return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+    def p99(self) -> float | None:
+        return self.quantile(0.99)
 
     def summary(self) -> dict[str, Any]:
-        clicks = sum(r[1] for r in self.users.values())
-        bought = sum(r[2] for r in self.users.values())
         n = self.impressions
         return {
             "answers": self.answers,
             "users": len(self.seen),
             "impressions": n,
-            "ctr": clicks / n if n else None,
-            "conversion": bought / n if n else None,
+            "ctr": self.clicks.sy / n if n else None,
+            "conversion": self.purchases.sy / n if n else None,
             "fault_rate": self.faults / self.answers if self.answers else None,
             "fallback_rate": self.fallbacks / self.answers if self.answers else None,
             "p99_ms": self.p99(),
@@ -152,28 +206,29 @@ def _proportion(
 
 
 def _latency(canary: ArmStats, other: ArmStats, th: Thresholds) -> Check:
-    if min(len(canary.latencies), len(other.latencies)) < th.min_latency_answers:
-        return Check(
-            "latency_p99", None, f"{th.min_latency_answers} answers with a latency needed per arm"
-        )
-    c, o = canary.p99(), other.p99()
+    """p99 from ``min_latency_answers`` answers per arm; below that, p95 (a p99
+    of a few hundred answers is their two or three slowest), from ``min_answers``."""
+    n = min(len(canary.latencies), len(other.latencies))
+    if n < th.min_answers:
+        return Check("latency_p99", None, f"{th.min_answers} answers with a latency needed")
+    q = 0.99 if n >= th.min_latency_answers else 0.95
+    c, o = canary.quantile(q), other.quantile(q)
     assert c is not None and o is not None
     worse = c > o * th.p99_ratio and c - o > th.p99_margin_ms
+    tag = f"p{round(q * 100)}"
     return Check(
         "latency_p99",
         not worse,
-        f"canary p99 {c:.1f} ms vs other {o:.1f} ms (fails above x{th.p99_ratio} and "
+        f"canary {tag} {c:.1f} ms vs other {o:.1f} ms (fails above x{th.p99_ratio} and "
         f"+{th.p99_margin_ms:.0f} ms)",
     )
 
 
-def _rate(name: str, k: int, canary: ArmStats, other: ArmStats, z: float, th: Thresholds) -> Check:
-    """Per-impression rate of column ``k`` (1 clicks, 2 purchases), users as the unit."""
-    mine, base = list(canary.users.values()), list(other.users.values())
-    if min(len(mine), len(base)) < th.min_users:
-        return Check(name, None, f"{len(mine)} canary / {len(base)} other users with impressions")
-    n1, n0 = sum(r[0] for r in mine), sum(r[0] for r in base)
-    k1, k0 = sum(r[k] for r in mine), sum(r[k] for r in base)
+def _rate(name: str, canary: Moments, other: Moments, z: float, th: Thresholds) -> Check:
+    """Per-impression rate (clicks or purchases), users as the unit."""
+    if min(canary.n, other.n) < th.min_users:
+        return Check(name, None, f"{canary.n} canary / {other.n} other users with impressions")
+    n1, n0, k1, k0 = canary.sx, other.sx, canary.sy, other.sy
     r1, r0 = k1 / n1, k0 / n0
     if k0 == 0:  # no outcome to compare with (yet, or none logged): not evidence
         return Check(name, None, f"no {name} in the other arm yet")
@@ -182,15 +237,11 @@ def _rate(name: str, k: int, canary: ArmStats, other: ArmStats, z: float, th: Th
         expected = n1 * r0
         worse = expected > z * z
         return Check(
-            name, not worse, f"canary 0 of {n1} impressions, {expected:.1f} expected at {r0:.2%}"
+            name,
+            not worse,
+            f"canary 0 of {n1:.0f} impressions, {expected:.1f} expected at {r0:.2%}",
         )
-    lift = ratio_lift(
-        [float(r[k]) for r in mine],
-        [float(r[0]) for r in mine],
-        [float(r[k]) for r in base],
-        [float(r[0]) for r in base],
-        z=z,
-    )
+    lift = ratio_lift(canary, other, z)
     if lift is None:
         return Check(name, None, "no interval yet")
     point, lo, hi = lift
@@ -244,6 +295,6 @@ def evaluate(
             th,
         ),
         _latency(canary, other, th),
-        _rate("ctr", 1, canary, other, z, th),
-        _rate("conversion", 2, canary, other, z, th),
+        _rate("ctr", canary.clicks, other.clicks, z, th),
+        _rate("conversion", canary.purchases, other.purchases, z, th),
     ]

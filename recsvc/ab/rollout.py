@@ -18,6 +18,7 @@ HGETALL) and follow it; the state survives restarts of workers and of Redis
 
 from __future__ import annotations
 
+import logging
 import secrets
 import socket
 import time
@@ -29,6 +30,7 @@ import orjson
 from recsvc.ab.experiments import BUCKETS, murmur3_32
 from recsvc.store.client import RedisClient
 
+log = logging.getLogger(__name__)
 STATE_KEY = "{rollout}:state"
 LEASE_KEY = "{rollout}:controller"
 CANARY_SEED = 0x5EED
@@ -103,11 +105,31 @@ class Rollout:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Rollout:
-        d = orjson.loads(raw)
-        d["steps"] = tuple(d.get("steps", DEFAULT_STEPS))
-        d["history"] = tuple(d.get("history", ()))
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """RolloutError when ``raw`` is not a record this code can follow (e.g.
+        edited by hand into another shape)."""
+        try:
+            d = orjson.loads(raw)
+            d["steps"] = tuple(float(x) for x in d.get("steps", DEFAULT_STEPS))
+            d["history"] = tuple(d.get("history", ()))
+            known = set(cls.__dataclass_fields__)
+            r = cls(**{k: v for k, v in d.items() if k in known})
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise RolloutError(f"not a roll-out record: {exc}") from None
+        ok = (
+            isinstance(r.name, str)
+            and isinstance(r.id, str)
+            and isinstance(r.stable, str)
+            and (r.canary is None or isinstance(r.canary, str))
+            and r.status in STATUSES
+            and isinstance(r.share, int | float)
+            and 0.0 <= r.share <= 1.0
+            and isinstance(r.rev, int)
+            and isinstance(r.min_exposures, int)
+            and isinstance(r.step_started_at, int | float)
+        )
+        if not ok:
+            raise RolloutError(f"not a roll-out record: {str(raw)[:200]}")
+        return r
 
     def noted(self, event: str, **extra: Any) -> Rollout:
         """A copy with one more history line (the newest HISTORY_MAX kept)."""
@@ -142,13 +164,21 @@ class RolloutStore:
     def __init__(self, client: RedisClient) -> None:
         self.client = client
         self._cas = client.register_script(_CAS)
+        self._bad: dict[str, Any] = {}
 
     async def all(self) -> dict[str, Rollout]:
+        """Every record that parses; one that does not is left out (its name then
+        serves its newest version) and logged once."""
         raw = await self.client.hgetall(STATE_KEY)
         out: dict[str, Rollout] = {}
         for k, v in raw.items():
             name = k.decode() if isinstance(k, bytes) else str(k)
-            out[name] = Rollout.from_json(v)
+            try:
+                out[name] = Rollout.from_json(v)
+            except RolloutError as exc:
+                if self._bad.get(name) != v:
+                    log.error("roll-out record of %r left out: %s", name, exc)
+                self._bad[name] = v
         return out
 
     async def get(self, name: str) -> Rollout | None:

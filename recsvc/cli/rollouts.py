@@ -88,6 +88,9 @@ async def promote(
             record = replace(record, history=(*current.history, *record.history)[-50:])
         stored = await store.put(record, current.rev if current else 0)
         if stored is not None:
+            # Training prunes old versions: never the ones the record names, or
+            # a restarted worker would have nothing pinned to serve.
+            models.pin(model_dir, name, {v for v in (stored.stable, stored.canary) if v})
             return stored
     raise RolloutError("the roll-out record kept changing; try again")
 
@@ -105,13 +108,16 @@ async def abort(store: RolloutStore, name: str) -> Rollout:
     raise RolloutError("the roll-out record kept changing; try again")
 
 
-async def unpin(store: RolloutStore, name: str) -> None:
-    """Forget the record: the newest version on disk serves again."""
+async def unpin(store: RolloutStore, name: str, model_dir: Path | None = None) -> None:
+    """Forget the record: the newest version on disk serves again (and old
+    versions may be pruned again)."""
     r = await store.get(name)
     if r is not None and r.running:
         raise RolloutError(f"a canary of {name} is running: `recsvc models abort {name}` first")
     if not await store.delete(name):
         raise RolloutError(f"{name} has no roll-out record")
+    if model_dir is not None:
+        models.pin(model_dir, name, set())
 
 
 def _ago(ts: float) -> str:

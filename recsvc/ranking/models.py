@@ -41,6 +41,9 @@ META_FILE = "meta.json"
 KEEP_VERSIONS = 5
 
 
+# In a version directory: a roll-out record names this version (recsvc models
+# promote writes it), so pruning old versions must keep it.
+PINNED_FILE = "PINNED"
 SAMPLE_FILE = "sample.npy"  # held-out feature rows: checks a compiled scorer
 NEIGHBOURS_DIR = "neighbours"  # the learned item-to-item table (features.neighbours)
 
@@ -121,7 +124,8 @@ def save(
     sample: np.ndarray | None = None,
     neighbours: NeighbourTable | None = None,
 ) -> Path:
-    """Write a new version atomically and prune the versions beyond the newest ``keep``.
+    """Write a new version atomically and prune the versions beyond the newest ``keep``
+    (except those a roll-out names: ``pin``).
 
     ``sample``: real feature rows (float32) kept with the version, on which a
     compiled scorer must reproduce the native scores before it may serve."""
@@ -148,8 +152,20 @@ def save(
     final = root / version
     tmp.rename(final)
     for old in versions(model_dir, name)[max(keep, 1) :]:
-        shutil.rmtree(old, ignore_errors=True)
+        if not (old / PINNED_FILE).exists():  # a roll-out still names it
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def pin(model_dir: Path, name: str, keep: set[str]) -> None:
+    """Mark exactly the versions ``keep`` of ``name`` as named by a roll-out
+    (``save`` never prunes those); unmark the others."""
+    for path in versions(model_dir, name):
+        marker = path / PINNED_FILE
+        if path.name in keep:
+            marker.touch()
+        else:
+            marker.unlink(missing_ok=True)
 
 
 def read_meta(path: Path) -> dict[str, Any]:

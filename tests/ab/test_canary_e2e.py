@@ -17,15 +17,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
-from features.dataset import DatasetConfig, build
-from features.logs import read_catalogue_report, read_log
-from features.trainer import TrainParams, train
+from features.dataset import DatasetConfig
+from features.trainer import TrainParams
 from recsvc.ab.rollout import PROMOTED, ROLLED_BACK, Rollout, RolloutStore
 from recsvc.cli import rollouts, training
 from recsvc.cli.simulate import simulate
@@ -39,16 +37,13 @@ PARAMS = TrainParams(num_trees=60, num_threads=2)
 
 
 def _shuffled_version(files: DataFiles, root: Path) -> str:
-    """A deliberately bad version: the labels permuted within each group, so it
-    learns nothing about what shoppers want."""
-    log, _ = read_log(files.events)
-    catalogue, _ = read_catalogue_report(files.items)
-    data = build(log, catalogue, DATA)
-    rng = np.random.default_rng(11)
-    data.train.labels = [rng.permutation(labels) for labels in data.train.labels]
-    result = train(data, PARAMS)
-    meta = {"exclude_seen": data.config.exclude_seen, "note": "shuffled labels"}
-    return models.save(root, "ranker", result.booster, meta).name
+    """A deliberately bad version (`recsvc train --shuffle-labels`): the labels
+    permuted within each group, so it learns nothing about what shoppers want."""
+    params = TrainParams(num_trees=60, num_threads=2, shuffle_labels=True)
+    outcome = training.train_files(
+        files.events, files.items, root, "ranker", DATA, params, progress=False
+    )
+    return outcome.path.name
 
 
 @pytest.fixture
@@ -178,7 +173,7 @@ async def test_a_bad_version_is_rolled_back_before_a_quarter_of_users(
     (stable,) = [p.name for p in models.versions(registry_root, "ranker")]
     bad = _shuffled_version(small_files, registry_root)
     store = RolloutStore(seeded)
-    await rollouts.promote(store, registry_root, "ranker", bad, "10%", "25%,50%", 400)
+    await rollouts.promote(store, registry_root, "ranker", bad, "10%", "25%,50%", 800)
     r, shares = await _shop_until(served, store, lambda r: not r.running, 120.0)
     assert r.status == ROLLED_BACK, (r.reason, r.checks)
     assert shares == [0.1]  # never reached 25%

@@ -198,3 +198,23 @@ def test_srm_uses_the_share_served() -> None:
     assert checks["srm"].ok is True
     checks = {c.name: c for c in evaluate(canary, control, 0.05, final=True)}
     assert checks["srm"].ok is False  # twice the users the share allows
+
+
+def test_the_running_moments_give_the_reports_interval() -> None:
+    """The controller's O(1) delta method equals ab-report's per-user one."""
+    from recsvc.ab.guardrails import ratio_lift as from_moments
+    from recsvc.ab.stats import ratio_lift as from_users
+
+    a, b = _arm(30, 700, 0.2, 8), _arm(200, 5000, 0.3, 9)
+    rows_a, rows_b = list(a.users.values()), list(b.users.values())
+    for k, moments in ((1, "clicks"), (2, "purchases")):
+        want = from_users(
+            [float(r[k]) for r in rows_a],
+            [float(r[0]) for r in rows_a],
+            [float(r[k]) for r in rows_b],
+            [float(r[0]) for r in rows_b],
+            z=3.0,
+        )
+        got = from_moments(getattr(a, moments), getattr(b, moments), 3.0)
+        assert want is not None and got is not None
+        assert got == pytest.approx(want, rel=1e-9)
