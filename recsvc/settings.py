@@ -42,6 +42,8 @@ class Settings:
     # Empty: no experiments (everyone gets the default configuration).
     experiments: Path | None = None
     exposure_stream_max: int = 1_000_000
+    # Redis memory the impressions stream may hold, whatever the answers' size.
+    impressions_max_mb: float = 512.0
     # Roll-outs (recsvc.ab.rollout): how often workers read the records, and
     # the canary controller's tick and how long it waits for an answer's clicks.
     rollout_poll_secs: float = 1.0
@@ -194,6 +196,7 @@ class Settings:
             ("model_poll_secs", self.model_poll_secs > 0),
             ("model_keep_versions", self.model_keep_versions >= 1),
             ("exposure_stream_max", self.exposure_stream_max >= 1000),
+            ("impressions_max_mb", 1.0 <= self.impressions_max_mb <= 1_000_000),
             ("rollout_poll_secs", self.rollout_poll_secs > 0),
             ("canary_tick_secs", self.canary_tick_secs > 0),
             ("canary_outcome_wait_secs", self.canary_outcome_wait_secs >= 0),
@@ -334,8 +337,13 @@ SETTINGS_TABLE: tuple[tuple[str, str], ...] = (
     (
         "exposure_stream_max",
         "entries kept in each of the impressions and outcomes streams (approximate cap; "
-        "an impression of 10 items takes about 540 bytes of Redis memory, so the default "
-        "holds about 0.5 GB)",
+        "an impression of 10 items takes about 540 bytes of Redis memory, one of 100 "
+        "items with 128-character ids 14.5 KB: RECSVC_IMPRESSIONS_MAX_MB bounds the bytes)",
+    ),
+    (
+        "impressions_max_mb",
+        "Redis memory the impressions stream may hold: its cap in entries follows the "
+        "entries' average size (at most RECSVC_EXPOSURE_STREAM_MAX)",
     ),
     (
         "impressions_sample",

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 # An impression's JSON, or an outcome's request_id, user_id, item_id, type, ts.
 Outcome = tuple[str, str, str, str, str]
 Entry = tuple[str, bytes | Outcome]
-# At ~1 KB an impression, 10 MB of memory at most while Redis does not keep up.
+# At ~1 KB an impression, 10 MB of memory at most while Redis does not keep up
+# (145 MB with the largest answers the API allows: 100 items, 128-character ids).
 QUEUE_MAX = 10_000
 BATCH = 500
 # How long entries wait to be written together; the queue holds 10 s of them at
@@ -90,10 +91,21 @@ def entry(
     }
 
 
+# Redis memory of a stream entry beyond its JSON (id, field name, listpack).
+ENTRY_OVERHEAD = 100
+
+
 class ImpressionLog:
-    def __init__(self, client: RedisClient, maxlen: int, sample: float = 1.0) -> None:
+    def __init__(
+        self, client: RedisClient, maxlen: int, sample: float = 1.0, max_bytes: int = 512 << 20
+    ) -> None:
+        """``maxlen``: entries kept per stream (approximate); ``max_bytes``: the
+        impressions stream's memory, whatever the answers' size (its cap in
+        entries follows the average entry)."""
         self.client = client
         self.maxlen = maxlen
+        self.max_bytes = max_bytes
+        self.entry_bytes = 0.0  # running mean of an impression's size
         self.sample = sample
         self.queue: asyncio.Queue[Entry] = asyncio.Queue(QUEUE_MAX)
         self.dropped = 0
@@ -125,10 +137,22 @@ class ImpressionLog:
         cost ~10 us of this process's CPU per entry in its replies, the call ~1 us."""
         impressions = [v for stream, v in batch if stream == keys.IMPRESSIONS]
         outcomes = [x for stream, v in batch if stream == keys.OUTCOMES for x in v]
-        argv = [self.maxlen, len(impressions), *impressions, *outcomes]
+        caps: list[Any] = [self.impressions_cap(impressions), self.maxlen, len(impressions)]
+        argv = [*caps, *impressions, *outcomes]
         await run_scripts(self.client, [(self._script, [keys.IMPRESSIONS, keys.OUTCOMES], argv)])
         self.written += len(batch)
         _count(batch, "written")
+
+    def impressions_cap(self, batch: list[Any]) -> int:
+        """Entries the impressions stream keeps: the byte budget over the entries'
+        running mean size (so 100-item answers with long ids cannot make the
+        entry cap hold 25 times the memory of 10-item ones), at most ``maxlen``."""
+        if batch:
+            size = sum(len(v) for v in batch) / len(batch) + ENTRY_OVERHEAD
+            self.entry_bytes = size if not self.entry_bytes else 0.9 * self.entry_bytes + 0.1 * size
+        if not self.entry_bytes:
+            return self.maxlen
+        return max(1, min(self.maxlen, int(self.max_bytes / self.entry_bytes)))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Write what is queued every FLUSH_SECS until ``stop``, then flush what is

@@ -175,7 +175,10 @@ async def _experiments_ctx(app: web.Application) -> AsyncIterator[None]:
     holder.load_now()  # a bad file at start stops the service, with the reason
     app[appkeys.EXPERIMENTS] = holder
     impressions = ImpressionLog(
-        app[appkeys.STORE].writer, settings.exposure_stream_max, settings.impressions_sample
+        app[appkeys.STORE].writer,
+        settings.exposure_stream_max,
+        settings.impressions_sample,
+        max_bytes=int(settings.impressions_max_mb * 1024 * 1024),
     )
     app[appkeys.IMPRESSIONS] = impressions
     stop = asyncio.Event()
