@@ -268,17 +268,21 @@ async def simulate(
     key: str = "",
     events_log: Path | None = None,
     impressions_out: Path | None = None,
+    budget: list[int] | None = None,
 ) -> SimSummary:
     """``key``: an API key with the recommend and events scopes, for a service
     that needs keys (sent as a bearer token). ``events_log``: a CSV to append the
-    applied events to; ``impressions_out``: a directory for impression files."""
+    applied events to; ``impressions_out``: a directory for impression files.
+    ``budget``: ``[requests left]``, shared with the caller, who may set it to 0
+    to stop the shoppers early (their summary is still returned)."""
     check_loopback(host)
     latent = generate(config, end_ts=time.time()).latent
     assert latent is not None
     users = min(users, config.n_users)
     out = SimSummary()
     started = time.monotonic()
-    budget = [max_requests]
+    if budget is None:
+        budget = [max_requests]
     timeout = aiohttp.ClientTimeout(total=10)
     headers = {"Authorization": f"Bearer {key}"} if key else None
     outputs = Outputs(
