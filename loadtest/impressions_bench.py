@@ -2,23 +2,27 @@
 (`recsvc serve`, real HTTP, real Redis) with RECSVC_IMPRESSIONS_SAMPLE=0 and =1,
 alternating in one run.
 
-Two workers run side by side for the whole run, one per sampling rate, on the
-same cores and the same Redis. Each round drives one, then the other (the
-order flips every round), closed-loop with a fixed number of requests over a
-few connections, few enough that admission control never turns one away (the
-overload-free benchmark). Rounds take seconds, so a machine whose load comes
-and goes (another job on a shared host) moves both rates alike. From
-``/metrics`` deltas each burst takes the answers by strategy and fallback
-reason, so the figure is model answers per second, not fast fallbacks; from
-``/proc`` the worker's CPU per model answer; and from Redis how many
-impressions it wrote (all its answers at 1, none at 0). The report gives each
-burst, the medians per rate, their ratio and the ratio within each round; the
-budget is a ratio of at least 0.95.
+Each round starts two fresh workers side by side, one per sampling rate, on
+the same cores and the same Redis, and drives one, then the other (the order
+flips every round), closed-loop with a fixed number of requests over a few
+connections, few enough that admission control never turns one away (the
+overload-free benchmark). The two bursts of a round are seconds apart, so a
+machine whose load comes and goes (another job on a shared host) moves both
+alike; fresh workers every round, so a process that happens to run a few per
+cent faster than another (memory layout, hash seeds) is not one rate's for
+the whole run. From ``/metrics`` deltas each burst takes the answers by
+strategy and fallback reason, so the figure is model answers per second, not
+fast fallbacks; from ``/proc`` the worker's CPU per model answer; from Redis
+how many impressions it wrote (all its answers at 1, none at 0). The report
+gives each burst, the medians per rate, their ratio and the ratio within each
+round; the budget is a ratio of at least 0.95.
 
 Uses the demo's data directory like loadtest/bench.py (its model; its Redis
-snapshot or synthetic log, loaded into a private redis-server). The workers and
-that redis-server are pinned to ``--server-cpus``; pin this client to another
-core. Bounded: ``--rounds`` x 2 bursts of ``--requests`` requests each, and
+snapshot or synthetic log, loaded into a private redis-server). The workers are
+pinned to ``--server-cpus``, the redis-server to ``--redis-cpus`` (by default
+the same: its work for the impressions then counts against the workers, as
+it does where Redis shares their host); pin this client to another core.
+Bounded: ``--rounds`` x 2 bursts of ``--requests`` requests each, and
 ``--max-seconds`` for the whole run (the report says when it stopped early).
 
     taskset -c 1 .venv/bin/python -m loadtest.impressions_bench --server-cpus 0
@@ -270,44 +274,45 @@ def run(
     warmup: int = 1_000,
     max_seconds: float = 900.0,
 ) -> Report:
-    """Two workers, one per sampling rate, up side by side for the whole run; each
-    round measures one, then the other (the order flipping each round), so a
-    machine whose load comes and goes moves both within seconds."""
+    """Each round starts two fresh workers, one per sampling rate, and measures
+    one, then the other (the order flipping each round)."""
     report = Report()
     started = time.monotonic()
     client = redis.Redis.from_url(redis_url)
-    client.delete(keys.IMPRESSIONS)
-    workers: list[Worker] = []
     try:
-        for sample in SAMPLES:
-            port = _free_port()
-            proc = _serve(redis_url, model_dir, data_dir, port, sample, scorer, cpus)
-            workers.append(Worker(sample, port, proc))
-        for w in workers:
-            _wait_ready(w.base, w.proc, scorer)
-            w.pids = listening_pids(w.port)
-            timeout = max(1.0, max_seconds - (time.monotonic() - started))
-            asyncio.run(
-                asyncio.wait_for(
-                    closed_loop("127.0.0.1", w.port, warmup, connections, users), timeout
-                )
-            )
-        time.sleep(0.5)  # the warm-ups' impressions are written (every 200 ms)
         for k in range(rounds):
-            for w in workers if k % 2 == 0 else workers[::-1]:
-                left = max_seconds - (time.monotonic() - started)
-                if left <= 0:
-                    report.stopped_early = True
-                    return report
-                xlen = int(client.xlen(keys.IMPRESSIONS))
-                burst = _burst(w, requests, connections, users, left)
-                time.sleep(0.5)  # the writer flushes every 200 ms
-                burst.impressions = int(client.xlen(keys.IMPRESSIONS)) - xlen
-                report.runs.append(burst)
+            if time.monotonic() - started >= max_seconds:
+                report.stopped_early = True
+                break
+            client.delete(keys.IMPRESSIONS)  # every round starts from the same Redis
+            workers: list[Worker] = []
+            try:
+                for sample in SAMPLES:
+                    port = _free_port()
+                    proc = _serve(redis_url, model_dir, data_dir, port, sample, scorer, cpus)
+                    workers.append(Worker(sample, port, proc))
+                for w in workers:
+                    _wait_ready(w.base, w.proc, scorer)
+                    w.pids = listening_pids(w.port)
+                    left = max(1.0, max_seconds - (time.monotonic() - started))
+                    asyncio.run(
+                        asyncio.wait_for(
+                            closed_loop("127.0.0.1", w.port, warmup, connections, users), left
+                        )
+                    )
+                time.sleep(0.5)  # the warm-ups' impressions are written (every 200 ms)
+                for w in workers if k % 2 == 0 else workers[::-1]:
+                    left = max(1.0, max_seconds - (time.monotonic() - started))
+                    xlen = int(client.xlen(keys.IMPRESSIONS))
+                    burst = _burst(w, requests, connections, users, left)
+                    time.sleep(0.5)  # the writer flushes every 200 ms
+                    burst.impressions = int(client.xlen(keys.IMPRESSIONS)) - xlen
+                    report.runs.append(burst)
+            finally:
+                for w in workers:
+                    _stop(w.proc)
         return report
     finally:
-        for w in workers:
-            _stop(w.proc)
         client.close()
 
 
@@ -320,8 +325,9 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=4)
     p.add_argument("--users", type=int, default=5_000, help="requests go to users u1..uN")
     p.add_argument("--scorer", choices=("compiled", "native"), default="compiled")
+    p.add_argument("--server-cpus", default="", help="cores for the workers, e.g. 0")
     p.add_argument(
-        "--server-cpus", default="", help="cores for the worker and its redis-server, e.g. 0"
+        "--redis-cpus", default=None, help="cores for the redis-server (default: --server-cpus)"
     )
     p.add_argument("--max-seconds", type=float, default=900.0, help="bound of the whole run")
     p.add_argument("--json", action="store_true", help="the report as JSON")
@@ -329,6 +335,9 @@ def main() -> None:
     if min(args.rounds, args.requests, args.connections, args.users) < 1 or args.warmup < 0:
         p.error("--rounds, --requests, --connections and --users must be >= 1")
     cpus = {int(c) for c in args.server_cpus.split(",") if c.strip()} or None
+    redis_cpus = cpus
+    if args.redis_cpus is not None:
+        redis_cpus = {int(c) for c in args.redis_cpus.split(",") if c.strip()} or None
     settings = Settings(data_dir=args.data_dir)
     snapshot = args.data_dir / "redis" / "dump.rdb"
     tmp = Path(tempfile.mkdtemp(prefix="recsvc-impressions-bench-"))
@@ -336,8 +345,8 @@ def main() -> None:
         if snapshot.is_file():
             shutil.copy(snapshot, tmp / "dump.rdb")
         with EmbeddedRedis(tmp) as server:
-            if cpus and server.pid:
-                os.sched_setaffinity(server.pid, cpus)
+            if redis_cpus and server.pid:
+                os.sched_setaffinity(server.pid, redis_cpus)
             asyncio.run(bench._load(server.url, settings))
             report = run(
                 server.url,
