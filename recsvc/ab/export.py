@@ -38,15 +38,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ParamSpec, TypeVar
 
 import orjson
 from redis.exceptions import ResponseError
@@ -57,6 +58,8 @@ from recsvc.store import keys
 from recsvc.store.client import REDIS_FAILURES, RedisClient
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 GROUP = "recsvc-export"
 CONSUMER = "exporter"
@@ -72,8 +75,8 @@ OUTCOME_FIELDS = ("request_id", "user_id", "item_id", "type")
 
 
 class ExportError(RuntimeError):
-    """The export cannot start: another one holds the directory, or its checkpoint
-    cannot be read."""
+    """The export cannot go on: another one holds the directory, its checkpoint
+    cannot be read, or a file cannot be written."""
 
 
 def parse_id(stream_id: bytes | str) -> tuple[int, int]:
@@ -100,6 +103,21 @@ def trimmed_unread(info: dict[str, Any], group: dict[str, Any]) -> int | None:
     if delivered == (0, 0):
         return 0  # never read: a gap before the export began cannot be told from none
     return None
+
+
+def _disk(method: Callable[P, R]) -> Callable[P, R]:
+    """A file error is fatal, never taken for a Redis failure (OSError is one of
+    those) and retried with the files and the checkpoint out of step: the next
+    run repairs them from the checkpoint."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except OSError as exc:
+            raise ExportError(f"cannot write the export: {exc}") from exc
+
+    return wrapper
 
 
 def _fsync_dir(path: Path) -> None:
@@ -182,6 +200,7 @@ class Exporter:
 
     # -- the checkpoint and the files ---------------------------------------
 
+    @_disk
     def _save(self) -> None:
         state = {"seq": self.seq, "streams": {n: s.persisted() for n, s in self.streams.items()}}
         tmp = self.out / (STATE + ".tmp")
@@ -192,6 +211,7 @@ class Exporter:
         tmp.replace(self.out / STATE)
         _fsync_dir(self.out)
 
+    @_disk
     def _recover(self) -> None:
         """Load the checkpoint and make the files agree with it."""
         path = self.out / STATE
@@ -231,6 +251,7 @@ class Exporter:
                     os.fsync(f.fileno())
         self._save()
 
+    @_disk
     def _append(self, s: StreamState, data: bytes) -> None:
         if s.open is None:
             self.seq += 1
@@ -253,6 +274,7 @@ class Exporter:
         s.size += len(data)
         self.summary.bytes += len(data)
 
+    @_disk
     def _complete(self, s: StreamState) -> None:
         """Give the open file its final name (its lines are fsynced and checkpointed)."""
         if s.open is None:
@@ -271,6 +293,7 @@ class Exporter:
             if m:
                 yield (m.group(2), int(m.group(3))), path
 
+    @_disk
     def _enforce_max(self) -> None:
         """Delete the oldest complete files while the directory holds more than max_bytes."""
         files = sorted(self._complete_files())

@@ -352,3 +352,24 @@ def test_a_limit_below_two_open_files_is_refused(
     assert "--max-mb 100 is less than twice --rotate-mb 64" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main([*argv, "--rotate-mb", "0"])
+
+
+@pytest.mark.asyncio
+async def test_a_file_error_stops_the_export_instead_of_being_retried(
+    aredis: Redis, tmp_path: Path
+) -> None:
+    """A disk error is not a Redis failure to wait out: --follow stops (the next
+    run repairs the files from the checkpoint) and nothing is lost."""
+    out = tmp_path / "out"
+    running = asyncio.create_task(exporter(aredis, out).run(follow=True, stop=asyncio.Event()))
+    for _ in range(250):  # started: its checkpoint is written
+        if (out / export.STATE).exists():
+            break
+        await asyncio.sleep(0.02)
+    (out / (export.STATE + ".tmp")).mkdir()  # the next checkpoint cannot be written
+    await fill(aredis, 50)
+    with pytest.raises(ExportError, match="cannot write the export"):
+        await asyncio.wait_for(running, 10)
+    (out / (export.STATE + ".tmp")).rmdir()
+    await exporter(aredis, out).run(follow=False)
+    exactly_once(out, 50)

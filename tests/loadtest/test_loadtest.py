@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
-from loadtest import bench, cluster_bench, ingest_bench, item_bench, slo
+from loadtest import bench, cluster_bench, impressions_bench, ingest_bench, item_bench, slo
 from recsvc.cli import seed
 from recsvc.settings import Settings
 from recsvc.store.codec import ITEM_ROW_BYTES
@@ -246,3 +246,34 @@ def test_the_guardrail_a_a_check_runs_at_a_tiny_size() -> None:
     # Half the clicks on the canary: caught every time.
     worse = guardrails_aa.measure(4, -0.5, users=400, min_exposures=200, look_every=40)
     assert worse["outcomes"].get("ctr") == 4, worse
+
+
+@pytest.mark.e2e
+@pytest.mark.asyncio
+async def test_the_impression_cost_benchmark_runs_at_a_tiny_size(
+    seeded: Redis, redis_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    """loadtest/impressions_bench.py end to end: two `recsvc serve` workers, with
+    sampling 0 and 1, measured in turn; model answers per second from /metrics,
+    and the impressions each burst wrote (all its answers at 1, none at 0)."""
+    report = await asyncio.to_thread(
+        impressions_bench.run,
+        redis_url,
+        model_dir,
+        tmp_path / "data",
+        rounds=2,
+        requests=80,
+        connections=2,
+        users=SMALL.n_users - 1,
+        scorer="native",
+        warmup=20,
+        max_seconds=240.0,
+    )
+    assert [r.sample for r in report.runs] == [0.0, 1.0, 1.0, 0.0] and not report.stopped_early
+    for r in report.runs:
+        assert sum(r.answers.values()) == 80 and r.model_share > 0.5, r
+        assert r.model_per_s > 0 and r.cpu_ms_per_model_answer
+        assert r.impressions == (80 if r.sample == 1.0 else 0) and not r.refused, r
+    assert len(report.round_ratios) == 2
+    assert report.ratio == pytest.approx(report.median(1.0) / report.median(0.0))
+    assert "ratio" in report.table() and report.as_dict()["runs"][1]["impressions"] == 80
