@@ -1,7 +1,8 @@
 """recsvc on a real 3-master Redis Cluster (redis+cluster://) on loopback.
 
-The serving, event, store, impression and export tests below are the standalone suite's own test
-functions, collected again here with the Redis fixtures pointed at the cluster;
+The serving, event, store, impression and export tests below are the
+standalone suite's own test functions, collected again here with the Redis
+fixtures pointed at the cluster;
 the rest is what only a cluster can show: one user's read goes to one node,
 scripts missing on a node are loaded and the call applied once, URL parsing.
 """
