@@ -22,10 +22,11 @@ each logged and counted.
 Entries the stream's cap (``RECSVC_EXPOSURE_STREAM_MAX``) trimmed before they
 were read are detected by comparing the stream's first entry with the group's
 last delivered id, checked in one transaction with the read (so no trim falls
-between them): Redis 7 counts them (``entries-added`` less the group's
-``entries-read`` less what is still in the stream); Redis 6 cannot, and the gap
-is reported as uncounted. Pending entries whose data was trimmed before a
-restart could write them are counted exactly.
+between them; on a cluster, in one pipeline): Redis 7 counts them
+(``entries-added`` less the group's ``entries-read`` less what is still in the
+stream); Redis 6 cannot, and the gap is reported as uncounted. Pending
+entries whose data was trimmed before a restart could write them are counted
+exactly.
 
 ``trim``: after acknowledging, XTRIM MINID up to the last exported id, so Redis
 holds only what is not yet on disk (the last exported entry stays, the mark the
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import IO, Any, ParamSpec, TypeVar
 
 import orjson
+from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 
 from recsvc.ab.impressions import FIELD
@@ -392,7 +394,11 @@ class Exporter:
     async def _step(self, name: str) -> bytes | None:
         """Read and write one batch of new entries; the last id read, or None."""
         key = STREAMS[name]
-        pipe = self.client.pipeline(transaction=True)
+        # MULTI: no trim falls between the check and the read. redis-py's cluster
+        # client cannot run a MULTI from asyncio (it runs it on a loop of its own
+        # in a thread); its pipeline sends the three to the stream's node
+        # together, which Redis runs back to back in practice.
+        pipe = self.client.pipeline(transaction=not isinstance(self.client, RedisCluster))
         pipe.xinfo_stream(key)
         pipe.xinfo_groups(key)
         pipe.xreadgroup(GROUP, CONSUMER, {key: ">"}, count=self.batch)

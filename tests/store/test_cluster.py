@@ -1,7 +1,8 @@
 """recsvc on a real 3-master Redis Cluster (redis+cluster://) on loopback.
 
-The serving, event and store tests below are the standalone suite's own test
-functions, collected again here with the Redis fixtures pointed at the cluster;
+The serving, event, store, impression and export tests below are the
+standalone suite's own test functions, collected again here with the Redis
+fixtures pointed at the cluster;
 the rest is what only a cluster can show: one user's read goes to one node,
 scripts missing on a node are loaded and the call applied once, URL parsing.
 """
@@ -24,6 +25,14 @@ from recsvc.settings import Settings
 from recsvc.store import keys
 from recsvc.store.client import RedisClient, TopologyRefresh, connect
 from recsvc.web.app import create_app
+from tests.ab.test_export import (  # noqa: F401
+    test_a_crash_anywhere_in_a_batch_loses_and_repeats_nothing,
+    test_one_shot_writes_what_the_service_logged_into_complete_files,
+)
+from tests.ab.test_impressions import test_every_answer_is_logged_whatever_its_strategy  # noqa: F401
+from tests.ab.test_report import (  # noqa: F401
+    test_an_outcome_posted_under_another_users_request_id_is_not_counted,
+)
 from tests.conftest import settings_for
 from tests.ops.test_metrics import test_metrics_move_with_one_fallback_and_one_model_answer  # noqa: F401
 from tests.store.test_store import (  # noqa: F401
