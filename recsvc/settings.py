@@ -44,14 +44,14 @@ class Settings:
     exposure_stream_max: int = 1_000_000
     # Redis memory the impressions stream may hold, whatever the answers' size.
     impressions_max_mb: float = 512.0
+    # Share of answered recommendations written to the impressions stream
+    # (recsvc.ab.impressions), decided per request; 0 = none.
+    impressions_sample: float = 1.0
     # Roll-outs (recsvc.ab.rollout): how often workers read the records, and
     # the canary controller's tick and how long it waits for an answer's clicks.
     rollout_poll_secs: float = 1.0
     canary_tick_secs: float = 2.0
     canary_outcome_wait_secs: float = 30.0
-    # Share of answered recommendations written to the impressions stream
-    # (recsvc.ab.impressions), decided per request; 0 = none.
-    impressions_sample: float = 1.0
     # compiled: lleaves machine code once verified (native serves meanwhile).
     scorer: str = "compiled"
     # The key "admin-token" with the admin scope (recsvc.keys). Empty and no other

@@ -174,7 +174,8 @@ class CanaryController:
         failing = False
         while not stop.is_set():
             try:
-                await self.tick()
+                async with asyncio.timeout(max(10.0, 5 * self.tick_secs)):
+                    await self.tick()
                 failing = False
             except REDIS_FAILURES as exc:
                 if not failing:

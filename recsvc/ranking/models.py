@@ -12,18 +12,17 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import lightgbm as lgb
 import numpy as np
 
 from features.neighbours import Binding, Bound, NeighbourTable
 from features.schema import FEATURE_NAMES, SCHEMA_HASH
-from recsvc.ab.rollout import CANARY, STABLE, Rollout
 from recsvc.errors import ModelRejected
 from recsvc.ranking.scoring import (
     TOLERANCE,
@@ -239,6 +238,28 @@ class ReloadOutcome:
         return {k: getattr(self, k) for k in self.__slots__}
 
 
+# The arms of a running canary (recsvc.ab.rollout, which this layer does not import).
+CANARY = "canary"
+STABLE = "stable"
+
+
+class Rollout(Protocol):
+    """What the registry reads of a roll-out record (recsvc.ab.rollout.Rollout)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def stable(self) -> str: ...
+    @property
+    def canary(self) -> str | None: ...
+    @property
+    def share(self) -> float: ...
+    @property
+    def running(self) -> bool: ...
+    def in_canary(self, user_id: str) -> bool: ...
+    def body(self) -> dict[str, Any]: ...
+
+
 class Pick(NamedTuple):
     """The model that serves one user, and the roll-out that chose it (if any)."""
 
@@ -368,7 +389,7 @@ class ModelRegistry:
             raise ModelRejected(f"{path}: no such version")
         return self._load(path)
 
-    async def follow(self, records: dict[str, Rollout]) -> dict[str, str]:
+    async def follow(self, records: Mapping[str, Rollout]) -> dict[str, str]:
         """Serve what the roll-out records say: each recorded name's ``stable``
         version, and its canary while one runs. Names without a record keep
         serving their newest version. Loads happen in a thread before the swap,

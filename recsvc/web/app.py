@@ -125,12 +125,15 @@ async def _follow_rollouts(registry: ModelRegistry, store: RolloutStore) -> None
         metrics.ROLLOUT_SHARE.labels(name).set(r.share if r.running else 0.0)
 
 
-async def _rollouts_poll(registry: ModelRegistry, store: RolloutStore, interval: float) -> None:
+async def _rollouts_poll(
+    registry: ModelRegistry, store: RolloutStore, interval: float, bound: float
+) -> None:
     failing = False
     while True:
         await asyncio.sleep(interval)
         try:
-            await _follow_rollouts(registry, store)
+            async with asyncio.timeout(bound):  # a hung Redis: try again next time
+                await _follow_rollouts(registry, store)
             failing = False
         except REDIS_FAILURES as exc:  # keep serving what we serve
             if not failing:
@@ -153,7 +156,8 @@ async def _rollouts_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("roll-out records unreadable at start (%s); newest versions serve", exc)
     except Exception:  # a record that does not parse must not stop every worker
         log.exception("roll-out records unusable at start; newest versions serve")
-    poller = asyncio.create_task(_rollouts_poll(registry, store, settings.rollout_poll_secs))
+    bound = max(settings.redis_write_timeout_ms / 1000.0, 5.0)
+    poller = asyncio.create_task(_rollouts_poll(registry, store, settings.rollout_poll_secs, bound))
     controller = CanaryController(
         client,
         store,
