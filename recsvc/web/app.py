@@ -70,8 +70,15 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     await store.aclose()
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
+async def _cancel(task: asyncio.Task[None], every: float = 1.0) -> None:
+    """Cancel a background task and wait for it to end, cancelling again every
+    ``every`` seconds: a cancellation that lands while a Redis call times out
+    can be turned into that call's error by the library and caught as one (a
+    loop that retries Redis failures would then never end, and neither would
+    the shutdown waiting for it)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=every)
     with contextlib.suppress(asyncio.CancelledError):
         await task
 
@@ -126,11 +133,18 @@ async def _follow_rollouts(registry: ModelRegistry, store: RolloutStore) -> None
 
 
 async def _rollouts_poll(
-    registry: ModelRegistry, store: RolloutStore, interval: float, bound: float
+    registry: ModelRegistry,
+    store: RolloutStore,
+    interval: float,
+    bound: float,
+    stop: asyncio.Event,
 ) -> None:
     failing = False
-    while True:
-        await asyncio.sleep(interval)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+        if stop.is_set():
+            return
         try:
             async with asyncio.timeout(bound):  # a hung Redis: try again next time
                 await _follow_rollouts(registry, store)
@@ -157,14 +171,16 @@ async def _rollouts_ctx(app: web.Application) -> AsyncIterator[None]:
     except Exception:  # a record that does not parse must not stop every worker
         log.exception("roll-out records unusable at start; newest versions serve")
     bound = max(settings.redis_write_timeout_ms / 1000.0, 5.0)
-    poller = asyncio.create_task(_rollouts_poll(registry, store, settings.rollout_poll_secs, bound))
+    stop = asyncio.Event()
+    poller = asyncio.create_task(
+        _rollouts_poll(registry, store, settings.rollout_poll_secs, bound, stop)
+    )
     controller = CanaryController(
         client,
         store,
         tick_secs=settings.canary_tick_secs,
         outcome_wait_secs=settings.canary_outcome_wait_secs,
     )
-    stop = asyncio.Event()
     running = asyncio.create_task(controller.run(stop))
     yield
     stop.set()
