@@ -26,6 +26,7 @@ plus the shown items (``features.impression_groups`` decides what goes in,
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -42,10 +43,11 @@ from features.candidates import (
     retrieve,
 )
 from features.impression_groups import ImpressionStats, Logged
-from features.impressions import GRADES, LABEL_WINDOW_SECS, ImpressionLog
+from features.impressions import GRADES, LABEL_WINDOW_SECS, Impression, ImpressionLog
 from features.item2item import LearnConfig, learn
 from features.logs import Catalogue, EventLog
 from features.neighbours import Binding, Bound, NeighbourTable
+from features.pointintime import PointInTime, Popularity
 from features.popularity import PopularityIndex
 from features.replay import Replay
 from features.schema import FEATURE_NAMES, build_matrix
@@ -208,6 +210,7 @@ def build(
     learn_neighbours: bool = True,
     impressions: ImpressionLog | None = None,
     train_impressions: bool = True,
+    reference: bool = False,
 ) -> Dataset:
     """Replay the log once and collect training groups and held-out evaluation groups.
 
@@ -216,6 +219,11 @@ def build(
     training events. ``impressions``: logged answers and their outcomes (training
     groups from those before the split unless not ``train_impressions``, and the
     impression protocol's groups from those after it).
+
+    The state before each sampled event and impression comes from
+    ``features.pointintime`` (vectorised); with ``reference``, from the
+    event-by-event replay (``features.replay``, the definition the parity tests
+    hold it to).
     """
     split = split_log(log, config.holdout, config.split_at)
     repeats = repeat_share(log, split.n_train)
@@ -235,7 +243,21 @@ def build(
     )
     wanted = {int(k): False for k in train_pick} | {int(k): True for k in test_pick}
     eval_users = {int(log.user[k]) for k in test_pick.tolist()}
-    replay = Replay(catalogue)
+    # The event-by-event replay only when asked (the reference).
+    use_replay = reference
+    replay = Replay(catalogue) if use_replay else None
+    pit = None if use_replay else PointInTime(log, catalogue)
+
+    def items() -> ItemTable:
+        if replay is not None:
+            return replay.items
+        assert pit is not None
+        return pit.table
+
+    def view(user: UserState) -> contextlib.AbstractContextManager[None]:
+        """The user's recent items' co-visits as of now (see PointInTime.view)."""
+        return pit.view(user) if pit is not None else contextlib.nullcontext()
+
     train = Groups(sampled=len(train_pick))
     test = evaluation.EvalSet(sampled=len(test_pick), top_n=config.top_n)
     # The items each evaluated user touched so far (exact, for "new to the user").
@@ -263,22 +285,45 @@ def build(
             return None
         previous = state["binding"]
         assert previous is None or isinstance(previous, Binding)
-        if previous is None or previous.count < replay.items.count:
-            state["binding"] = previous = neighbours.bind(replay.items, previous)
+        table = items()
+        if previous is None or previous.count < table.count:
+            state["binding"] = previous = neighbours.bind(table, previous)
         return Bound(neighbours, previous)
+
+    rankings: dict[str, Popularity] = {}
 
     def popularity(ts: float, every: float, key: str = "pop") -> PopularityIndex:
         index = state[key]
         if not isinstance(index, PopularityIndex) or ts - index.built_at > every:
-            index = state[key] = PopularityIndex.build(replay.items, ts)
+            if pit is None:
+                index = PopularityIndex.build(items(), ts)
+            else:  # the same lists, kept current instead of rebuilt
+                if key not in rankings:
+                    rankings[key] = Popularity(pit.items)
+                index = rankings[key].index(ts)
+            state[key] = index
         return index
 
     def before(k: int, ts: float, user_id: str, item_id: str, event_type: int) -> None:
         if logged is not None:
             take_impressions(ts)
-        is_test = wanted.get(k)
-        if is_test is None:
+        if k not in wanted:
             return
+        seen = item_id in touched.get(user_id, set())
+        assert replay is not None
+        sample(k, ts, user_id, item_id, event_type, replay.users.get(user_id), seen)
+
+    def sample(
+        k: int,
+        ts: float,
+        user_id: str,
+        item_id: str,
+        event_type: int,
+        user: UserState | None,
+        touched_before: bool,
+    ) -> None:
+        """One sampled event, with the state just before it."""
+        is_test = wanted[k]
         if (
             logged is not None
             and not is_test
@@ -286,34 +331,34 @@ def build(
         ):
             train.skipped_impression_outcome += 1
             return
-        user = replay.users.get(user_id)
         if user is None:
             (test if is_test else train).skipped_unknown_user += 1
             return
-        table = replay.items
+        table = items()
         positive = table.ensure_item(item_id)
         every = EVAL_POPULARITY_SECS if is_test else TRAIN_POPULARITY_SECS
-        found = retrieve(
-            user, table, popularity(ts, every), cand_config, np.zeros(0, np.int64), ts, bound()
-        )
-        cand = assemble(found, cand_config)
-        if is_test:
-            seen = touched.get(user_id, set())
-            group = _eval_group(found, cand, positive, user, table, ts, config, item_id in seen)
-            group.user = int(log.user[k])
-            test.add(group)
-            return
-        hit = np.flatnonzero(cand.index == positive)
-        if not len(hit):
-            train.skipped_not_retrieved += 1
-            return
-        others = np.delete(cand.index, hit)
-        k_neg = min(config.negatives, len(others))
-        others = rng.choice(others, size=k_neg, replace=False) if k_neg else others
-        idx = np.concatenate([[positive], others]).astype(np.int64)
+        with view(user):
+            found = retrieve(
+                user, table, popularity(ts, every), cand_config, np.zeros(0, np.int64), ts, bound()
+            )
+            cand = assemble(found, cand_config)
+            if is_test:
+                group = _eval_group(found, cand, positive, user, table, ts, config, touched_before)
+                group.user = int(log.user[k])
+                test.add(group)
+                return
+            hit = np.flatnonzero(cand.index == positive)
+            if not len(hit):
+                train.skipped_not_retrieved += 1
+                return
+            others = np.delete(cand.index, hit)
+            k_neg = min(config.negatives, len(others))
+            others = rng.choice(others, size=k_neg, replace=False) if k_neg else others
+            idx = np.concatenate([[positive], others]).astype(np.int64)
+            matrix = build_matrix(user, table, idx, ts, retrieval=found)
         labels = np.zeros(len(idx))
         labels[0] = GRADES[event_type]
-        train.features.append(build_matrix(user, table, idx, ts, retrieval=found))
+        train.features.append(matrix)
         train.labels.append(labels)
         train.sizes.append(len(idx))
         train.positions.append(np.full(len(idx), NOT_SHOWN, dtype=np.int32))
@@ -321,18 +366,23 @@ def build(
     def take_impressions(until: float) -> None:
         """The impressions up to ``until`` (before an event of the same time: an
         answer's outcomes follow it), with the state just before them."""
-        assert logged is not None
-        table = replay.items
+        assert logged is not None and replay is not None
         for imp, held_out in logged.due(until):
-            user = replay.users.get(imp.user_id)
-            if user is None:
-                logged.unknown_user(held_out)
-                continue
-            shown = None if held_out else logged.shown_group(imp, table)
-            grades = logged.known_grades(imp, table) if held_out else None
-            if shown is None and grades is None:
-                continue
-            every = EVAL_POPULARITY_SECS if held_out else TRAIN_POPULARITY_SECS
+            impression(imp, held_out, replay.users.get(imp.user_id))
+
+    def impression(imp: Impression, held_out: bool, user: UserState | None) -> None:
+        """One logged impression, with its user's state just before it."""
+        assert logged is not None
+        table = items()
+        if user is None:
+            logged.unknown_user(held_out)
+            return
+        shown = None if held_out else logged.shown_group(imp, table)
+        grades = logged.known_grades(imp, table) if held_out else None
+        if shown is None and grades is None:
+            return
+        every = EVAL_POPULARITY_SECS if held_out else TRAIN_POPULARITY_SECS
+        with view(user):
             found = retrieve(
                 user,
                 table,
@@ -344,14 +394,14 @@ def build(
             )
             if grades is not None:
                 logged.add_eval_group(imp, grades, user, table, found, cand_config)
-            elif shown is not None:
-                train.features.append(
-                    build_matrix(user, table, shown.rows, imp.ts, retrieval=found)
-                )
-                train.labels.append(shown.labels)
-                train.sizes.append(len(shown.rows))
-                train.positions.append(shown.positions)
-                train.from_impressions += 1
+                return
+            assert shown is not None
+            matrix = build_matrix(user, table, shown.rows, imp.ts, retrieval=found)
+        train.features.append(matrix)
+        train.labels.append(shown.labels)
+        train.sizes.append(len(shown.rows))
+        train.positions.append(shown.positions)
+        train.from_impressions += 1
 
     users = log.user_ids
 
@@ -360,17 +410,57 @@ def build(
         if u in eval_users:
             touched.setdefault(users[u], set()).add(log.item_ids[int(log.item[k])])
 
-    replay.run(log, before=before, progress=progress, after=after)
-    if logged is not None:
-        take_impressions(np.inf)
+    if replay is not None:
+        replay.run(log, before=before, progress=progress, after=after)
+        if logged is not None:
+            take_impressions(np.inf)
+        n_users, n_items = len(replay.users), replay.items.count
+    else:
+        assert pit is not None
+        picked = np.sort(np.concatenate([train_pick, test_pick]))
+        # Impressions go before the first event at or after their time (as the
+        # replay takes them), and before that event's own group.
+        queued = list(logged.due(np.inf)) if logged is not None else []
+        imp_at = np.searchsorted(log.ts, [imp.ts for imp, _ in queued], side="left")
+        code = {u: c for c, u in enumerate(users)} if queued else {}
+        ks = np.concatenate([imp_at, picked]).astype(np.int64)
+        who = np.concatenate(
+            [
+                np.asarray([code.get(imp.user_id, -1) for imp, _ in queued], np.int64),
+                log.user[picked].astype(np.int64),
+            ]
+        )
+        kind = np.concatenate([np.arange(len(queued)), np.full(len(picked), -1)])
+        order = np.lexsort((np.arange(len(ks)), ks))
+        ks, who, kind = ks[order], who[order], kind[order]
+        item_ids = log.item_ids
+        points = pit.before_each(ks, who, progress)
+        for (k, user, seen), j in zip(points, kind.tolist(), strict=True):
+            if j >= 0:
+                imp, held_out = queued[j]
+                impression(imp, held_out, user)
+                continue
+            sample(
+                k,
+                float(log.ts[k]),
+                users[int(log.user[k])],
+                item_ids[int(log.item[k])],
+                int(log.type[k]),
+                user,
+                seen,
+            )
+        if progress is not None and pit.items.pos < len(log):
+            progress(len(log) - pit.items.pos)  # the rest of the log changes no group
+        n_users = int(np.count_nonzero(np.bincount(log.user))) if len(log) else 0
+        n_items = pit.items.layout.count
     return Dataset(
         train=train,
         test=test,
         split=split,
         neighbours=neighbours,
         config=config,
-        n_users=len(replay.users),
-        n_items=replay.items.count,
+        n_users=n_users,
+        n_items=n_items,
         repeat_share=repeats,
         impression_test=logged.test if logged is not None else None,
         impressions=logged.stats if logged is not None else None,

@@ -52,7 +52,11 @@ def test_an_impression_group_holds_the_rows_the_replay_builds_for_its_items(
     [imp] = logged.impressions
     table = learn_table(log, split, LearnConfig())
     config = replace(CONFIG, train_groups=0, eval_groups=0)
-    data = build(log, small_data.catalogue, config, neighbours=table, impressions=logged)
+    # The replay's build (the vectorised one equals it below the co-visitation
+    # caps: tests/features/test_pointintime.py; this log's busy items pass them).
+    data = build(
+        log, small_data.catalogue, config, neighbours=table, impressions=logged, reference=True
+    )
     [(rows, labels, positions)] = _groups(data)
     # The reference: an independent replay, stopped at the first event not before
     # the impression, building the rows for the shown items as serving would.
