@@ -11,13 +11,17 @@ Catalogues: ``item_id,category,price`` (recsvc) or ``itemid,categoryid[,price]``
 Rows that cannot be used (wrong field count, bad number, an id the API would
 refuse, an unknown event name) are skipped and counted in a ReadReport, never
 fatal; a file that is not such a log at all raises LogFormatError.
+
+An event log may also be a ``.parquet`` file with either layout's column names.
+``read_log`` reads logs in blocks (``features.logscan``); ``_read_log_lines`` is
+the line-by-line reader it must agree with, row for row.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +36,7 @@ RETAILROCKET_EVENTS: dict[str, EventType] = {
     "addtocart": EventType.ADD_TO_CART,
     "transaction": EventType.PURCHASE,
 }
+PARQUET_SUFFIX = ".parquet"
 CATALOGUE_HEADERS = ("item_id,category,price", "itemid,categoryid", "itemid,categoryid,price")
 MAX_EXAMPLES = 5
 _ID = re.compile(ID_REGEX)
@@ -39,6 +44,60 @@ _ID = re.compile(ID_REGEX)
 
 def valid_id(value: str) -> bool:
     return len(value) <= MAX_ID_LENGTH and _ID.match(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class EventLayout:
+    """Where an event-log layout keeps each field, and its units and event names."""
+
+    name: str
+    columns: tuple[str, ...]
+    ts: int
+    user: int
+    item: int
+    type: int
+    # Units of the timestamp per second.
+    scale: float
+    events: dict[str, EventType]
+
+    @property
+    def width(self) -> int:
+        return len(self.columns)
+
+
+EVENT_LAYOUTS = {
+    RECSVC_EVENTS_HEADER: EventLayout(
+        name="recsvc",
+        columns=tuple(RECSVC_EVENTS_HEADER.split(",")),
+        ts=0,
+        user=1,
+        item=2,
+        type=3,
+        scale=1.0,
+        events=dict(EVENT_BY_NAME),
+    ),
+    RETAILROCKET_EVENTS_HEADER: EventLayout(
+        name="retailrocket",
+        columns=tuple(RETAILROCKET_EVENTS_HEADER.split(",")),
+        ts=0,
+        user=1,
+        item=3,
+        type=2,
+        scale=1000.0,
+        events=dict(RETAILROCKET_EVENTS),
+    ),
+}
+
+
+def event_layout(path: Path, header: str) -> EventLayout:
+    """The layout an event log's header names; LogFormatError if it names none."""
+    layout = EVENT_LAYOUTS.get(header)
+    if layout is None:
+        raise LogFormatError(
+            f"{path}: not an event log: the header is {header[:80]!r}; expected "
+            f"{RECSVC_EVENTS_HEADER!r} (recsvc) or {RETAILROCKET_EVENTS_HEADER!r} (RetailRocket)"
+        )
+    return layout
 
 
 @dataclass(slots=True)
@@ -50,15 +109,26 @@ class ReadReport:
     rows: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
+    # What an example's number counts: lines of a CSV file, rows of a Parquet file.
+    unit: str = "line"
 
     @property
     def kept(self) -> int:
         return self.rows - sum(self.skipped.values())
 
-    def skip(self, line_no: int, reason: str, line: str) -> None:
+    @property
+    def wants_examples(self) -> bool:
+        return len(self.examples) < MAX_EXAMPLES
+
+    def count(self, reason: str) -> None:
+        """One more row skipped for ``reason``: ``skip`` without an example (for a
+        reader that stops counting lines once the examples are all taken)."""
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def skip(self, line_no: int, reason: str, line: str) -> None:
+        self.count(reason)
         if len(self.examples) < MAX_EXAMPLES:
-            self.examples.append(f"line {line_no}: {reason}: {line[:80]!r}")
+            self.examples.append(f"{self.unit} {line_no}: {reason}: {line[:80]!r}")
 
     def summary(self) -> str:
         text = f"{self.path}: {self.layout} layout, {self.rows} rows, {self.kept} used"
@@ -193,23 +263,28 @@ def write_events(path: Path, log: EventLog) -> None:
         f.writelines(f"{ts:.3f},{u},{i},{EVENT_NAMES[t]}\n" for ts, u, i, t in log.rows())
 
 
-def read_log(path: Path) -> tuple[EventLog, ReadReport]:
-    """An event log in either layout, sorted by time, and what was skipped."""
+def read_log(
+    path: Path, progress: Callable[[int], None] | None = None
+) -> tuple[EventLog, ReadReport]:
+    """An event log in either layout, CSV or Parquet, sorted by time, and what was
+    skipped. ``progress`` is called with the number of rows read, block by block."""
+    # Imported here, not above: pyarrow is needed only to read a log, and every
+    # CLI command (the server too) imports this module for its types.
+    from features import logscan
+
+    if path.suffix.lower() == PARQUET_SUFFIX:
+        return logscan.read_parquet_log(path, progress)
+    return logscan.read_csv_log(path, progress)
+
+
+def _read_log_lines(path: Path) -> tuple[EventLog, ReadReport]:
+    """``read_log`` for CSV, one line at a time in Python: the reference the block
+    reader is tested against (and the rules it applies to the rows it doubts)."""
     lines = _lines(path)
-    header = next(lines, (1, ""))[1].strip().lstrip("\ufeff")
-    if header == RECSVC_EVENTS_HEADER:
-        report = ReadReport(str(path), "recsvc")
-        ts_col, user_col, type_col, item_col, width, scale = 0, 1, 3, 2, 4, 1.0
-        names: dict[str, EventType] = dict(EVENT_BY_NAME)
-    elif header == RETAILROCKET_EVENTS_HEADER:
-        report = ReadReport(str(path), "retailrocket")
-        ts_col, user_col, type_col, item_col, width, scale = 0, 1, 2, 3, 5, 1000.0
-        names = dict(RETAILROCKET_EVENTS)
-    else:
-        raise LogFormatError(
-            f"{path}: not an event log: the header is {header[:80]!r}; expected "
-            f"{RECSVC_EVENTS_HEADER!r} (recsvc) or {RETAILROCKET_EVENTS_HEADER!r} (RetailRocket)"
-        )
+    layout = event_layout(path, next(lines, (1, ""))[1].strip().lstrip("\ufeff"))
+    report = ReadReport(str(path), layout.name)
+    ts_col, user_col, type_col, item_col = layout.ts, layout.user, layout.type, layout.item
+    width, scale, names = layout.width, layout.scale, layout.events
     users: dict[str, int] = {}
     items: dict[str, int] = {}
     ts: list[float] = []

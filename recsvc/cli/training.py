@@ -34,14 +34,15 @@ class TrainOutcome:
 
 
 def read_files(
-    events_path: Path, items_path: Path | None
+    events_path: Path, items_path: Path | None, progress: bool = False
 ) -> tuple[EventLog, Catalogue | None, list[ReadReport]]:
     reports = []
     catalogue = None
     if items_path:
         catalogue, items_report = read_catalogue_report(items_path)
         reports.append(items_report)
-    log, events_report = read_log(events_path)
+    with tqdm(unit="row", desc="read", disable=not progress, mininterval=0.5) as bar:
+        log, events_report = read_log(events_path, progress=bar.update)
     reports.append(events_report)
     return log, catalogue, reports
 
@@ -107,7 +108,7 @@ def train_files(
     """``impressions_path``: a directory of logged impressions and outcomes to train
     on (and evaluate the impression protocol with) beside the sampled groups."""
     started = time.perf_counter()
-    log, catalogue, reports = read_files(events_path, items_path)
+    log, catalogue, reports = read_files(events_path, items_path, progress)
     logged = _impressions(impressions_path, reports)
     with _stages(progress, len(log)) as (stage, tick):
         data = build(log, catalogue, data_config, progress=tick, stage=stage, impressions=logged)
@@ -182,7 +183,7 @@ def evaluate_files(
     ``exclude_seen`` None: as the model's training decided. ``impressions_path``:
     also the impression protocol on the held-out impressions there."""
     model = models.load(model_path)
-    log, catalogue, reports = read_files(events_path, items_path)
+    log, catalogue, reports = read_files(events_path, items_path, progress)
     logged = _impressions(impressions_path, reports)
     seen = model.exclude_seen if exclude_seen is None else exclude_seen
     config = replace(data_config, train_groups=0, exclude_seen=seen)
