@@ -401,7 +401,7 @@ class ItemSweep:
         behind = touched[anchor[touched] < cell]
         if len(behind):  # move the anchor: sums decayed to the new one
             gap = (cell - anchor[behind]).astype(np.float64) * ANCHOR_SECS
-            acc[behind] *= _pow2_grid(gap)
+            acc[behind] = _decayed(acc[behind], gap)
             anchor[behind] = cell
         base = cell * ANCHOR_SECS
         weights = np.exp2((ts - base)[:, None] / _HALF_LIVES)
@@ -440,9 +440,17 @@ class Popularity:
         return self.ranking.index(now)
 
 
-def _pow2_grid(gap: np.ndarray) -> np.ndarray:
-    """Per row, each counter's decay over ``gap`` seconds: (len(gap), N_COUNTERS)."""
-    return np.asarray(np.exp2(-gap[:, None] / _COUNTER_HALF_LIVES))
+def _decayed(acc: np.ndarray, gap: np.ndarray) -> np.ndarray:
+    """Running sums (len(gap), N_COUNTERS) decayed over ``gap`` seconds per row.
+
+    Late in an anchor cell a 1-hour sum is near 2 ** 384, so its factor alone
+    (2 ** -1152 three cells on) underflows to 0 where the product (~2 ** -800) is
+    a normal float the replay keeps: whole powers of two are applied exactly
+    (``ldexp``), only the fraction by a multiplication."""
+    x = gap[:, None] / _COUNTER_HALF_LIVES
+    whole = np.floor(x)
+    shift = -np.minimum(whole, 4096.0).astype(np.int32)  # past -2100 everything is 0
+    return np.asarray(np.ldexp(acc * np.exp2(whole - x), shift))
 
 
 def _runs(keys: np.ndarray) -> list[tuple[int, int]]:
