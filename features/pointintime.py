@@ -90,8 +90,13 @@ WINDOW_EVENTS = 1 << 20
 # The counters' running sums are anchored on this grid (seconds): the largest
 # term is 2 ** (grid / shortest half-life) = 2 ** 384, far from overflow.
 ANCHOR_SECS = 16 * 86400.0
-# Samples whose users are folded together: bounds the gathered events.
+# Samples whose users are folded together, and at most this many of their
+# earlier events gathered at once (a batch is cut short when its users'
+# histories add up to more): a user with a large share of the log has a large
+# share of the samples too, each gathering that user's whole history, so a
+# count of samples alone bounds nothing (~170 bytes a gathered event).
 USER_BATCH = 4096
+GATHER_EVENTS = 1 << 20
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -584,13 +589,19 @@ class UserSnapshots:
             users = self.log.user[np.minimum(ks, len(self.log) - 1)].astype(np.int64)
         if own is None:
             own = self.log.item[np.minimum(ks, len(self.log) - 1)].astype(np.int64)
+        users = np.asarray(users, np.int64)
+        n_prior = self.prior(ks, users)
         states: list[UserState | None] = []
         touched = np.zeros(len(ks), bool)
-        for lo in range(0, len(ks), USER_BATCH):
-            hi = lo + USER_BATCH
-            part, seen = self._batch(ks[lo:hi], users[lo:hi], own[lo:hi])
+        lo = 0
+        while lo < len(ks):
+            # As many samples as fit the budget of gathered events (at least one).
+            gathered = np.cumsum(n_prior[lo : lo + USER_BATCH])
+            hi = lo + max(1, int(np.searchsorted(gathered, GATHER_EVENTS, side="right")))
+            part, seen = self._batch(ks[lo:hi], users[lo:hi], own[lo:hi], n_prior[lo:hi])
             states.extend(part)
             touched[lo:hi] = seen
+            lo = hi
         return states, touched
 
     def prior(self, ks: np.ndarray, users: np.ndarray) -> np.ndarray:
@@ -607,11 +618,10 @@ class UserSnapshots:
         return out
 
     def _batch(
-        self, ks: np.ndarray, users: np.ndarray, own: np.ndarray
+        self, ks: np.ndarray, users: np.ndarray, own: np.ndarray, n_prior: np.ndarray
     ) -> tuple[list[UserState | None], np.ndarray]:
         log, layout = self.log, self.layout
         n_s = len(ks)
-        n_prior = self.prior(ks, users)
         users = np.maximum(users, 0)
         events, seg = _ranges(self.start[users], n_prior)
         events = self.by_user[events]
