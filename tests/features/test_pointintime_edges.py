@@ -226,3 +226,31 @@ def test_a_counter_decayed_over_several_anchor_cells_is_not_lost() -> None:
     got = pit.table.raw[pit.table.index["i0"], COL_COUNTS + 3 * N_HALF_LIVES]
     assert want == 2.0**-960
     assert got == pytest.approx(want, rel=1e-9, abs=0.0)
+
+
+def test_duplicates_repeat_purchases_and_catalogue_only_items_equal_the_replay() -> None:
+    """Every event twice, one item bought over and over, and a catalogue with items
+    and categories the log never mentions (and log items it does not list)."""
+    base = _log(1500, 20, 200, seed=21)
+    twice = np.repeat(np.arange(len(base)), 2)
+    kind = base.type[twice].copy()
+    kind[(base.item[twice] == 7)] = 3
+    log = replace(base, ts=base.ts[twice], user=base.user[twice], item=base.item[twice], type=kind)
+    listed = _catalogue(200, seed=22)
+    catalogue = replace(
+        listed,
+        item_ids=[*listed.item_ids, "only-a", "only-b"],
+        categories=[*listed.categories, "nowhere", "c1"],
+        prices=np.concatenate([listed.prices, [5.0, 0.0]]),
+    )
+    ks = np.sort(np.random.default_rng(23).choice(len(log), 80, replace=False))
+    ks = np.unique(np.concatenate([[0, 1, 2, len(log) - 1], ks]))
+    seen = _compare(log, catalogue, ks)
+    assert seen["users"] > 60
+
+
+def test_progress_adds_up_to_the_log() -> None:
+    log = _log(4000, 60, 400, seed=31)
+    ticks: list[int] = []
+    dataset.build(log, None, DatasetConfig(train_groups=50, eval_groups=20), progress=ticks.append)
+    assert sum(ticks) == len(log) and min(ticks) > 0
