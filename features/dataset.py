@@ -57,6 +57,12 @@ from features.state import ItemTable, UserState
 # training groups, and for evaluation groups as often as the serving cache.
 TRAIN_POPULARITY_SECS = 300.0
 EVAL_POPULARITY_SECS = 2.0
+# The vectorised state folds each sample's user history from scratch (about
+# 0.2 us an event, against ~50 us an event for the replay): past this many
+# times the log's events in all samples' histories (a few users with most of
+# the log, sampled often), the replay is cheaper. Linear folding (each user
+# from its previous sample on) would remove the case.
+REPLAY_FACTOR = 100
 # Below this share of repeated (user, item) events, a catalogue is one of things
 # used once (films, books): recommending what the user already touched is waste.
 REPEAT_SHARE_ALLOWS_SEEN = 0.05
@@ -243,10 +249,16 @@ def build(
     )
     wanted = {int(k): False for k in train_pick} | {int(k): True for k in test_pick}
     eval_users = {int(log.user[k]) for k in test_pick.tolist()}
-    # The event-by-event replay only when asked (the reference).
-    use_replay = reference
-    replay = Replay(catalogue) if use_replay else None
-    pit = None if use_replay else PointInTime(log, catalogue)
+    # The event-by-event replay when asked (the reference), or when the log's
+    # busiest users make folding each sample's history cost more than it.
+    pit = None if reference else PointInTime(log, catalogue)
+    if pit is not None:
+        gathered = pit.users.gathered(np.concatenate([train_pick, test_pick]))
+        if gathered > REPLAY_FACTOR * len(log):
+            if stage is not None:
+                stage(f"replay (samples' histories hold {gathered / len(log):.0f}x the log)")
+            pit = None
+    replay = Replay(catalogue) if pit is None else None
 
     def items() -> ItemTable:
         if replay is not None:

@@ -604,6 +604,11 @@ class UserSnapshots:
             lo = hi
         return states, touched
 
+    def gathered(self, ks: np.ndarray) -> int:
+        """Earlier events of their users that states before events ``ks`` fold."""
+        ks = np.asarray(ks, np.int64)
+        return int(self.nth[ks[ks < len(self.log)]].sum())
+
     def prior(self, ks: np.ndarray, users: np.ndarray) -> np.ndarray:
         """How many of each user's events come before event k (0 for user -1)."""
         n = len(self.log)

@@ -51,8 +51,9 @@ def read_files(
 def _stages(
     progress: bool, total: int
 ) -> Iterator[tuple[Callable[[str], None], Callable[[int], None]]]:
-    """A stage line and a replay progress bar on stderr (when it is a terminal)."""
-    bar = tqdm(total=total, unit="ev", desc="replay", disable=not progress, mininterval=0.5)
+    """A stage line and a progress bar over the log (the point-in-time state) on
+    stderr (when it is a terminal)."""
+    bar = tqdm(total=total, unit="ev", desc="state", disable=not progress, mininterval=0.5)
 
     def stage(name: str) -> None:
         if progress:

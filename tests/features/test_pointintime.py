@@ -253,3 +253,28 @@ def test_impression_groups_equal_the_replays() -> None:
     assert want.impressions.summary()["dropped_unknown_user"] > 0
     assert got.impression_test is not None and want.impression_test is not None
     assert len(got.impression_test.groups) == len(want.impression_test.groups) > 20
+
+
+def test_a_log_held_by_one_user_is_replayed_instead() -> None:
+    """Folding every sample's history from scratch is quadratic in a user's share
+    of the log: when the samples' histories hold more than REPLAY_FACTOR times
+    the log, build() replays it (and says so) instead."""
+    rng = np.random.default_rng(4)
+    n = 4000
+    log = EventLog(
+        ts=np.sort(rng.uniform(1.7e9, 1.7e9 + 86400 * 5, n)),
+        user=np.where(rng.random(n) < 0.95, 0, rng.integers(1, 50, n)).astype(np.int32),
+        item=rng.integers(0, 400, n).astype(np.int32),
+        type=np.zeros(n, np.int8),
+        user_ids=[f"u{k}" for k in range(50)],
+        item_ids=[f"i{k}" for k in range(400)],
+    )
+    config = DatasetConfig(train_groups=1500, eval_groups=100)
+    stages: list[str] = []
+    got = dataset.build(log, None, config, stage=stages.append)
+    assert any(s.startswith("replay (") for s in stages), stages
+    want = dataset.build(log, None, config, reference=True)
+    np.testing.assert_array_equal(got.train.matrix(), want.train.matrix())
+    quiet: list[str] = []
+    dataset.build(log, None, DatasetConfig(train_groups=5, eval_groups=5), stage=quiet.append)
+    assert not any(s.startswith("replay (") for s in quiet), quiet
