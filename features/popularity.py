@@ -185,20 +185,29 @@ class PopularityRanking:
         self.top = self._merge(self.top, changed, fell_day, self.day, everything)
         self.month_top = self._merge(self.month_top, changed, fell_month, self.month, everything)
         left = old_category[(old_category != category) & (old_category >= 0)]
-        lost = set(left.tolist())
-        touched = np.unique(np.concatenate([category[category >= 0], left]))
-        order = np.argsort(category, kind="stable")
-        in_order = category[order]
-        starts = np.searchsorted(in_order, touched, side="left").tolist()
-        ends = np.searchsorted(in_order, touched, side="right").tolist()
-        for c, s, e in zip(touched.tolist(), starts, ends, strict=True):
-            mine = order[s:e]
-            if c in lost or np.any(fell_day[mine]):
-                members = everything()
-                members = members[self.category[members] == c]
-            else:
-                members = np.union1d(self.by_category[c], changed[mine])
-            self.by_category[c] = _best(members, self.day, self.top_k)
+        # A list that lost a member (moved away, or a key fell) is rebuilt from
+        # every row of its category; the others merge their old members with
+        # their changed rows, all in one sort.
+        redo = np.union1d(left, category[fell_day & (category >= 0)])
+        touched = np.setdiff1d(np.unique(category[category >= 0]), redo)
+        for c in redo.tolist():
+            members = everything()
+            self.by_category[c] = _best(members[self.category[members] == c], self.day, self.top_k)
+        if not len(touched):
+            return
+        lists = [self.by_category[c] for c in touched.tolist()]
+        mine = np.isin(category, touched)
+        rows_all = np.concatenate([*lists, changed[mine]])
+        cats = np.concatenate([np.repeat(touched, [len(x) for x in lists]), category[mine]])
+        order = np.lexsort((rows_all, -self.day[rows_all], cats))
+        rows_all, cats = rows_all[order], cats[order]
+        keep = np.ones(len(rows_all), bool)  # an old member that changed: once
+        keep[1:] = (rows_all[1:] != rows_all[:-1]) | (cats[1:] != cats[:-1])
+        rows_all, cats = rows_all[keep], cats[keep]
+        starts = np.searchsorted(cats, touched, side="left").tolist()
+        ends = np.searchsorted(cats, touched, side="right").tolist()
+        for c, a, b in zip(touched.tolist(), starts, ends, strict=True):
+            self.by_category[c] = rows_all[a : min(b, a + self.top_k)]
 
     def _merge(
         self,
