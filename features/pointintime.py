@@ -252,24 +252,12 @@ class ItemSweep:
         self._pair_pos = 0  # pairs folded into the table (whole hours)
         self._acc = np.zeros((table.capacity, N_COUNTERS))
         self._anchor = np.zeros(table.capacity, np.int64)
-        # Rows each chunk changed, for the popularity rankings that follow the
-        # table (``_changed[0]`` is chunk number ``_changed_base``).
-        self._changed: list[np.ndarray] = []
-        self._changed_base = 0
+        # The popularity rankings that follow the table (each keeps the rows
+        # changed since it last looked).
         self._followers: list[Popularity] = []
 
     def follow(self, follower: Popularity) -> None:
         self._followers.append(follower)
-
-    def changed_for(self, follower: Popularity) -> np.ndarray:
-        """Rows changed since ``follower`` last asked (chunks from its ``mark`` on)."""
-        parts = self._changed[follower.mark - self._changed_base :]
-        follower.mark = self._changed_base + len(self._changed)
-        done = min(f.mark for f in self._followers) - self._changed_base
-        if done > 0:  # every follower has them: forget
-            del self._changed[:done]
-            self._changed_base += done
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def advance(self, k: int) -> None:
         """Apply events ``[pos, k)``."""
@@ -391,7 +379,8 @@ class ItemSweep:
             )
         raw = table.raw
         touched, inv = np.unique(rows, return_inverse=True)
-        self._changed.append(touched)
+        for follower in self._followers:
+            follower.changed(touched)
         earliest = np.full(len(touched), np.inf)
         np.minimum.at(earliest, inv, ts)
         first = raw[touched, COL_FIRST_SEEN]
@@ -428,13 +417,24 @@ class Popularity:
     def __init__(self, sweep: ItemSweep) -> None:
         self.sweep = sweep
         self.ranking: PopularityRanking | None = None
-        self.mark = 0  # the next chunk whose changes it has not taken
         self.count = 0  # the table's items it has seen placed
+        self._pending: list[np.ndarray] = []
+        self._held = 0
         sweep.follow(self)
+
+    def changed(self, rows: np.ndarray) -> None:
+        """Rows a chunk changed (kept until the next ``index``; compacted so a
+        ranking asked rarely holds at most a few times the table's rows)."""
+        self._pending.append(rows)
+        self._held += len(rows)
+        if self._held > 4 * max(self.sweep.table.n, 1 << 16):
+            merged = np.unique(np.concatenate(self._pending))
+            self._pending, self._held = [merged], len(merged)
 
     def index(self, now: float) -> PopularityIndex:
         table = self.sweep.table
-        changed = self.sweep.changed_for(self)
+        changed = np.concatenate(self._pending) if self._pending else np.zeros(0, np.int64)
+        self._pending, self._held = [], 0
         if self.ranking is None:
             self.ranking = PopularityRanking(table)
         else:

@@ -278,3 +278,20 @@ def test_a_log_held_by_one_user_is_replayed_instead() -> None:
     quiet: list[str] = []
     dataset.build(log, None, DatasetConfig(train_groups=5, eval_groups=5), stage=quiet.append)
     assert not any(s.startswith("replay (") for s in quiet), quiet
+
+
+def test_a_ranking_asked_rarely_holds_bounded_changes_and_the_rebuilds_lists() -> None:
+    log = _log(6000, 60, 300, seed=9)
+    pit = PointInTime(log, _catalogue(300, seed=9))
+    often, rarely = Popularity(pit.items), Popularity(pit.items)
+    rarely.index(log.ts[0])
+    for k in range(100, len(log), 100):
+        pit.items.advance(k)
+        often.index(log.ts[k])
+        # As many changed rows as a long log would leave pending.
+        rarely.changed(np.tile(np.flatnonzero(pit.table.present), 300))
+        assert rarely._held <= 4 * (1 << 16) + pit.table.n
+    want = PopularityIndex.build(pit.table, log.ts[-1])
+    got = rarely.index(log.ts[-1])
+    assert np.array_equal(want.top, got.top) and np.array_equal(want.month_top, got.month_top)
+    assert all(map(np.array_equal, want.by_category, got.by_category))
