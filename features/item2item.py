@@ -92,27 +92,58 @@ def _related(
     v: int,
     users_per_item: np.ndarray,
     config: LearnConfig,
+    pack: bool = True,
 ) -> Edges:
-    order = np.lexsort((ts, user))
-    u, i, t = user[order], item[order], ts[order]
-    found_u, found_key = [], []
+    """Co-occurrence within a session: cosine of users per pair. ``pack``: one
+    int64 per (pair, user) where the ids' bits fit (the default)."""
+    # By user, then time (a stable sort by user when the log is in time order).
+    in_order = bool(np.all(ts[1:] >= ts[:-1]))
+    order = np.argsort(user, kind="stable") if in_order else np.lexsort((ts, user))
+    u = user[order].astype(np.int32 if user.max(initial=0) < 2**31 else np.int64)
+    i = item[order].astype(np.int32 if v < 2**31 else np.int64)
+    t = ts[order]
+    del order
+    n_users = int(u.max(initial=-1)) + 1
+    user_bits = max(1, n_users.bit_length())
+    # One int64 per (pair, user) when the bits allow: half the memory of two
+    # arrays, and each lag's share deduplicated at once (a user's repeated pair
+    # counts once anyway), so the peak is the distinct (pair, user) count.
+    packed = pack and (2 * max(v, 1).bit_length()) + user_bits <= 63
+    found: list[np.ndarray] = []
+    found_u: list[np.ndarray] = []
     for lag in range(1, config.max_lag + 1):
-        ok = (u[lag:] == u[:-lag]) & (t[lag:] - t[:-lag] <= config.window_secs)
+        same_user = u[lag:] == u[:-lag]
+        if not same_user.any():
+            break
+        ok = same_user & (t[lag:] - t[:-lag] <= config.window_secs)
+        del same_user
         ok &= i[lag:] != i[:-lag]
         if not ok.any():
-            if not (u[lag:] == u[:-lag]).any():
-                break
             continue
-        a, b = i[lag:][ok], i[:-lag][ok]
-        found_u.append(u[lag:][ok])
-        found_key.append(np.minimum(a, b) * v + np.maximum(a, b))
-    if not found_key:
+        a = i[lag:][ok].astype(np.int64)
+        b = i[:-lag][ok].astype(np.int64)
+        key = np.minimum(a, b) * v + np.maximum(a, b)
+        del a, b
+        who = u[lag:][ok].astype(np.int64)
+        if packed:
+            found.append(np.unique((key << user_bits) | who))
+        else:
+            found.append(key)
+            found_u.append(who)
+    if not found:
         return _empty_edges()
-    key, who = np.concatenate(found_key), np.concatenate(found_u)
-    order = np.lexsort((who, key))
-    key, who = key[order], who[order]
-    first = np.concatenate([[True], (key[1:] != key[:-1]) | (who[1:] != who[:-1])])
-    keys, counts = np.unique(key[first], return_counts=True)  # users per pair
+    if packed:
+        pair_users = np.unique(np.concatenate(found))
+        del found
+        keys, counts = np.unique(pair_users >> user_bits, return_counts=True)  # users per pair
+        del pair_users
+    else:
+        key, who = np.concatenate(found), np.concatenate(found_u)
+        del found, found_u
+        by = np.lexsort((who, key))
+        key, who = key[by], who[by]
+        first = np.concatenate([[True], (key[1:] != key[:-1]) | (who[1:] != who[:-1])])
+        keys, counts = np.unique(key[first], return_counts=True)  # users per pair
     lo, hi = keys // v, keys % v
     cos = counts / np.sqrt(users_per_item[lo] * users_per_item[hi])
     strong = (users_per_item[lo] >= config.min_users) & (users_per_item[hi] >= config.min_users)
