@@ -217,7 +217,7 @@ class PopularityRanking:
         keys: np.ndarray,
         everything: Callable[[], np.ndarray],
     ) -> np.ndarray:
-        if np.any(fell & np.isin(changed, current)):
+        if fell.any() and np.any(fell & np.isin(changed, current)):
             return _best(everything(), keys, self.top_k)
         return _best(np.union1d(current, changed), keys, self.top_k)
 
