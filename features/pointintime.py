@@ -15,27 +15,35 @@ test_pointintime.py`` holds the two equal):
   by (newest time, id), which is what the replay's trimming keeps whatever
   the order. Only sampled users are ever built: memory is the batch's, not
   the number of users.
+  Batches are bounded in samples and in gathered events; the cost is the
+  sum of the samples' histories, quadratic in one user's share of the log
+  (``UserSnapshots.gathered``: ``features.dataset`` replays instead past
+  ``REPLAY_FACTOR`` times the log).
 - **Items** (``ItemSweep``): the item table is advanced between consecutive
-  samples by whole chunks of events: per touched item, counters decayed once
-  to the chunk's newest event plus the chunk's decayed weights (a bincount),
-  first-seen times by a minimum, new items placed at the rows the replay would
-  give them (row order is first-appearance order, computed once).
-- **Co-visitation** (``covisit_pairs``): a user's pairs come from the first
-  ``COVISIT_BUCKET_ITEMS`` distinct items of each hour bucket, each item paired
-  with those before it; generated for a window of the log aligned to bucket
-  edges (so no bucket straddles two windows), then folded into the neighbour
-  rows chunk by chunk.
+  samples by whole chunks of events. Counters are running sums of
+  ``2 ** ((ts - anchor) / half_life)`` over an anchor on a fixed 16-day grid,
+  added one event at a time in log order, so the table never depends on where
+  the sweep stopped (which events were sampled); first-seen times by a
+  minimum; new items placed at the rows the replay would give them (row order
+  is first-appearance order, computed once).
+- **Co-visitation** (``covisit_pairs``, ``fold_neighbours``): a user's pairs
+  come from the first ``COVISIT_BUCKET_ITEMS`` distinct items of each hour
+  bucket, each item paired with those before it; generated for a window of the
+  log aligned to bucket edges, and folded into the neighbour rows one whole
+  hour at a time with the replay's own float operations, so rows below the cap
+  are bit-identical to the replay's. A sample in mid-hour sees its user's rows
+  with the hour so far (``ItemSweep.neighbours_view``).
+- **Popularity** (``Popularity``): the lists follow the table by
+  ``PopularityRanking.update`` and equal a rebuild's.
 
-Float sums are taken in another order than the replay's (one decay per chunk
-instead of one per event), so values agree to ~1e-12 relative, not bit for bit.
-Co-visitation rows are exact while an item has at most ``COVISIT_NEIGHBOURS``
-neighbours. Past that, the replay admits a new neighbour only when one
-co-visit outweighs the weakest kept (arrival order decides who survives);
-here a chunk's co-visits are summed first and the strongest
-``COVISIT_NEIGHBOURS`` of old and new are kept, ties to the older slot. That
-is the exact top-k by decayed count wherever a row had room, and a better
-approximation of it where it had not, so the lists differ only among the
-weakest neighbours of the busiest items.
+Counters and affinities are summed in another order than the replay's, so they
+agree to ~1e-12 relative, not bit for bit. Co-visitation rows are exact while
+an item has at most ``COVISIT_NEIGHBOURS`` neighbours. Past that, the replay
+admits a new neighbour only when one co-visit outweighs the weakest kept
+(arrival order decides who survives); here an hour's co-visits are summed
+first and the strongest ``COVISIT_NEIGHBOURS`` of old and new are kept, ties
+to the older slot, so the lists differ only among the weakest neighbours of
+the busiest items.
 """
 
 from __future__ import annotations
