@@ -1,10 +1,11 @@
-"""Point-in-time ranking examples and served-list evaluation groups from one replay.
+"""Point-in-time ranking examples and served-list evaluation groups.
 
 The log is split by event count (the last ``holdout`` share of events is held
 out, never a share of the time range: a log whose first event lies months
 before the rest still trains on 80% of its events) or at a given time. The
-learned neighbour table comes from the training events only. One replay then
-walks the whole log through the pure state:
+learned neighbour table comes from the training events only. Then, with the
+pure state as it was just before each sampled event (``features.pointintime``,
+equal to walking the whole log through ``features.replay``):
 
 - at sampled training events, the candidates the service would have generated
   just before the event; a group is the labelled item plus negatives sampled
@@ -14,7 +15,7 @@ walks the whole log through the pure state:
   the lists the service would serve then, and the baselines' lists
   (``features.evaluation`` scores them once the model exists).
 
-Given logged impressions (``features.impressions``), the same replay takes them
+Given logged impressions (``features.impressions``), the same pass takes them
 in time order between the events: a training impression (before the split)
 with a labelled outcome becomes a group of its shown items, with their
 features just before it and their served positions; a sampled training event
@@ -218,7 +219,8 @@ def build(
     train_impressions: bool = True,
     reference: bool = False,
 ) -> Dataset:
-    """Replay the log once and collect training groups and held-out evaluation groups.
+    """Training groups and held-out evaluation groups, from the state just before
+    each sampled event.
 
     ``neighbours``: the table to serve with (``recsvc evaluate`` passes the
     model's own); when None and ``learn_neighbours``, it is learned from the
