@@ -34,7 +34,10 @@ if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
     pytest.skip(message, allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    StaleElementReferenceException,
+    TimeoutException,
+)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
@@ -180,7 +183,12 @@ def test_with_api_keys_the_page_asks_once_for_a_key_and_keeps_it_in_the_tab(
     assert "API key" in alert.text
     alert.send_keys(TEST_KEY)
     alert.accept()
-    wait.until(lambda d: _text(d, "strategy") == "model" and len(_items(d)) == 10)
+    try:
+        wait.until(lambda d: _text(d, "strategy") == "model" and len(_items(d)) == 10)
+    except TimeoutException:  # say what the page showed instead (it failed once in CI)
+        meta = browser.find_elements(By.ID, "meta")
+        shown = meta[0].text if meta else browser.page_source[:2000]
+        raise AssertionError(f"no model answer on the page: {shown!r}") from None
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#recent li"))  # features scope
     wait.until(lambda d: _text(d, "rps") != "–")  # admin scope: /metrics
     assert browser.execute_script("return location.href").endswith("/?user=u1")  # not in the URL
