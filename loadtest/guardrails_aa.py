@@ -3,7 +3,9 @@
 controller takes them.
 
 One step of a roll-out is simulated: ``--users`` shoppers, each with their own
-click propensity (drawn around ``--ctr``), a ``--share`` of them on the canary,
+click propensity (drawn around ``--ctr``: normal with sd ctr/3, or with
+``--concentration c`` from Beta(c * ctr, c * (1 - ctr)), where a small c makes
+users very unlike each other), a ``--share`` of them on the canary,
 whose propensity is scaled by ``1 + --lift``. Impressions arrive one user at a
 time; every ``--look-every`` impressions the controller's evaluation runs
 (``recsvc.ab.guardrails.evaluate``, early bound until the canary has
@@ -12,6 +14,8 @@ first failing guardrail or "held". Pure Python, no Redis: the statistics only.
 
     .venv/bin/python -m loadtest.guardrails_aa --runs 300 --lift 0      # false rollbacks
     .venv/bin/python -m loadtest.guardrails_aa --runs 100 --lift -0.25  # power
+    .venv/bin/python -m loadtest.guardrails_aa --runs 5000 --users 400 --share 0.25 \
+        --ctr 0.45 --min-exposures 150 --look-every 5 --concentration 0.7   # a small shop
 """
 
 from __future__ import annotations
@@ -34,11 +38,16 @@ def one_step(
     ctr: float,
     min_exposures: int,
     look_every: int,
+    concentration: float | None = None,
 ) -> str:
     """The first failing guardrail of one simulated step, or "held"."""
     rng = random.Random(seed)
     ids = [f"u{k}" for k in range(users)]
-    propensity = {u: min(0.95, max(0.01, rng.gauss(ctr, ctr / 3))) for u in ids}
+    if concentration is None:
+        propensity = {u: min(0.95, max(0.01, rng.gauss(ctr, ctr / 3))) for u in ids}
+    else:
+        a, b = concentration * ctr, concentration * (1.0 - ctr)
+        propensity = {u: min(0.95, rng.betavariate(a, b)) for u in ids}
     on_canary = set(rng.sample(ids, round(share * users)))
     canary, other = ArmStats(), ArmStats()
     k = 0
@@ -69,16 +78,20 @@ def measure(
     min_exposures: int = 400,
     look_every: int = 20,
     seconds: float = 600.0,
+    concentration: float | None = None,
 ) -> dict[str, Any]:
     started = time.monotonic()
     outcomes: Counter[str] = Counter()
     for seed in range(runs):
         if time.monotonic() - started > seconds:
             break
-        outcomes[one_step(seed, users, share, lift, ctr, min_exposures, look_every)] += 1
+        outcomes[
+            one_step(seed, users, share, lift, ctr, min_exposures, look_every, concentration)
+        ] += 1
     done = sum(outcomes.values())
     return {
         "lift": lift,
+        "concentration": concentration,
         "runs": done,
         "outcomes": dict(outcomes),
         "rolled_back": (done - outcomes["held"]) / done if done else None,
@@ -97,9 +110,18 @@ def main() -> None:
     p.add_argument("--min-exposures", type=int, default=400)
     p.add_argument("--look-every", type=int, default=20)
     p.add_argument("--seconds", type=float, default=600.0)
+    p.add_argument("--concentration", type=float, default=None)
     a = p.parse_args()
     result = measure(
-        a.runs, a.lift, a.users, a.share, a.ctr, a.min_exposures, a.look_every, a.seconds
+        a.runs,
+        a.lift,
+        a.users,
+        a.share,
+        a.ctr,
+        a.min_exposures,
+        a.look_every,
+        a.seconds,
+        a.concentration,
     )
     print(json.dumps(result))
 

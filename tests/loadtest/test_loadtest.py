@@ -243,6 +243,11 @@ def test_the_guardrail_a_a_check_runs_at_a_tiny_size() -> None:
 
     same = guardrails_aa.measure(6, 0.0, users=400, min_exposures=60, look_every=40)
     assert same["runs"] == 6 and same["outcomes"].get("held", 0) >= 5, same
+    # Users very unlike each other (Beta propensities), as a small shop's are.
+    unlike = guardrails_aa.measure(
+        6, 0.0, users=400, share=0.25, min_exposures=60, look_every=40, concentration=0.7
+    )
+    assert unlike["runs"] == 6 and unlike["outcomes"].get("held", 0) >= 5, unlike
     # Half the clicks on the canary: caught every time.
     worse = guardrails_aa.measure(4, -0.5, users=400, min_exposures=200, look_every=40)
     assert worse["outcomes"].get("ctr") == 4, worse
