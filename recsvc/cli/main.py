@@ -680,10 +680,17 @@ def cmd_models(args: argparse.Namespace) -> None:
     root = settings.models_path
     rows = [("name", "version", "created (UTC)", "served ndcg@10", "popular", "status")]
     for name in models.names(root):
-        for k, path in enumerate(models.versions(root, name)):
+        found = models.versions(root, name)
+        # A name a roll-out record pins serves the record's versions, not the
+        # newest: which those are is in Redis (`recsvc models status`), not here.
+        pinned = {p.name for p in found if (p / models.PINNED_FILE).exists()}
+        for k, path in enumerate(found):
             try:
                 meta = models.load(path).meta
-                status = "serving" if k == 0 else "ok"
+                if pinned:
+                    status = "pinned (see: recsvc models status)" if path.name in pinned else "ok"
+                else:
+                    status = "serving" if k == 0 else "ok"
             except ModelRejected as exc:
                 meta, status = models.read_meta(path), f"refused: {exc.args[0].split(': ', 1)[-1]}"
             metrics = meta.get("metrics", {})

@@ -3,8 +3,11 @@ guardrail statistics (real redis-server, real LightGBM models)."""
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,6 +171,34 @@ async def test_promote_refuses_what_cannot_serve(
         await rollouts.abort(store, "ranker")
     r = await rollouts.promote(store, root, "ranker", new, "5%", None, 100)
     assert r.stable == old  # the newest older version, without a record or --stable
+
+
+def _listed(root: Path) -> dict[str, str]:
+    """`recsvc models list`: version -> its row."""
+    done = subprocess.run(
+        [sys.executable, "-m", "recsvc", "models", "list", "--model-dir", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RECSVC_")},
+        check=True,
+    )
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("ranker ")]
+    return {row[1]: " ".join(row) for row in rows}
+
+
+def test_models_list_calls_no_version_of_a_pinned_name_serving(
+    two_versions: tuple[Path, str, str],
+) -> None:
+    """Without a record the newest version serves; once a roll-out pins the name,
+    the record decides, and the list says to look there."""
+    root, old, new = two_versions
+    rows = _listed(root)
+    assert rows[new].endswith(" serving") and rows[old].endswith(" ok"), rows
+    models.pin(root, "ranker", {old})  # as `recsvc models promote` marks a stable `old`
+    rows = _listed(root)
+    assert "serving" not in rows[new] and rows[new].endswith(" ok"), rows
+    assert rows[old].endswith("pinned (see: recsvc models status)"), rows
 
 
 def _arm(users: int, impressions: int, ctr: float, seed: int) -> ArmStats:
