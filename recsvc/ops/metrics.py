@@ -88,6 +88,14 @@ ROLLOUT_SHARE = Gauge(
     ("name",),
     multiprocess_mode="livemax",
 )
+ROLLOUT_UNFOLLOWED = Gauge(
+    "recsvc_rollout_unfollowed",
+    "1 while a worker cannot serve the stable version its roll-out record names "
+    "(that version would not load; the version loaded before serves, which nobody "
+    "promoted), by model name; 0 otherwise. Alert on it: GET /admin/models says why.",
+    ("name",),
+    multiprocess_mode="livemax",
+)
 STAGE_LATENCY = Histogram(
     "recsvc_stage_duration_seconds",
     "Time per stage of a recommendation: queue (arrival to handler), redis, cpu_wait "

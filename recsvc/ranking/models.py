@@ -433,6 +433,20 @@ class ModelRegistry:
             self.rollouts = dict(records)
         return failed
 
+    def unfollowed(self) -> dict[str, str]:
+        """{name: why} for every roll-out record whose stable version this worker
+        does not serve (the version could not load: the one loaded before, often
+        the newest on disk, serves instead, which nobody promoted)."""
+        out = {}
+        for name, r in self.rollouts.items():
+            current = self.models.get(name)
+            if current is not None and current.version == r.stable:
+                continue
+            serving = current.version if current is not None else "none"
+            why = self.refused.get((name, r.stable), "not loaded")
+            out[name] = f"record's stable {r.stable}, serving {serving}: {why}"
+        return out
+
     def load_now(self) -> None:
         """Blocking first load (at start, before serving)."""
         for name in names(self.model_dir):

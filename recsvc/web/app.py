@@ -123,6 +123,7 @@ async def _follow_rollouts(registry: ModelRegistry, store: RolloutStore) -> None
     """Serve what the roll-out records say (recsvc.ab.rollout); roll back a canary
     this worker cannot load."""
     records = await store.all()
+    before = set(registry.rollouts)
     failed = await registry.follow(records)
     for name, why in failed.items():
         version = records[name].canary
@@ -130,6 +131,9 @@ async def _follow_rollouts(registry: ModelRegistry, store: RolloutStore) -> None
         await refuse_canary(store, name, version, why)
     for name, r in records.items():
         metrics.ROLLOUT_SHARE.labels(name).set(r.share if r.running else 0.0)
+    unfollowed = registry.unfollowed()
+    for name in set(records) | before:
+        metrics.ROLLOUT_UNFOLLOWED.labels(name).set(1.0 if name in unfollowed else 0.0)
 
 
 async def _rollouts_poll(

@@ -332,6 +332,8 @@ async def admin_models_get(request: web.Request) -> web.Response:
                 {"name": name, "version": version, "reason": reason}
                 for (name, version), reason in sorted(registry.refused.items())
             ],
+            # Records whose stable version this worker does not serve, and why.
+            "unfollowed": registry.unfollowed(),
         }
     )
 
