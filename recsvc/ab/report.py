@@ -15,13 +15,22 @@ against the experiments file's weights, and the report says how many were.
 An outcome counts only for the exposure of its request id and of its user; an
 outcome whose user is not the exposure's is counted as a mismatch and
 reported, never as a click or a purchase.
+
+With ``--from DIR`` the report also reads the files `recsvc export-impressions`
+wrote there (complete ``impressions-*.jsonl`` and ``outcomes-*.jsonl``), so it
+outlives the streams' caps and ``--trim``: an entry both in a file and still in
+its stream counts once (impressions by request id, outcomes by request, user,
+item, type and time), and lines that are not an exposure or an outcome are
+skipped and counted.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -96,6 +105,106 @@ def legacy_exposure(fields: dict[str, str]) -> dict[str, Any]:
         "items": orjson.loads(fields["items"]),
         "weights": None,
     }
+
+
+@dataclass(slots=True)
+class ExportedRead:
+    """What ``read_exported`` took from a directory of exported files."""
+
+    directory: str
+    files: int = 0
+    exposures: int = 0  # impressions with experiments, from ``since``
+    outcomes: int = 0
+    skipped: int = 0  # lines that are not JSON objects of the right shape
+    also_in_stream: int = 0  # counted once (set by ``report``)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_exposure(d: Any) -> bool:
+    if not isinstance(d, dict):
+        return False
+    exps = d.get("experiments")
+    return (
+        isinstance(d.get("request_id"), str)
+        and isinstance(d.get("user_id"), str)
+        and isinstance(exps, dict)
+        and all(isinstance(v, str) for v in exps.values())
+        and isinstance(d.get("items"), list)
+        and _number(d.get("ts"))
+        and isinstance(d.get("forced") or [], list)
+        and isinstance(d.get("weights") or {}, dict)
+    )
+
+
+def _is_outcome(d: Any) -> bool:
+    return (
+        isinstance(d, dict)
+        and all(isinstance(d.get(k), str) for k in ("request_id", "user_id", "item_id", "type"))
+        and _number(d.get("ts"))
+    )
+
+
+class ExportedFileError(ValueError):
+    """An exported file that cannot be read (permissions, I/O)."""
+
+
+def _lines(path: Path, read: ExportedRead) -> Iterator[bytes]:
+    try:
+        with path.open("rb") as f:
+            lines = f.readlines()
+    except OSError as exc:
+        raise ExportedFileError(f"{path}: {exc.strerror or exc}") from None
+    read.files += 1
+    for line in lines:
+        if line.strip():
+            yield line
+
+
+def read_exported(
+    directory: Path, since: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], ExportedRead]:
+    """The exposures (impressions with experiments) and outcomes from ``since`` in
+    the complete files of ``directory`` (files still being written end in
+    ``.open`` and are not read)."""
+    if not directory.is_dir():
+        raise ExportedFileError(f"{directory}: no such directory")
+    read = ExportedRead(str(directory))
+    exposures: list[dict[str, Any]] = []
+    for path in sorted(directory.glob("impressions-*.jsonl")):
+        for line in _lines(path, read):
+            if NO_EXPERIMENTS in line:
+                continue
+            try:
+                d = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                read.skipped += 1
+                continue
+            if not _is_exposure(d):
+                read.skipped += 1
+            elif d["ts"] >= since and d["experiments"]:
+                exposures.append(d)
+    outcomes: list[dict[str, Any]] = []
+    for path in sorted(directory.glob("outcomes-*.jsonl")):
+        for line in _lines(path, read):
+            try:
+                d = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                read.skipped += 1
+                continue
+            if not _is_outcome(d):
+                read.skipped += 1
+            elif d["ts"] >= since:
+                outcomes.append(d)
+    read.exposures, read.outcomes = len(exposures), len(outcomes)
+    return exposures, outcomes, read
+
+
+def _outcome_key(o: dict[str, Any]) -> tuple[str, str, str, str, int]:
+    """An outcome's identity across a file and its stream (time to the ms)."""
+    return (o["request_id"], o["user_id"], o["item_id"], o["type"], round(float(o["ts"]) * 1000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +423,13 @@ def format_report(report: dict[str, Any]) -> str:
                 f"  {sec['outcomes_of_another_user']} outcomes posted by another user than "
                 "the exposure's left out"
             )
+    read = report.get("exported")
+    if read is not None:
+        lines.append(
+            f"read from {read['directory']}: {read['files']} files, {read['exposures']} "
+            f"exposures and {read['outcomes']} outcomes ({read['also_in_stream']} also still "
+            f"in the streams, counted once; {read['skipped']} lines skipped)"
+        )
     return "\n".join(lines) if lines else "no exposures"
 
 
@@ -330,9 +446,27 @@ async def report(
     experiment: str | None,
     since: float,
     prices: dict[str, float] | None,
+    exported: Path | None = None,
 ) -> dict[str, Any]:
+    """``exported``: a directory of `recsvc export-impressions` files, read too."""
     legacy = [legacy_exposure(f) for f in await read_stream(client, keys.LEGACY_EXPOSURES, since)]
-    exposures = legacy + await read_exposures(client, since)
-    exposures.sort(key=lambda e: e["ts"])  # stable: each stream is in time order already
+    streamed = await read_exposures(client, since)
     outcomes = await read_stream(client, keys.OUTCOMES, since)
-    return build(exposures, outcomes, config, experiment, prices)
+    read = None
+    if exported is not None:
+        file_exposures, file_outcomes, read = read_exported(exported, since)
+        in_stream = {e["request_id"] for e in streamed}
+        outcome_keys = {_outcome_key(o) for o in outcomes}
+        kept = [e for e in file_exposures if e["request_id"] not in in_stream]
+        kept_outcomes = [o for o in file_outcomes if _outcome_key(o) not in outcome_keys]
+        read.also_in_stream = (
+            len(file_exposures) - len(kept) + len(file_outcomes) - len(kept_outcomes)
+        )
+        streamed = kept + streamed
+        outcomes = kept_outcomes + outcomes
+    exposures = legacy + streamed
+    exposures.sort(key=lambda e: e["ts"])  # stable: each source is in time order already
+    result = build(exposures, outcomes, config, experiment, prices)
+    if read is not None:
+        result["exported"] = asdict(read)
+    return result

@@ -242,6 +242,12 @@ def parser() -> argparse.ArgumentParser:
     _common(ab)
     ab.add_argument("--experiment", help="only this experiment")
     ab.add_argument("--since", type=float, default=0.0, help="seconds since epoch")
+    ab.add_argument(
+        "--from",
+        dest="exported",
+        type=Path,
+        help="also read the files export-impressions wrote in this directory",
+    )
     ab.add_argument("--json", action="store_true", help="machine-readable output")
     ab.add_argument("--embedded", action="store_true", help="the data dir's own Redis")
 
@@ -270,7 +276,7 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--trim",
         action="store_true",
-        help="remove exported entries from Redis (ab-report then sees only what is not exported)",
+        help="remove exported entries from Redis (ab-report --from DIR reads them from the files)",
     )
     ex.add_argument("--embedded", action="store_true", help="the data dir's own Redis")
 
@@ -546,7 +552,9 @@ async def _ab_report(url: str, settings: Settings, args: argparse.Namespace) -> 
             for item, price in zip(table.ids, table.raw[:, COL_PRICE].tolist(), strict=True)
             if item and price > 0
         }
-        return await abreport.report(client, config, args.experiment, args.since, prices)
+        return await abreport.report(
+            client, config, args.experiment, args.since, prices, args.exported
+        )
     finally:
         await client.aclose()
 
@@ -601,8 +609,13 @@ def cmd_catalogue(args: argparse.Namespace) -> None:
 
 def cmd_ab_report(args: argparse.Namespace) -> None:
     settings = _settings(args)
+    if args.exported is not None and not args.exported.is_dir():
+        raise SettingsError(f"--from {args.exported}: no such directory")
     with _redis(settings, embedded=args.embedded) as url:
-        result = asyncio.run(_ab_report(url, settings, args))
+        try:
+            result = asyncio.run(_ab_report(url, settings, args))
+        except abreport.ExportedFileError as exc:
+            raise SettingsError(f"--from: {exc}") from None
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -201,3 +201,70 @@ async def test_exposures_are_read_chunk_by_chunk_in_order(
         await aredis.xadd(keys.IMPRESSIONS, {"json": orjson.dumps(row)})
     got = await abreport.read_exposures(aredis, 0.0)
     assert [e["request_id"] for e in got] == [f"r{k}" for k in range(0, 25, 3)]
+
+
+def _figures(report: dict[str, Any]) -> list[tuple[Any, ...]]:
+    return [
+        (s["experiment"], v["variant"], v["users"], v["exposures"], v["clicks"], v["purchases"])
+        for s in report["experiments"]
+        for v in s["variants"]
+    ]
+
+
+@pytest.mark.asyncio
+async def test_the_report_reads_the_exported_files_once_the_streams_lost_them(
+    seeded: Redis,
+    redis_url: str,
+    model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`ab-report --from DIR`: the exported files and what the streams still hold,
+    each entry once; after the streams were trimmed (their cap, or --trim), the
+    files alone give the same report."""
+    from recsvc.ab.export import Exporter
+
+    path = tmp_path / "experiments.toml"
+    path.write_text(SPLIT.format(control=50, treatment=50))
+    app = create_app(settings_for(model_dir, experiments=path), redis_url)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+        for k in range(80):
+            user = f"u{k}"
+            body = await (await c.post("/v1/recommendations", json={"user_id": user})).json()
+            for kind in ("click", "purchase")[: k % 3]:
+                event = {
+                    "event_id": f"x-{k}-{kind}",
+                    "user_id": user,
+                    "item_id": body["items"][0]["item_id"],
+                    "type": kind,
+                    "request_id": body["request_id"],
+                }
+                assert (await (await c.post("/v1/events", json=event)).json())["accepted"] == 1
+    streams = await abreport.report(seeded, None, None, 0.0, None)
+    assert sum(f[3] for f in _figures(streams)) == 80 and sum(f[4] for f in _figures(streams)) > 0
+
+    out = tmp_path / "export"
+    out.mkdir()
+    await Exporter(seeded, out, rotate_bytes=64 << 20, max_bytes=1 << 30).run(follow=False)
+    both = await abreport.report(seeded, None, None, 0.0, None, out)
+    assert _figures(both) == _figures(streams)
+    clicked = sum(f[4] + f[5] for f in _figures(streams))  # one outcome per click, purchase
+    assert both["exported"]["also_in_stream"] == 80 + clicked, both["exported"]
+
+    await seeded.xtrim(keys.IMPRESSIONS, maxlen=0)
+    await seeded.xtrim(keys.OUTCOMES, maxlen=0)
+    assert (await abreport.report(seeded, None, None, 0.0, None))["experiments"] == []
+    [imp_file] = sorted(out.glob("impressions-*.jsonl"))
+    with imp_file.open("ab") as f:  # a line from elsewhere: skipped and counted
+        f.write(b'{"request_id": 7}\nnot json\n')
+    files = await abreport.report(seeded, None, None, 0.0, None, out)
+    assert _figures(files) == _figures(streams)
+    assert files["exported"]["skipped"] == 2 and files["exported"]["also_in_stream"] == 0
+    assert files["exported"]["exposures"] == 80
+
+    argv = ["ab-report", "--redis-url", redis_url, "--from", str(out)]
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    text = capsys.readouterr().out
+    assert "experiment split" in text and "80 exposures" in text and "2 lines skipped" in text
+    assert await asyncio.to_thread(cli.main, [*argv[:-1], str(tmp_path / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err
