@@ -295,6 +295,9 @@ class ModelRegistry:
         self.binder = binder
         self.models: dict[str, LoadedModel] = {}
         self.refused: dict[tuple[str, str], str] = {}
+        # Pinned versions refused, with their files' state then: tried again
+        # once that changes (copied in, or repaired), not at every poll.
+        self.refused_files: dict[tuple[str, str], tuple[object, ...]] = {}
         # Roll-out records being followed, and the canary versions they serve.
         self.rollouts: dict[str, Rollout] = {}
         self.canaries: dict[str, LoadedModel] = {}
@@ -400,7 +403,10 @@ class ModelRegistry:
         async with self._lock:
             for name, r in records.items():
                 current = self.models.get(name)
-                pinned_refused = (name, r.stable) in self.refused
+                key = (name, r.stable)
+                if key in self.refused and self.refused_files.get(key) != self._files(*key):
+                    del self.refused[key]  # its files changed since: try again
+                pinned_refused = key in self.refused
                 if (current is None or current.version != r.stable) and not pinned_refused:
                     canary = self.canaries.get(name)
                     try:
@@ -409,9 +415,10 @@ class ModelRegistry:
                         else:
                             model = await asyncio.to_thread(self._load_version, name, r.stable)
                             self._compile_later(model)
-                    except ModelRejected as exc:  # not tried again: the old one serves
+                    except ModelRejected as exc:  # the old one serves until its files change
                         log.error("pinned version refused; the old one serves: %s", exc)
-                        self.refused[(name, r.stable)] = str(exc)
+                        self.refused[key] = str(exc)
+                        self.refused_files[key] = self._files(*key)
                     else:
                         self.models[name] = model
                         log.info("model pinned", extra={"model": name, "version": r.stable})
@@ -432,6 +439,19 @@ class ModelRegistry:
                 del self.canaries[name]
             self.rollouts = dict(records)
         return failed
+
+    def _files(self, name: str, version: str) -> tuple[object, ...]:
+        """The state (mtime, size) of a version's directory and files, None for a
+        missing one (a copy in progress changes one of them as it goes)."""
+        out: list[object] = []
+        for file in ("", META_FILE, MODEL_FILE, NEIGHBOURS_DIR):
+            try:
+                st = (self.model_dir / name / version / file).stat()
+            except OSError:
+                out.append(None)
+            else:
+                out.append((st.st_mtime_ns, st.st_size))
+        return tuple(out)
 
     def unfollowed(self) -> dict[str, str]:
         """{name: why} for every roll-out record whose stable version this worker

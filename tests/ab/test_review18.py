@@ -12,6 +12,7 @@ import resource
 import shutil
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,38 +100,60 @@ async def test_a_pinned_version_survives_training_and_a_restart(aredis: Redis, r
     assert registry.current.version == pinned, "an unpromoted version serves everyone"
 
 
+async def _unfollowed(c: TestClient[Any, Any], value: str) -> str:
+    """/metrics once recsvc_rollout_unfollowed{name="ranker"} reads ``value`` (10 s)."""
+    want = f'recsvc_rollout_unfollowed{{name="ranker"}} {value}'
+    deadline = time.monotonic() + 10.0
+    metrics = ""
+    while time.monotonic() < deadline:
+        metrics = await (await c.get("/metrics")).text()
+        if want in metrics:
+            break
+        await asyncio.sleep(0.1)
+    assert want in metrics
+    return metrics
+
+
+async def _version(c: TestClient[Any, Any]) -> str:
+    body = await (await c.post("/v1/recommendations", json={"user_id": "u1"})).json()
+    return str(body["model"]["version"])
+
+
 async def test_a_pinned_version_that_will_not_load_is_on_metrics_and_admin(
     seeded: Redis, redis_url: str, root: Path
 ) -> None:
-    """The record pins `old`, whose file is broken: the worker serves what it had
-    loaded (the newest, never promoted), and says so on /metrics and
-    /admin/models until the record names a version it can serve."""
+    """The record pins `old`, whose model file is broken: the worker serves what
+    it had loaded (the newest, never promoted), and says so on /metrics and
+    /admin/models until the record names a version it serves, or the pinned
+    version's files are repaired (tried again then, not at every poll)."""
     (old,) = [p.name for p in models.versions(root, "ranker")]
     new = "29991231T000000000"
     shutil.copytree(root / "ranker" / old, root / "ranker" / new)
     store = RolloutStore(seeded)
     await seeded.delete("{rollout}:state")
     await rollouts.promote(store, root, "ranker", old, None, None, 100)
-    (root / "ranker" / old / models.MODEL_FILE).write_text("not a model\n")
+    broken = root / "ranker" / old / models.MODEL_FILE
+    broken.write_text("not a model\n")
     settings = settings_for(root, api_keys=TEST_KEYS, rollout_poll_secs=0.2)
     async with TestClient(TestServer(create_app(settings, redis_url)), headers=TEST_AUTH) as c:
-        metrics = await (await c.get("/metrics")).text()
-        assert 'recsvc_rollout_unfollowed{name="ranker"} 1.0' in metrics
-        admin = await (await c.get("/admin/models")).json()
-        why = admin["unfollowed"]["ranker"]
+        await _unfollowed(c, "1.0")
+        why = (await (await c.get("/admin/models")).json())["unfollowed"]["ranker"]
         assert f"stable {old}, serving {new}" in why and "unreadable" in why, why
-        body = await (await c.post("/v1/recommendations", json={"user_id": "u1"})).json()
-        assert body["model"]["version"] == new
+        assert await _version(c) == new
         # The record names a version this worker serves: followed again.
         await rollouts.promote(store, root, "ranker", new, None, None, 100)
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:
-            metrics = await (await c.get("/metrics")).text()
-            if 'recsvc_rollout_unfollowed{name="ranker"} 0.0' in metrics:
-                break
-            await asyncio.sleep(0.1)
-        assert 'recsvc_rollout_unfollowed{name="ranker"} 0.0' in metrics
+        await _unfollowed(c, "0.0")
         assert (await (await c.get("/admin/models")).json())["unfollowed"] == {}
+        # Back to `old`, still broken (another instance's CLI, whose copy loads,
+        # wrote the record): not loaded again, and said again.
+        r = await store.get("ranker")
+        assert r is not None and await store.put(replace(r, stable=old), r.rev) is not None
+        await _unfollowed(c, "1.0")
+        assert await _version(c) == new
+        # Its files repaired (as a copy from another instance would): loaded.
+        shutil.copyfile(root / "ranker" / new / models.MODEL_FILE, broken)
+        await _unfollowed(c, "0.0")
+        assert await _version(c) == old
 
 
 # -- 2. a corrupt roll-out record stops the service from starting ---------------
