@@ -30,8 +30,11 @@ exactly.
 
 ``trim``: after acknowledging, XTRIM MINID up to the last exported id, so Redis
 holds only what is not yet on disk (the last exported entry stays, the mark the
-next run's gap check compares with). Off by default: `recsvc ab-report` reads
-the streams, and the cap bounds Redis memory either way.
+next run's gap check compares with), and never past the start of the step of a
+running canary roll-out: its controller reads the step from the streams, and a
+controller taking over rebuilds the step from there. Off by default (`recsvc
+ab-report --from DIR` reads the files too); the cap bounds Redis memory either
+way.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
 
 from recsvc.ab.impressions import FIELD
+from recsvc.ab.rollout import RolloutStore
 from recsvc.errors import StoreUnavailable
 from recsvc.store import keys
 from recsvc.store.client import REDIS_FAILURES, RedisClient
@@ -376,7 +380,17 @@ class Exporter:
         key = STREAMS[name]
         await self.client.xack(key, GROUP, *[e[0] for e in entries])
         if self.trim:  # MINID keeps the last exported entry: the next gap check's mark
-            await self.client.xtrim(key, minid=self.streams[name].last_id, approximate=False)
+            minid = self.streams[name].last_id
+            floor = await self._rollout_floor()
+            if floor is not None and parse_id(floor) < parse_id(minid):
+                minid = floor
+            await self.client.xtrim(key, minid=minid, approximate=False)
+
+    async def _rollout_floor(self) -> str | None:
+        """The first stream id a running canary step still reads (None: no step runs)."""
+        records = await RolloutStore(self.client).all()
+        starts = [r.step_started_at for r in records.values() if r.running]
+        return f"{int(min(starts) * 1000)}-0" if starts else None
 
     async def _pending(self, name: str) -> None:
         """Entries delivered before a crash or a stop and never acknowledged."""

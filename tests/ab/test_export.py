@@ -272,6 +272,41 @@ async def test_trim_removes_what_was_exported_and_keeps_the_mark(
 
 
 @pytest.mark.asyncio
+async def test_trim_keeps_what_a_running_canary_step_still_reads(
+    aredis: Redis, tmp_path: Path
+) -> None:
+    """A controller taking over rebuilds its step from the streams: --trim leaves
+    every entry from the step's start while the roll-out runs."""
+    from dataclasses import replace
+
+    from recsvc.ab.rollout import PROMOTED, RolloutStore, new_rollout
+
+    await aredis.delete("{rollout}:state")
+    await fill(aredis, 300)
+    await asyncio.sleep(0.02)
+    seconds, micros = await aredis.time()
+    store = RolloutStore(aredis)
+    r = new_rollout("ranker", "v1", "v2", 0.1, (0.5,), 100)
+    r = replace(r, step_started_at=int(seconds) + int(micros) / 1e6)
+    stored = await store.put(r, 0)
+    assert stored is not None
+    await asyncio.sleep(0.02)
+    await fill(aredis, 10, start=300)  # within the step
+    out = tmp_path / "out"
+    summary = await exporter(aredis, out, trim=True, batch=100).run(follow=False)
+    assert summary.written["impressions"] == 310
+    kept = await aredis.xrange(keys.IMPRESSIONS)
+    assert len(kept) == 10, len(kept)  # the step's, not only the last exported one
+    assert await aredis.xlen(keys.OUTCOMES) == 2  # r300, r305
+    # The roll-out ends: the next export trims up to its last exported entry.
+    assert await store.put(replace(stored, status=PROMOTED, share=0.0), stored.rev)
+    await fill(aredis, 5, start=310)
+    await exporter(aredis, out, trim=True).run(follow=False)
+    assert await aredis.xlen(keys.IMPRESSIONS) == 1
+    exactly_once(out, 315)
+
+
+@pytest.mark.asyncio
 async def test_a_second_export_into_the_same_directory_is_refused(
     aredis: Redis, tmp_path: Path
 ) -> None:
