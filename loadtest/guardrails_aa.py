@@ -47,7 +47,7 @@ def one_step(
         propensity = {u: min(0.95, max(0.01, rng.gauss(ctr, ctr / 3))) for u in ids}
     else:
         a, b = concentration * ctr, concentration * (1.0 - ctr)
-        propensity = {u: min(0.95, rng.betavariate(a, b)) for u in ids}
+        propensity = {u: rng.betavariate(a, b) for u in ids}
     on_canary = set(rng.sample(ids, round(share * users)))
     canary, other = ArmStats(), ArmStats()
     k = 0
@@ -112,6 +112,10 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=600.0)
     p.add_argument("--concentration", type=float, default=None)
     a = p.parse_args()
+    if not 0.0 < a.ctr < 1.0:
+        p.error("--ctr must be between 0 and 1")
+    if a.concentration is not None and not a.concentration > 0.0:
+        p.error("--concentration must be above 0")
     result = measure(
         a.runs,
         a.lift,

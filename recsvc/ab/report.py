@@ -17,16 +17,19 @@ outcome whose user is not the exposure's is counted as a mismatch and
 reported, never as a click or a purchase.
 
 With ``--from DIR`` the report also reads the files `recsvc export-impressions`
-wrote there (complete ``impressions-*.jsonl`` and ``outcomes-*.jsonl``), so it
-outlives the streams' caps and ``--trim``: an entry both in a file and still in
-its stream counts once (impressions by request id, outcomes by request, user,
-item, type and time), and lines that are not an exposure or an outcome are
-skipped and counted.
+wrote there (``impressions-*`` and ``outcomes-*``, complete or still being
+written: with ``--follow --trim`` what the open file holds is no longer in
+Redis), so it outlives the streams' caps and ``--trim``. An impression counts
+once wherever it is found (by request id, across files and the stream), an
+outcome once per request, user, item, type and time; lines that are not an
+impression or an outcome of the expected shape are skipped and counted.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
@@ -107,6 +110,10 @@ def legacy_exposure(fields: dict[str, str]) -> dict[str, Any]:
     }
 
 
+class ExportedFileError(ValueError):
+    """An export directory or file that cannot be read (permissions, I/O)."""
+
+
 @dataclass(slots=True)
 class ExportedRead:
     """What ``read_exported`` took from a directory of exported files."""
@@ -116,6 +123,7 @@ class ExportedRead:
     exposures: int = 0  # impressions with experiments, from ``since``
     outcomes: int = 0
     skipped: int = 0  # lines that are not JSON objects of the right shape
+    duplicates: int = 0  # an impression or outcome already read from another file
     also_in_stream: int = 0  # counted once (set by ``report``)
 
 
@@ -123,81 +131,135 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _is_exposure(d: Any) -> bool:
-    if not isinstance(d, dict):
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _weights(value: Any) -> bool:
+    """None, or {experiment: {"variants": {variant: weight}, ...}} with finite
+    weights >= 0 of a positive sum (as recsvc.ab.experiments records them)."""
+    if value is None:
+        return True
+    if not isinstance(value, dict):
         return False
+    for w in value.values():
+        variants = w.get("variants") if isinstance(w, dict) else None
+        if not isinstance(variants, dict) or not variants:
+            return False
+        shares = list(variants.values())
+        if not all(_number(x) and x >= 0 for x in shares) or sum(shares) <= 0:
+            return False
+    return True
+
+
+# The fields of an impression the report uses (the rest, `sources` say, is not kept).
+EXPOSURE_FIELDS = ("request_id", "user_id", "ts", "experiments", "forced", "items", "weights")
+
+
+def _exposure(d: Any) -> dict[str, Any] | None:
+    """The report's fields of an exported impression, or None when it is not one."""
+    if not isinstance(d, dict):
+        return None
     exps = d.get("experiments")
-    return (
+    if not (
         isinstance(d.get("request_id"), str)
         and isinstance(d.get("user_id"), str)
         and isinstance(exps, dict)
         and all(isinstance(v, str) for v in exps.values())
-        and isinstance(d.get("items"), list)
+        and _strings(d.get("items"))
+        and _strings(d.get("forced") or [])
         and _number(d.get("ts"))
-        and isinstance(d.get("forced") or [], list)
-        and isinstance(d.get("weights") or {}, dict)
-    )
+        and _weights(d.get("weights"))
+    ):
+        return None
+    return {k: d.get(k) for k in EXPOSURE_FIELDS}
+
+
+OUTCOME_KEYS = ("request_id", "user_id", "item_id", "type", "ts")
 
 
 def _is_outcome(d: Any) -> bool:
     return (
         isinstance(d, dict)
-        and all(isinstance(d.get(k), str) for k in ("request_id", "user_id", "item_id", "type"))
+        and all(isinstance(d.get(k), str) for k in OUTCOME_KEYS[:4])
         and _number(d.get("ts"))
     )
 
 
-class ExportedFileError(ValueError):
-    """An exported file that cannot be read (permissions, I/O)."""
+# What `recsvc export-impressions` names its files: complete, or still being
+# written (``.open``: with --follow --trim, what it holds is no longer in Redis).
+EXPORTED = re.compile(r"^(impressions|outcomes)-(\d{8}T\d{6}Z)-(\d+)\.jsonl(\.open)?$")
 
 
-def _lines(path: Path, read: ExportedRead) -> Iterator[bytes]:
+def _exported_files(directory: Path, kind: str) -> list[Path]:
+    """The regular files the exporter wrote for ``kind``, oldest first."""
+    found = []
+    for path in directory.iterdir():
+        m = EXPORTED.match(path.name)
+        if m and m.group(1) == kind and path.is_file():
+            found.append(((m.group(2), int(m.group(3))), path))
+    return [path for _, path in sorted(found)]
+
+
+def _docs(path: Path, read: ExportedRead) -> Iterator[Any]:
+    """The JSON values of a file's complete lines, one at a time (a line the
+    exporter is still writing has no newline yet and is left for the next run).
+    A file deleted meanwhile (--max-mb) is skipped."""
     try:
         with path.open("rb") as f:
-            lines = f.readlines()
+            read.files += 1
+            for line in f:
+                if not line.endswith(b"\n") or not line.strip():
+                    continue
+                try:
+                    yield orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    read.skipped += 1
+    except FileNotFoundError:
+        return
     except OSError as exc:
         raise ExportedFileError(f"{path}: {exc.strerror or exc}") from None
-    read.files += 1
-    for line in lines:
-        if line.strip():
-            yield line
 
 
 def read_exported(
     directory: Path, since: float
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], ExportedRead]:
-    """The exposures (impressions with experiments) and outcomes from ``since`` in
-    the complete files of ``directory`` (files still being written end in
-    ``.open`` and are not read)."""
+    """The exposures (impressions with experiments) from ``since`` and every
+    outcome in the exporter's files of ``directory``, complete or still being
+    written. An impression in two files counts once. Outcomes are not filtered
+    by time: an event's ``ts`` is the client's, and an outcome counts only
+    through an exposure of the window anyway."""
     if not directory.is_dir():
         raise ExportedFileError(f"{directory}: no such directory")
+    if not os.access(directory, os.R_OK | os.X_OK):
+        raise ExportedFileError(f"{directory}: permission denied")
     read = ExportedRead(str(directory))
     exposures: list[dict[str, Any]] = []
-    for path in sorted(directory.glob("impressions-*.jsonl")):
-        for line in _lines(path, read):
-            if NO_EXPERIMENTS in line:
-                continue
-            try:
-                d = orjson.loads(line)
-            except orjson.JSONDecodeError:
+    seen: set[str] = set()
+    for path in _exported_files(directory, "impressions"):
+        for d in _docs(path, read):
+            e = _exposure(d)
+            if e is None:
                 read.skipped += 1
-                continue
-            if not _is_exposure(d):
-                read.skipped += 1
-            elif d["ts"] >= since and d["experiments"]:
-                exposures.append(d)
+            elif e["request_id"] in seen:
+                read.duplicates += 1
+            elif e["experiments"] and e["ts"] >= since:
+                seen.add(e["request_id"])
+                exposures.append(e)
     outcomes: list[dict[str, Any]] = []
-    for path in sorted(directory.glob("outcomes-*.jsonl")):
-        for line in _lines(path, read):
-            try:
-                d = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                read.skipped += 1
-                continue
+    seen_outcomes: set[tuple[str, str, str, str, int]] = set()
+    for path in _exported_files(directory, "outcomes"):
+        for d in _docs(path, read):
             if not _is_outcome(d):
                 read.skipped += 1
-            elif d["ts"] >= since:
-                outcomes.append(d)
+                continue
+            o = {k: d[k] for k in OUTCOME_KEYS}
+            key = _outcome_key(o)
+            if key in seen_outcomes:
+                read.duplicates += 1
+            else:
+                seen_outcomes.add(key)
+                outcomes.append(o)
     read.exposures, read.outcomes = len(exposures), len(outcomes)
     return exposures, outcomes, read
 
@@ -428,7 +490,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"read from {read['directory']}: {read['files']} files, {read['exposures']} "
             f"exposures and {read['outcomes']} outcomes ({read['also_in_stream']} also still "
-            f"in the streams, counted once; {read['skipped']} lines skipped)"
+            f"in the streams and {read['duplicates']} repeated across files, counted once; "
+            f"{read['skipped']} lines skipped)"
         )
     return "\n".join(lines) if lines else "no exposures"
 

@@ -456,12 +456,15 @@ class ModelRegistry:
     def unfollowed(self) -> dict[str, str]:
         """{name: why} for every roll-out record whose stable version this worker
         does not serve (the version could not load: the one loaded before, often
-        the newest on disk, serves instead, which nobody promoted)."""
+        the newest on disk, serves instead, which nobody promoted). Names with
+        nothing loaded and no directory here are another service's: left out."""
         out = {}
         for name, r in self.rollouts.items():
             current = self.models.get(name)
             if current is not None and current.version == r.stable:
                 continue
+            if current is None and not (self.model_dir / name).is_dir():
+                continue  # a name this worker does not serve (another service's record)
             serving = current.version if current is not None else "none"
             why = self.refused.get((name, r.stable), "not loaded")
             out[name] = f"record's stable {r.stable}, serving {serving}: {why}"

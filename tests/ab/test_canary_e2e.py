@@ -123,9 +123,10 @@ async def test_a_good_version_reaches_everyone_without_a_hand_step(
     registry_root: Path,
     small_files: DataFiles,
 ) -> None:
-    """The good version is the fixture's model, the stable one it replaces is
-    worse (inverted labels, as the bad version below). With two equal versions
-    this test is an A/A run through three steps and a restart: the guardrails
+    """The good version is the fixture's model (copied in as the newest version),
+    the stable one it replaces is worse (inverted labels, as the bad version
+    below). With two equal versions this test is an A/A run through three
+    steps and a restart: the guardrails
     roll an equal version back by chance now and then by design (measured by
     loadtest/guardrails_aa.py, about 1 step in 1,000 at this size), and one CI
     run did (29% vs 65% clicks per impression at a step's first looks after
@@ -133,10 +134,14 @@ async def test_a_good_version_reaches_everyone_without_a_hand_step(
     tests/ab session) never showed again. What this test is for is the
     mechanics: steps, the restart, promotion, and no hand step; a better version
     shows them without a coin flip in the way."""
-    (good,) = [p.name for p in models.versions(registry_root, "ranker")]
+    (trained,) = [p.name for p in models.versions(registry_root, "ranker")]
     stable = _bad_version(small_files, registry_root)
+    # The good version is also the newest on disk, as a retrain's is: the record,
+    # not the directory, must decide who gets it.
+    good = "29991231T000000000"
+    shutil.copytree(registry_root / "ranker" / trained, registry_root / "ranker" / good)
     store = RolloutStore(seeded)
-    # A record pins the name: the version on disk that is not the record's serves nobody.
+    # A record pins the name: the newest version on disk serves only the canary slice.
     await rollouts.promote(store, registry_root, "ranker", stable, None, None, 150)
     await rollouts.promote(store, registry_root, "ranker", good, "10%", "25%,50%", 150)
     await asyncio.sleep(0.5)  # every worker follows the record

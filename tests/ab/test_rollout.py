@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,30 @@ async def test_a_canary_that_cannot_load_is_reported(
     assert set(failed) == {"ranker"} and "unreadable" in failed["ranker"]
     assert {registry.pick(None, u).arm for u in USERS[:500]} <= {STABLE, None}
     assert all(registry.pick(None, u).model.version == old for u in USERS[:200])  # type: ignore[union-attr]
+
+
+@pytest.mark.asyncio
+async def test_only_names_this_worker_serves_can_be_unfollowed(
+    aredis: Redis, two_versions: tuple[Path, str, str]
+) -> None:
+    """Records of names with no version here (another service on the same Redis)
+    are not this worker's to follow; a pinned version that will not load is."""
+    root, old, new = two_versions
+    await aredis.delete("{rollout}:state")
+    store = RolloutStore(aredis)
+    assert await store.put(new_rollout("elsewhere", "v1", None, 1.0, (), 100), 0) is not None
+    await rollouts.promote(store, root, "ranker", old, None, None, 100)
+    registry = ModelRegistry(root, "ranker")
+    registry.load_now()
+    await registry.follow(await store.all())
+    assert registry.unfollowed() == {}
+    (root / "ranker" / new / models.MODEL_FILE).write_text("not a model\n")
+    r = await store.get("ranker")
+    assert r is not None
+    assert await store.put(replace(r, stable=new), r.rev) is not None
+    await registry.follow(await store.all())
+    assert set(registry.unfollowed()) == {"ranker"}
+    assert f"record's stable {new}, serving {old}" in registry.unfollowed()["ranker"]
 
 
 @pytest.mark.asyncio
