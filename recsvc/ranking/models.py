@@ -298,6 +298,9 @@ class ModelRegistry:
         # Pinned versions refused, with their files' state then: tried again
         # once that changes (copied in, or repaired), not at every poll.
         self.refused_files: dict[tuple[str, str], tuple[object, ...]] = {}
+        # The versions this worker last marked PINNED on disk, per name.
+        self._marked: dict[str, frozenset[str]] = {}
+        self._scanned = False
         # Roll-out records being followed, and the canary versions they serve.
         self.rollouts: dict[str, Rollout] = {}
         self.canaries: dict[str, LoadedModel] = {}
@@ -437,8 +440,44 @@ class ModelRegistry:
                     self.canaries.pop(name, None)
             for name in set(self.canaries) - set(records):
                 del self.canaries[name]
+            await self._mark_pinned(records)
             self.rollouts = dict(records)
         return failed
+
+    async def _mark_pinned(self, records: Mapping[str, Rollout]) -> None:
+        """Keep this disk's PINNED markers on the versions the records name, as
+        `recsvc models promote` sets them where it runs: the controller's own
+        promotions and rollbacks, and instances with their own model directory,
+        then keep them too (training's pruning spares them; `models list` shows
+        them). Written only when a record's versions change."""
+        if not self._scanned:  # what an earlier run (or the CLI here) left on disk
+            self._scanned = True
+            self._marked = await asyncio.to_thread(self._markers_on_disk)
+        wanted = {n: frozenset(v for v in (r.stable, r.canary) if v) for n, r in records.items()}
+        for name in set(self._marked) - set(wanted):
+            wanted[name] = frozenset()  # the record is gone: nothing pinned
+        for name, keep in wanted.items():
+            if self._marked.get(name) == keep:
+                continue
+            try:
+                await asyncio.to_thread(pin, self.model_dir, name, set(keep))
+            except OSError as exc:  # a read-only disk: serving goes on
+                log.warning("could not mark the pinned versions of %s: %s", name, exc)
+                continue
+            if keep:
+                self._marked[name] = keep
+            else:
+                self._marked.pop(name, None)
+
+    def _markers_on_disk(self) -> dict[str, frozenset[str]]:
+        found = {}
+        for name in names(self.model_dir):
+            marked = frozenset(
+                p.name for p in versions(self.model_dir, name) if (p / PINNED_FILE).exists()
+            )
+            if marked:
+                found[name] = marked
+        return found
 
     def _files(self, name: str, version: str) -> tuple[object, ...]:
         """The state (mtime, size) of a version's directory and files, None for a

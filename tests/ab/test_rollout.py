@@ -181,6 +181,40 @@ async def test_only_names_this_worker_serves_can_be_unfollowed(
     assert f"record's stable {new}, serving {old}" in registry.unfollowed()["ranker"]
 
 
+def _marked(root: Path) -> set[str]:
+    return {p.name for p in models.versions(root, "ranker") if (p / models.PINNED_FILE).exists()}
+
+
+@pytest.mark.asyncio
+async def test_workers_keep_the_pinned_markers_in_step_with_the_records(
+    aredis: Redis, two_versions: tuple[Path, str, str]
+) -> None:
+    """The controller promotes and rolls back in Redis only, and instances may
+    have model directories of their own: every worker marks on its disk what
+    the records name, so training's pruning spares it and `models list` shows it."""
+    root, old, new = two_versions
+    await aredis.delete("{rollout}:state")
+    store = RolloutStore(aredis)
+    registry = ModelRegistry(root, "ranker")
+    registry.load_now()
+    assert await store.put(new_rollout("ranker", old, None, 1.0, (), 100), 0) is not None
+    await registry.follow(await store.all())
+    assert _marked(root) == {old}
+    r = await store.get("ranker")  # as the controller's promotion writes it
+    assert r is not None and await store.put(replace(r, stable=new), r.rev) is not None
+    await registry.follow(await store.all())
+    assert _marked(root) == {new}
+    assert await store.delete("ranker")  # `models unpin` run on another host
+    await registry.follow(await store.all())
+    assert _marked(root) == set()
+    # Markers an earlier run left without a record: a new worker clears them.
+    models.pin(root, "ranker", {old})
+    fresh = ModelRegistry(root, "ranker")
+    fresh.load_now()
+    await fresh.follow(await store.all())
+    assert _marked(root) == set()
+
+
 @pytest.mark.asyncio
 async def test_promote_refuses_what_cannot_serve(
     aredis: Redis, two_versions: tuple[Path, str, str]
