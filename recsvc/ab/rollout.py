@@ -165,20 +165,25 @@ class RolloutStore:
         self.client = client
         self._cas = client.register_script(_CAS)
         self._bad: dict[str, Any] = {}
+        # Names whose record the last ``all`` could not parse (still in Redis).
+        self.unparsed: frozenset[str] = frozenset()
 
     async def all(self) -> dict[str, Rollout]:
         """Every record that parses; one that does not is left out (its name then
-        serves its newest version) and logged once."""
+        serves its newest version), logged once, and named in ``unparsed``."""
         raw = await self.client.hgetall(STATE_KEY)
         out: dict[str, Rollout] = {}
+        unparsed = set()
         for k, v in raw.items():
             name = k.decode() if isinstance(k, bytes) else str(k)
             try:
                 out[name] = Rollout.from_json(v)
             except RolloutError as exc:
+                unparsed.add(name)
                 if self._bad.get(name) != v:
                     log.error("roll-out record of %r left out: %s", name, exc)
                 self._bad[name] = v
+        self.unparsed = frozenset(unparsed)
         return out
 
     async def get(self, name: str) -> Rollout | None:

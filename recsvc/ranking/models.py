@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -298,9 +299,8 @@ class ModelRegistry:
         # Pinned versions refused, with their files' state then: tried again
         # once that changes (copied in, or repaired), not at every poll.
         self.refused_files: dict[tuple[str, str], tuple[object, ...]] = {}
-        # The versions this worker last marked PINNED on disk, per name.
-        self._marked: dict[str, frozenset[str]] = {}
-        self._scanned = False
+        self._followed: set[str] = set()  # names with a record at the last follow
+        self._marker_warned: set[str] = set()
         # Roll-out records being followed, and the canary versions they serve.
         self.rollouts: dict[str, Rollout] = {}
         self.canaries: dict[str, LoadedModel] = {}
@@ -395,9 +395,12 @@ class ModelRegistry:
             raise ModelRejected(f"{path}: no such version")
         return self._load(path)
 
-    async def follow(self, records: Mapping[str, Rollout]) -> dict[str, str]:
+    async def follow(
+        self, records: Mapping[str, Rollout], unparsed: AbstractSet[str] = frozenset()
+    ) -> dict[str, str]:
         """Serve what the roll-out records say: each recorded name's ``stable``
-        version, and its canary while one runs. Names without a record keep
+        version, and its canary while one runs (``unparsed``: names whose record
+        is in Redis but could not be read). Names without a record keep
         serving their newest version. Loads happen in a thread before the swap,
         so requests never wait; a version that cannot load keeps the previous
         one serving. Returns {name: reason} for canary versions that could not
@@ -440,44 +443,46 @@ class ModelRegistry:
                     self.canaries.pop(name, None)
             for name in set(self.canaries) - set(records):
                 del self.canaries[name]
-            await self._mark_pinned(records)
+            await self._mark_pinned(records, unparsed)
             self.rollouts = dict(records)
         return failed
 
-    async def _mark_pinned(self, records: Mapping[str, Rollout]) -> None:
+    async def _mark_pinned(
+        self, records: Mapping[str, Rollout], unparsed: AbstractSet[str]
+    ) -> None:
         """Keep this disk's PINNED markers on the versions the records name, as
         `recsvc models promote` sets them where it runs: the controller's own
         promotions and rollbacks, and instances with their own model directory,
         then keep them too (training's pruning spares them; `models list` shows
-        them). Written only when a record's versions change."""
-        if not self._scanned:  # what an earlier run (or the CLI here) left on disk
-            self._scanned = True
-            self._marked = await asyncio.to_thread(self._markers_on_disk)
+        them). Checked against the disk at every follow (a version copied in
+        later gets its marker). Markers are only ever removed for a name whose
+        record this worker saw and then saw gone: never for a record it cannot
+        parse (``unparsed``, still in Redis), nor for markers it found without
+        having seen a record (over-pinning keeps a version; under-pinning loses
+        one to the next training)."""
         wanted = {n: frozenset(v for v in (r.stable, r.canary) if v) for n, r in records.items()}
-        for name in set(self._marked) - set(wanted):
-            wanted[name] = frozenset()  # the record is gone: nothing pinned
+        for name in self._followed - set(wanted) - set(unparsed):
+            wanted[name] = frozenset()  # its record is gone
+        failed = await asyncio.to_thread(self._reconcile_markers, wanted)
+        for name, why in failed.items():
+            if name not in self._marker_warned:
+                log.warning("could not mark the pinned versions of %s: %s", name, why)
+        self._marker_warned = set(failed)
+        self._followed = set(records) | (self._followed & set(unparsed))
+
+    def _reconcile_markers(self, wanted: Mapping[str, frozenset[str]]) -> dict[str, str]:
+        """Write the markers that differ from ``wanted``; {name: error} where it failed."""
+        failed = {}
         for name, keep in wanted.items():
-            if self._marked.get(name) == keep:
+            found = versions(self.model_dir, name)
+            marked = {p.name for p in found if (p / PINNED_FILE).exists()}
+            if marked == {p.name for p in found if p.name in keep}:
                 continue
             try:
-                await asyncio.to_thread(pin, self.model_dir, name, set(keep))
+                pin(self.model_dir, name, set(keep))
             except OSError as exc:  # a read-only disk: serving goes on
-                log.warning("could not mark the pinned versions of %s: %s", name, exc)
-                continue
-            if keep:
-                self._marked[name] = keep
-            else:
-                self._marked.pop(name, None)
-
-    def _markers_on_disk(self) -> dict[str, frozenset[str]]:
-        found = {}
-        for name in names(self.model_dir):
-            marked = frozenset(
-                p.name for p in versions(self.model_dir, name) if (p / PINNED_FILE).exists()
-            )
-            if marked:
-                found[name] = marked
-        return found
+                failed[name] = str(exc)
+        return failed
 
     def _files(self, name: str, version: str) -> tuple[object, ...]:
         """The state (mtime, size) of a version's directory and files, None for a

@@ -124,7 +124,7 @@ async def _follow_rollouts(registry: ModelRegistry, store: RolloutStore) -> None
     this worker cannot load."""
     records = await store.all()
     before = set(registry.rollouts)
-    failed = await registry.follow(records)
+    failed = await registry.follow(records, store.unparsed)
     for name, why in failed.items():
         version = records[name].canary
         assert version is not None
