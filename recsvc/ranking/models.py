@@ -474,13 +474,12 @@ class ModelRegistry:
         """Write the markers that differ from ``wanted``; {name: error} where it failed."""
         failed = {}
         for name, keep in wanted.items():
-            found = versions(self.model_dir, name)
-            marked = {p.name for p in found if (p / PINNED_FILE).exists()}
-            if marked == {p.name for p in found if p.name in keep}:
-                continue
             try:
-                pin(self.model_dir, name, set(keep))
-            except OSError as exc:  # a read-only disk: serving goes on
+                found = versions(self.model_dir, name)
+                marked = {p.name for p in found if (p / PINNED_FILE).exists()}
+                if marked != {p.name for p in found if p.name in keep}:
+                    pin(self.model_dir, name, set(keep))
+            except OSError as exc:  # a read-only or failing disk: serving goes on
                 failed[name] = str(exc)
         return failed
 
