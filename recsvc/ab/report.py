@@ -202,14 +202,17 @@ def _exported_files(directory: Path, kind: str) -> list[Path]:
 
 
 def _docs(path: Path, read: ExportedRead) -> Iterator[Any]:
-    """The JSON values of a file's complete lines, one at a time (a line the
-    exporter is still writing has no newline yet and is left for the next run).
-    A file deleted meanwhile (--max-mb) is skipped."""
+    """The JSON values of a file's lines, one at a time. In a file still being
+    written (``.open``) a last line without its newline is the exporter's
+    unfinished write, left for the next run; in a complete file it is read (a
+    file edited by hand may lack the final newline). A file deleted meanwhile
+    (--max-mb) is skipped."""
+    writing = path.name.endswith(".open")
     try:
         with path.open("rb") as f:
             read.files += 1
             for line in f:
-                if not line.endswith(b"\n") or not line.strip():
+                if (writing and not line.endswith(b"\n")) or not line.strip():
                     continue
                 try:
                     yield orjson.loads(line)

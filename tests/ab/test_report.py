@@ -255,16 +255,16 @@ async def test_the_report_reads_the_exported_files_once_the_streams_lost_them(
     await seeded.xtrim(keys.OUTCOMES, maxlen=0)
     assert (await abreport.report(seeded, None, None, 0.0, None))["experiments"] == []
     [imp_file] = sorted(out.glob("impressions-*.jsonl"))
-    with imp_file.open("ab") as f:  # a line from elsewhere: skipped and counted
-        f.write(b'{"request_id": 7}\nnot json\n')
+    with imp_file.open("ab") as f:  # lines from elsewhere: skipped and counted
+        f.write(b'{"request_id": 7}\nnot json\n[1, 2]')  # (no final newline: still read)
     files = await abreport.report(seeded, None, None, 0.0, None, out)
     assert _figures(files) == _figures(streams)
-    assert files["exported"]["skipped"] == 2 and files["exported"]["also_in_stream"] == 0
+    assert files["exported"]["skipped"] == 3 and files["exported"]["also_in_stream"] == 0
     assert files["exported"]["exposures"] == 80
 
     argv = ["ab-report", "--redis-url", redis_url, "--from", str(out)]
     assert await asyncio.to_thread(cli.main, argv) == 0
     text = capsys.readouterr().out
-    assert "experiment split" in text and "80 exposures" in text and "2 lines skipped" in text
+    assert "experiment split" in text and "80 exposures" in text and "3 lines skipped" in text
     assert await asyncio.to_thread(cli.main, [*argv[:-1], str(tmp_path / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err
